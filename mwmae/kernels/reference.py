@@ -1,0 +1,127 @@
+"""Vectorised multi-window attention in plain jax.numpy.
+
+This is the numerical ground truth for the fused kernels and the CPU default. Heads that share a
+window size are computed together: the sequence is cut into non-overlapping windows and one batched
+einsum per group computes all windows of all heads in the group. There is no Python loop over
+heads, only over the distinct window sizes of a layer (at most a handful).
+
+Semantics follow the original MW-MAE implementation exactly:
+  * windows are contiguous runs of ``w`` tokens of the flattened sequence;
+  * the bias of query ``i`` and key ``j`` inside a window is ``table[i - j + w - 1]``;
+  * global heads (``w == 0``) attend over the whole sequence with no bias;
+  * shifted windows roll q, k, v by ``-(w // 2)``, add ``-100`` (not -inf) between tokens whose
+    Swin-style region labels differ, and roll the output back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHIFT_MASK_VALUE = -100.0
+
+
+def shift_region_labels(length: int, window: int) -> np.ndarray:
+    """Swin-style region label of every position for a shifted window of size ``window``."""
+    shift = window // 2
+    labels = np.zeros((length,), np.int32)
+    labels[length - window:length - shift] = 1
+    labels[length - shift:] = 2
+    return labels
+
+
+def shift_mask(length: int, window: int) -> np.ndarray:
+    """Additive mask (num_windows, w, w): -100 where query and key regions differ, else 0."""
+    labels = shift_region_labels(length, window).reshape(length // window, window)
+    differ = labels[:, :, None] != labels[:, None, :]
+    return np.where(differ, SHIFT_MASK_VALUE, 0.0).astype(np.float32)
+
+
+def relative_bias(table: jax.Array, window: int) -> jax.Array:
+    """Expand a (..., 2w-1) bias table to (..., w, w) with bias[i, j] = table[i - j + w - 1]."""
+    idx = np.arange(window)[:, None] - np.arange(window)[None, :] + window - 1
+    return table[..., idx]
+
+
+def check_window_sizes(window_sizes: Sequence[int], length: int) -> None:
+    for h, w in enumerate(window_sizes):
+        if w < 0:
+            raise ValueError(f"head {h}: window size {w} is negative (0 means a global head)")
+        if w > 0 and length % w != 0:
+            raise ValueError(
+                f"head {h}: window size {w} does not divide the sequence length {length}; every "
+                f"windowed head needs a window size that divides the number of tokens it sees")
+
+
+def _global_attention(q, k, v, scale: float):
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+
+
+def _windowed_attention(q, k, v, table, window: int, shift: bool, scale: float):
+    b, g, length, d = q.shape
+    s = window // 2 if shift else 0
+    if s:
+        q, k, v = (jnp.roll(t, -s, axis=2) for t in (q, k, v))
+    n = length // window
+    qw, kw, vw = (t.reshape(b, g, n, window, d) for t in (q, k, v))
+    scores = jnp.einsum("bgnqd,bgnkd->bgnqk", qw, kw, preferred_element_type=jnp.float32) * scale
+    scores = scores + relative_bias(table.astype(jnp.float32), window)[None, :, None]
+    if s:
+        scores = scores + shift_mask(length, window)[None, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgnqk,bgnkd->bgnqd", probs, vw, preferred_element_type=jnp.float32)
+    out = out.reshape(b, g, length, d)
+    if s:
+        out = jnp.roll(out, s, axis=2)
+    return out
+
+
+def multi_window_attention_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    window_sizes: Sequence[int],
+    bias_tables: jax.Array,
+    shift: bool = False,
+    scale: float | None = None,
+) -> jax.Array:
+    """Multi-window attention, every head with its own window size.
+
+    Args:
+      q, k, v: (batch, heads, length, head_dim).
+      window_sizes: static, one per head; 0 = global head.
+      bias_tables: (heads, T) with T >= 2 * max(window_sizes) - 1; head h uses its first
+        2 * w_h - 1 entries (the rest is padding and receives zero gradient).
+      shift: shifted windows (applies to windowed heads only).
+      scale: multiplies q @ k^T; defaults to head_dim ** -0.5.
+
+    Returns:
+      (batch, heads, length, head_dim) in the dtype of v.
+    """
+    window_sizes = tuple(int(w) for w in window_sizes)
+    num_heads, length = q.shape[1], q.shape[2]
+    if len(window_sizes) != num_heads:
+        raise ValueError(f"got {len(window_sizes)} window sizes for {num_heads} heads")
+    check_window_sizes(window_sizes, length)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    groups: dict[int, list[int]] = {}
+    for h, w in enumerate(window_sizes):
+        groups.setdefault(w, []).append(h)
+    outs, order = [], []
+    for w, heads in groups.items():
+        idx = np.asarray(heads)
+        qg, kg, vg = q[:, idx], k[:, idx], v[:, idx]
+        if w == 0:
+            outs.append(_global_attention(qg, kg, vg, scale))
+        else:
+            outs.append(_windowed_attention(qg, kg, vg, bias_tables[idx, : 2 * w - 1], w, shift, scale))
+        order.extend(heads)
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    if order != sorted(order):
+        out = out[:, np.argsort(np.asarray(order))]
+    return out.astype(v.dtype)
