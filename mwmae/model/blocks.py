@@ -1,0 +1,162 @@
+"""Transformer blocks with multi-window multi-head attention.
+
+A block with every window size 0 is exactly the plain ViT block of the original encoder, so the
+encoder and decoder of MAE and MW-MAE all use this one block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mwmae.kernels import multi_window_attention
+
+LN_EPS = 1e-6
+
+dense_init = nn.initializers.xavier_uniform()
+# Matches the original's table init: variance_scaling(0.02, fan_in, truncated_normal) on (2w-1, 1).
+bias_table_init = nn.initializers.variance_scaling(0.02, "fan_in", "truncated_normal")
+
+
+def _part(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
+                        scale_init=_part(nn.initializers.ones, ("norm",)),
+                        bias_init=_part(nn.initializers.zeros, ("norm",)))
+
+
+class MultiWindowAttention(nn.Module):
+    """qkv projection, per-head windowed (or global) attention, output projection."""
+
+    dim: int
+    num_heads: int
+    window_sizes: tuple[int, ...]
+    shift: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        head_dim = self.dim // self.num_heads
+        # (in, q|k|v, head, head_dim): the original's (D, 3D) kernel with its channels labelled.
+        # DenseGeneral initialises through the flattened 2-D shape, so fan-in/out match it.
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
+            kernel_init=_part(dense_init, ("embed", None, "heads", "head_dim")),
+            bias_init=_part(nn.initializers.zeros, (None, "heads", "head_dim")))(x)
+        q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, H, L, hd)
+        tables = [
+            self.param(f"rel_pos_bias_{h}", _part(_squeeze_last(bias_table_init), (None,)),
+                       (2 * w - 1,))
+            for h, w in enumerate(self.window_sizes) if w > 0
+        ]
+        out = multi_window_attention(
+            q, k, v, self.window_sizes, stack_bias_tables(tables, self.window_sizes),
+            self.shift, implementation=self.attention_impl)
+        out = jnp.swapaxes(out, 1, 2)  # (B, L, H, hd)
+        return nn.DenseGeneral(
+            self.dim, axis=(-2, -1), dtype=self.dtype, name="proj",
+            kernel_init=_part(dense_init, ("heads", "head_dim", "embed")),
+            bias_init=_part(nn.initializers.zeros, ("embed",)))(out)
+
+
+def stack_bias_tables(tables: list[jax.Array], window_sizes: tuple[int, ...]) -> jax.Array:
+    """Per-head tables of 2w-1 entries -> one (heads, 2*max(w)-1) array, zero padded."""
+    width = max(1, 2 * max(window_sizes) - 1)
+    rows, it = [], iter(tables)
+    for w in window_sizes:
+        t = next(it).astype(jnp.float32) if w > 0 else jnp.zeros((0,), jnp.float32)
+        rows.append(jnp.pad(t, (0, width - t.shape[0])))
+    return jnp.stack(rows)
+
+
+def _squeeze_last(init):
+    """The original's tables are (2w-1, 1); initialise with that fan-in, store as (2w-1,)."""
+    return lambda key, shape, dtype=jnp.float32: init(key, (*shape, 1), dtype)[..., 0]
+
+
+class Mlp(nn.Module):
+    dim: int
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
+                     kernel_init=_part(dense_init, ("embed", "mlp")),
+                     bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
+        x = nn.gelu(x, approximate=True)
+        return nn.Dense(self.dim, dtype=self.dtype, name="fc2",
+                        kernel_init=_part(dense_init, ("mlp", "embed")),
+                        bias_init=_part(nn.initializers.zeros, ("embed",)))(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    dim: int
+    num_heads: int
+    window_sizes: tuple[int, ...]
+    shift: bool = False
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(self.dtype, "norm1")(x)
+        x = x + MultiWindowAttention(self.dim, self.num_heads, self.window_sizes, self.shift,
+                                     self.dtype, self.attention_impl, name="attn")(y)
+        y = layer_norm(self.dtype, "norm2")(x)
+        x = x + Mlp(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class BlockGroup(nn.Module):
+    """``period`` consecutive blocks; with shifted windows, odd blocks shift (period 2)."""
+
+    dim: int
+    num_heads: int
+    window_sizes: tuple[int, ...]
+    period: int = 1
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+    attention_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+        for i in range(self.period):
+            x = Block(self.dim, self.num_heads, self.window_sizes, shift=i % 2 == 1,
+                      mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                      attention_impl=self.attention_impl, name=f"block_{i}")(x)
+        return x, None
+
+
+class Stack(nn.Module):
+    """``depth`` blocks as one ``nn.scan`` over groups: one compiled body, stacked parameters."""
+
+    depth: int
+    dim: int
+    num_heads: int
+    window_sizes: tuple[int, ...]
+    period: int = 1
+    mlp_ratio: int = 4
+    dtype: Any = jnp.float32
+    attention_impl: str = "auto"
+    unroll: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scanned = nn.scan(
+            BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+            length=self.depth // self.period, unroll=self.unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(self.dim, self.num_heads, self.window_sizes, self.period,
+                       self.mlp_ratio, self.dtype, self.attention_impl, name="layers")(x, None)
+        return x
