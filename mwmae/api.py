@@ -1,0 +1,117 @@
+"""The public way to load and run a model, whatever the weights came from.
+
+    model = mwmae.load(path)      # original-format checkpoint dir, or an mwmae artifact dir
+    emb = model.features(x)       # (B, 200, 80, 1) normalised log-mel -> (B, 50, 5 * D)
+    out = model.reconstruct(x, noise=noise)   # pred, target, mask, loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from mwmae.artifact import ArtifactError, is_artifact, load_artifact
+from mwmae.convert import _CKPT_RE, CheckpointError, load_original
+from mwmae.model import MaskedAutoencoder, ModelConfig, Reconstruction, param_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model's architecture and weights, with jit-compiled entry points."""
+
+    config: ModelConfig
+    params: Any
+
+    @functools.cached_property
+    def _module(self) -> MaskedAutoencoder:
+        return MaskedAutoencoder(self.config)
+
+    @functools.cached_property
+    def _features_fn(self):
+        return jax.jit(lambda p, x: self._module.apply({"params": p}, x,
+                                                       method=MaskedAutoencoder.features))
+
+    @functools.cached_property
+    def _reconstruct_fn(self):
+        return jax.jit(lambda p, x, noise: self._module.apply({"params": p}, x, noise))
+
+    def _check_input(self, x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        want = self.config.input_shape
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"input has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, want))})"
+                " = (batch, frames, mel bins, channels) of normalised log-mel")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"input dtype is {x.dtype}; expected a floating dtype")
+        return x.astype(jnp.float32)
+
+    def features(self, x: Any) -> jax.Array:
+        """(B, frames, mels, 1) -> (B, frames / patch_t, (mels / patch_f) * embed_dim) float32."""
+        return self._features_fn(self.params, self._check_input(x))
+
+    def reconstruct(self, x: Any, noise: Any = None, rng: jax.Array | None = None
+                    ) -> Reconstruction:
+        """Mask, encode, decode. The mask comes from ``noise`` (B, num_patches) when given (the
+        kept patches are those with the smallest noise), else from uniform noise drawn with
+        ``rng`` (default ``jax.random.key(0)``), exactly as the original draws it."""
+        x = self._check_input(x)
+        shape = (x.shape[0], self.config.num_patches)
+        if noise is None:
+            rng = jax.random.key(0) if rng is None else rng
+            noise = jax.random.uniform(rng, shape, jnp.float32)
+        noise = jnp.asarray(noise, jnp.float32)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} "
+                             "(batch, number of patches)")
+        return self._reconstruct_fn(self.params, x, noise)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
+
+
+def check_params(config: ModelConfig, params: Any, source: str) -> None:
+    """Raise if the parameter tree does not have exactly the shapes ``config`` implies."""
+    want = {"/".join(k): v.shape for k, v in flatten_dict(param_shapes(config)).items()}
+    got = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
+    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: shape {got[k]}, config implies {want[k]}"
+                 for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+    if problems:
+        raise ArtifactError(f"{source}: weights do not match the config:\n  "
+                            + "\n  ".join(problems[:20]))
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None,
+         attention_impl: str | None = None) -> Model:
+    """Load a model from an original-format checkpoint directory or an mwmae artifact.
+
+    ``dtype`` / ``attention_impl`` override the compute dtype and attention backend.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if is_artifact(path):
+        config, params, _ = load_artifact(path)
+        check_params(config, params, str(path))
+    elif path.is_dir() and any(_CKPT_RE.match(p.name) for p in path.iterdir()):
+        config, params = load_original(path)
+    else:
+        raise CheckpointError(
+            f"{path}: not a model: expected an original-format checkpoint directory "
+            "(checkpoint_<step> + config.json) or an mwmae artifact (config.json with "
+            "format 'mwmae-artifact' + params.msgpack)")
+    overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
+    if overrides:
+        config = config.replace(**overrides)
+    return Model(config, jax.tree.map(jnp.asarray, params))
