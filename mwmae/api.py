@@ -62,12 +62,15 @@ class Model:
                     ) -> Reconstruction:
         """Mask, encode, decode. The mask comes from ``noise`` (B, num_patches) when given (the
         kept patches are those with the smallest noise), else from uniform noise drawn with
-        ``rng`` (default ``jax.random.key(0)``), exactly as the original draws it."""
+        ``rng`` (default ``jax.random.key(0)``) exactly as the original draws it: the original
+        ran on JAX < 0.5, whose threefry bits were not partitionable, so the same key gives the
+        same mask here."""
         x = self._check_input(x)
         shape = (x.shape[0], self.config.num_patches)
         if noise is None:
             rng = jax.random.key(0) if rng is None else rng
-            noise = jax.random.uniform(rng, shape, jnp.float32)
+            with jax.threefry_partitionable(False):
+                noise = jax.random.uniform(rng, shape, jnp.float32)
         noise = jnp.asarray(noise, jnp.float32)
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {shape} "

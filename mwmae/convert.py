@@ -11,6 +11,7 @@ CLI: ``python -m mwmae.convert SRC_DIR DST_DIR [--num_heads=N] [--decoder_num_he
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import re
@@ -22,7 +23,10 @@ import jax
 import ml_dtypes
 import msgpack
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
+from mwmae.artifact import save_artifact
+from mwmae.model import param_shapes
 from mwmae.model.config import HEADS_BY_WIDTH, ModelConfig
 
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -180,10 +184,6 @@ def convert_params(original: Mapping[str, Any], config: ModelConfig, source: str
     Every original leaf must land on exactly one of our leaves with the expected shape and every
     one of ours must be filled; otherwise a :class:`CheckpointError` lists what is wrong.
     """
-    from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: PLC0415
-
-    from mwmae.model import param_shapes  # noqa: PLC0415
-
     src = _flatten(original)
     c = config
     mapping: dict[str, tuple[str, Any]] = {
@@ -286,10 +286,6 @@ def load_original(directory: str | pathlib.Path, *, num_heads: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415
-
-    from mwmae.artifact import save_artifact  # noqa: PLC0415
-
     p = argparse.ArgumentParser(prog="python -m mwmae.convert", description=__doc__.split("\n")[0])
     p.add_argument("src", help="original checkpoint directory (checkpoint_<step> + config.json)")
     p.add_argument("dst", help="output artifact directory")

@@ -17,3 +17,31 @@ def reference_dir() -> pathlib.Path:
     if not path.exists():
         pytest.fail(f"reference data missing: expected {path} (the shared folder beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def original_checkpoint(reference_dir, tmp_path_factory) -> pathlib.Path:
+    """The reference checkpoint as a user downloads it: checkpoint_0 + config.json in a folder."""
+    import lzma
+    import shutil
+
+    out = tmp_path_factory.mktemp("original_A")
+    with lzma.open(reference_dir / "checkpoint" / "checkpoint_0.xz") as src, \
+            open(out / "checkpoint_0", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copy(reference_dir / "checkpoint" / "config.json", out / "config.json")
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixtures(reference_dir):
+    import numpy as np
+
+    return dict(np.load(reference_dir / "fixtures.npz"))
+
+
+@pytest.fixture(scope="session")
+def reference_model(original_checkpoint):
+    import mwmae
+
+    return mwmae.load(original_checkpoint)

@@ -31,11 +31,10 @@ def naive_attention(q, k, v, window_sizes, tables, shift):
         for start in range(0, n, w):
             sl = slice(start, start + w)
             s = qh[:, sl] @ kh[:, sl].transpose(0, 2, 1) * d**-0.5
-            for i in range(w):
-                for j in range(w):
-                    s[:, i, j] += tables[head, i - j + w - 1]
-                    if sh and region[start + i] != region[start + j]:
-                        s[:, i, j] += -100.0
+            i, j = np.meshgrid(np.arange(w), np.arange(w), indexing="ij")
+            s += tables[head, i - j + w - 1]
+            r = region[start:start + w]
+            s += np.where(r[:, None] != r[None, :], -100.0, 0.0)
             p = np.exp(s - s.max(-1, keepdims=True))
             res[:, sl] = (p / p.sum(-1, keepdims=True)) @ vh[:, sl]
         out[:, head] = np.roll(res, sh, axis=1) if sh else res
@@ -105,8 +104,8 @@ def _naive_jax(q, k, v, window_sizes, tables, shift):
         for start in range(0, n, w):
             sl = slice(start, start + w)
             s = jnp.einsum("bqd,bkd->bqk", qh[:, sl], kh[:, sl]) * d**-0.5
-            bias = jnp.stack([jnp.stack([tables[head, i - j + w - 1] for j in range(w)])
-                              for i in range(w)])
+            i, j = np.meshgrid(np.arange(w), np.arange(w), indexing="ij")
+            bias = tables[head][i - j + w - 1]
             r = region[start:start + w]
             s = s + bias + np.where(r[:, None] != r[None, :], -100.0, 0.0)
             pieces.append(jax.nn.softmax(s, -1) @ vh[:, sl])
@@ -131,8 +130,8 @@ def test_gradients_match_naive_loop(window_sizes, length, shift):
     def fast(*a):
         return multi_window_attention(*a, implementation="xla")
 
-    got = jax.grad(loss(fast), argnums=(0, 1, 2, 3))(q, k, v, tables)
-    want = jax.grad(loss(_naive_jax), argnums=(0, 1, 2, 3))(q, k, v, tables)
+    got = jax.jit(jax.grad(loss(fast), argnums=(0, 1, 2, 3)))(q, k, v, tables)
+    want = jax.jit(jax.grad(loss(_naive_jax), argnums=(0, 1, 2, 3)))(q, k, v, tables)
     for name, g, w in zip("qkvb", got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-4,
                                    err_msg=f"gradient of {name}")

@@ -22,8 +22,8 @@ def sincos_2d(embed_dim: int, grid_size: tuple[int, int]) -> np.ndarray:
     """
     t, f = grid_size
     freq_idx, time_idx = np.meshgrid(np.arange(f), np.arange(t))  # both (T, F)
-    return np.concatenate([sincos_1d(embed_dim // 2, freq_idx), sincos_1d(embed_dim // 2, time_idx)],
-                          axis=1)
+    half = embed_dim // 2
+    return np.concatenate([sincos_1d(half, freq_idx), sincos_1d(half, time_idx)], axis=1)
 
 
 def with_cls_slot(table: np.ndarray, use_cls_token: bool) -> np.ndarray:

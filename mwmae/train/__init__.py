@@ -1,0 +1,1 @@
+"""Pretraining: config schema, optimizer, train step and loop."""

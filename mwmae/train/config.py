@@ -1,0 +1,58 @@
+"""The one schema of a training config; files in ``configs/`` start from :func:`default_config`.
+
+Keys not listed here are rejected when a config is loaded (a typo must not silently train with
+defaults).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mwmae.model.config import ModelConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+
+    c.seed = 0
+    c.batch_size = 1024            # global, over all hosts and devices
+    c.num_epochs = 100
+    c.num_train_steps = -1         # > 0 overrides num_epochs
+    c.steps_per_epoch = -1         # > 0 overrides data.num_train_examples // batch_size
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.base_learning_rate = 1.5e-5   # scaled by batch_size / 256
+    c.optimizer.warmup_epochs = 10.0
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    # The original decays every parameter; True exempts biases, norms, position embeddings and
+    # the mask/cls tokens (the usual ViT recipe).
+    c.optimizer.decay_exempt_1d = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"    # "synthetic" | later: shards
+    c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
+
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1000
+    return c
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fail before any compilation on keys the schema does not know."""
+    def walk(ref, got, prefix):
+        for k in got.keys():
+            if k not in ref:
+                raise ValueError(f"unknown config key {prefix}{k}; known keys here: "
+                                 f"{sorted(ref.keys())}")
+            if isinstance(ref[k], ml_collections.ConfigDict) and k != "model":
+                walk(ref[k], got[k], f"{prefix}{k}.")
+    walk(default_config(), config, "")
+    model_config_from(config)  # validates the architecture (window sizes, dims)

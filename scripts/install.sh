@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install mwmae into a virtual environment. The Dockerfile and CI call this same script, so the
+# image and the tests cannot drift apart.
+#   scripts/install.sh [VENV_DIR] [EXTRAS]     (defaults: .venv test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv}
+extras=${2:-test}
+python=${PYTHON:-python3.11}
+if ! command -v "$python" >/dev/null 2>&1; then
+  python=python3
+fi
+version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$version" != "3.11" ]; then
+  echo "mwmae needs Python 3.11 (found $version at $(command -v "$python")); set PYTHON=..." >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet -e ".[${extras}]"
+echo "installed mwmae[${extras}] into $venv"
