@@ -119,7 +119,8 @@ def multi_window_attention_xla(
         if w == 0:
             outs.append(_global_attention(qg, kg, vg, scale))
         else:
-            outs.append(_windowed_attention(qg, kg, vg, bias_tables[idx, : 2 * w - 1], w, shift, scale))
+            table = bias_tables[idx, : 2 * w - 1]
+            outs.append(_windowed_attention(qg, kg, vg, table, w, shift, scale))
         order.extend(heads)
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     if order != sorted(order):
