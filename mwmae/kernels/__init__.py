@@ -34,6 +34,6 @@ def multi_window_attention(
     Returns (batch, heads, length, head_dim).
     """
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"expected one of {IMPLEMENTATIONS}")
     return multi_window_attention_xla(q, k, v, window_sizes, bias_tables, shift, scale=scale)
