@@ -1,0 +1,223 @@
+"""The fused Pallas kernels (TPU and GPU versions, run by the interpreters) equal the reference."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mwmae.kernels import IMPLEMENTATIONS, multi_window_attention, resolve_implementation
+from mwmae.kernels.pallas_common import diagonal_bias
+from mwmae.kernels.pallas_tpu import strided_roll
+
+KERNELS = ["pallas_interpret", "pallas_gpu_interpret"]
+LENGTHS = [12, 15, 50, 250]
+PROPERTY = settings(max_examples=8, deadline=None, derandomize=True)
+
+
+@st.composite
+def cases(draw, max_heads=4, max_batch=4):
+    length = draw(st.sampled_from(LENGTHS))
+    divisors = [w for w in range(1, length + 1) if length % w == 0]
+    heads = draw(st.integers(1, max_heads))
+    windows = tuple(draw(st.lists(st.sampled_from([0, 0, *divisors]), min_size=heads,
+                                  max_size=heads)))
+    return dict(length=length, window_sizes=windows, shift=draw(st.booleans()),
+                batch=draw(st.integers(1, max_batch)), head_dim=draw(st.sampled_from([8, 16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def make_inputs(window_sizes, length, batch, head_dim, seed, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    shape = (batch, len(window_sizes), length, head_dim)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+    width = max(2 * max(window_sizes) - 1, 1) + 2  # extra columns: padding the model may carry
+    tables = rng.normal(size=(len(window_sizes), width)).astype(np.float32)
+    for h, w in enumerate(window_sizes):  # padding must never be read
+        tables[h, max(2 * w - 1, 0):] = 1e6
+    return q, k, v, jnp.asarray(tables)
+
+
+def unpadded(tables, window_sizes):
+    keep = np.zeros(tables.shape, bool)
+    for h, w in enumerate(window_sizes):
+        keep[h, :max(2 * w - 1, 0)] = True
+    return jnp.where(jnp.asarray(keep), tables, 0.0)
+
+
+def attention(impl, window_sizes, shift):
+    return jax.jit(lambda q, k, v, t: multi_window_attention(
+        q, k, v, window_sizes, t, shift, implementation=impl))
+
+
+def relative_close(got, want, rtol, name):
+    """|got - want| <= rtol * max|want|; the floor covers gradients that are exactly zero
+    (e.g. window size 1), where float32 rounding of the recomputed softmax leaves ~1e-7."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1e-2)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@PROPERTY
+@given(case=cases())
+def test_forward_float32_matches_reference(impl, case):
+    ws, shift = case["window_sizes"], case["shift"]
+    q, k, v, tables = make_inputs(ws, case["length"], case["batch"], case["head_dim"],
+                                  case["seed"])
+    got = attention(impl, ws, shift)(q, k, v, tables)
+    want = attention("xla", ws, shift)(q, k, v, tables)
+    assert got.shape == q.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(case=cases(max_batch=2))
+def test_forward_bfloat16_matches_reference(impl, case):
+    ws, shift = case["window_sizes"], case["shift"]
+    q, k, v, tables = make_inputs(ws, case["length"], case["batch"], case["head_dim"],
+                                  case["seed"], jnp.bfloat16)
+    got = attention(impl, ws, shift)(q, k, v, tables)
+    want = attention("xla", ws, shift)(q, k, v, tables)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-2, rtol=2e-2)
+
+
+def gradients(impl, window_sizes, shift, q, k, v, params, cotangent):
+    """Gradients w.r.t. q, k, v and a parameter the (traced) bias tables are computed from."""
+
+    def loss(q, k, v, params):
+        tables = 0.5 * params  # traced tables, as in the model where they are parameters
+        out = multi_window_attention(q, k, v, window_sizes, tables, shift, implementation=impl)
+        return jnp.sum(out * cotangent)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, params)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(case=cases(max_heads=3, max_batch=2))
+def test_gradients_float32_match_reference(impl, case):
+    ws, shift = case["window_sizes"], case["shift"]
+    q, k, v, tables = make_inputs(ws, case["length"], case["batch"], case["head_dim"],
+                                  case["seed"])
+    params = unpadded(tables, ws)
+    cot = jnp.asarray(np.random.default_rng(case["seed"] + 1).normal(size=q.shape), jnp.float32)
+    got = gradients(impl, ws, shift, q, k, v, params, cot)
+    want = gradients("xla", ws, shift, q, k, v, params, cot)
+    for name, g, w in zip(("dq", "dk", "dv", "dtables"), got, want):
+        relative_close(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_padding_of_bias_tables_is_never_read_and_gets_zero_gradient(impl):
+    ws, shift = (2, 5, 0, 10), True
+    q, k, v, tables = make_inputs(ws, 50, 2, 8, seed=7)
+    clean = unpadded(tables, ws)
+    fn = attention(impl, ws, shift)
+    np.testing.assert_array_equal(np.asarray(fn(q, k, v, tables)), np.asarray(fn(q, k, v, clean)))
+    grad = jax.grad(lambda t: jnp.sum(fn(q, k, v, t) ** 2))(tables)
+    pad = np.asarray(unpadded(jnp.ones_like(tables), ws)) == 0
+    assert np.all(np.asarray(grad)[pad] == 0.0)
+    assert np.any(np.asarray(grad)[~pad] != 0.0)
+
+
+def test_paper_decoder_layer_both_kernels():
+    """The paper's decoder windows at full length, shifted, with the real head dim 48."""
+    ws = (2, 5, 10, 25, 50, 125, 0, 0)
+    q, k, v, tables = make_inputs(ws, 250, 2, 48, seed=11)
+    want = attention("xla", ws, True)(q, k, v, tables)
+    for impl in KERNELS:
+        got = attention(impl, ws, True)(q, k, v, tables)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+# The TPU interpreter also simulates VMEM and runs the real pltpu.roll: a couple of small cases.
+TPU_INTERPRETER_CASES = [
+    pytest.param((3, 4, 6, 0), 12, True, id="L12-shifted"),
+    pytest.param((5, 25, 0, 2), 50, False, id="L50", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("ws,length,shift", TPU_INTERPRETER_CASES)
+def test_tpu_interpreter_forward_and_gradients(ws, length, shift):
+    q, k, v, tables = make_inputs(ws, length, 1, 8, seed=3)
+    params = unpadded(tables, ws)
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+    try:
+        got = multi_window_attention(q, k, v, ws, params, shift,
+                                     implementation="pallas_tpu_interpret")
+        want = multi_window_attention(q, k, v, ws, params, shift, implementation="xla")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+        grads = gradients("pallas_tpu_interpret", ws, shift, q, k, v, params, cot)
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+    for name, g, w in zip(("dq", "dk", "dv", "dtables"), grads,
+                          gradients("xla", ws, shift, q, k, v, params, cot)):
+        relative_close(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("stride", [1, 127, 255])
+def test_strided_roll_emulation_matches_pltpu_roll(stride):
+    """The gather used by the generic interpreter is the permutation pltpu.roll performs."""
+    x = jnp.arange(16 * 256, dtype=jnp.float32).reshape(16, 256)
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = pltpu.roll(x_ref[...], 0, 1, stride=stride, stride_axis=0)
+
+    real = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          interpret=True)(x)
+    np.testing.assert_array_equal(np.asarray(strided_roll(x, stride, emulate=True)),
+                                  np.asarray(real))
+    # Row i is rotated right by i * stride lanes.
+    np.testing.assert_array_equal(np.asarray(real)[3], np.roll(np.asarray(x)[3], 3 * stride))
+
+
+def test_diagonal_bias_layout():
+    tables = jnp.asarray([[1.0, 2.0, 3.0, 9.0], [5.0, 6.0, 7.0, 8.0]])
+    vec = np.asarray(diagonal_bias(tables, (2, 0), 8))
+    # offset d = key - query; bias = table[w - 1 - d]
+    assert vec[0, 0] == 2.0 and vec[0, 1] == 1.0 and vec[0, 7] == 3.0
+    assert np.count_nonzero(vec) == 3
+
+
+def test_dispatch_on_cpu():
+    assert set(KERNELS) <= set(IMPLEMENTATIONS)
+    if jax.default_backend() == "cpu":
+        assert resolve_implementation("auto") == "xla"
+        with pytest.raises(ValueError, match="no compiled Pallas attention kernel"):
+            resolve_implementation("pallas")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        resolve_implementation("flash")
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_rejects_window_that_does_not_divide_length(impl):
+    q, k, v, tables = make_inputs((4, 0), 12, 1, 8, seed=0)
+    with pytest.raises(ValueError, match="window size 4 does not divide the sequence length 10"):
+        multi_window_attention(q[:, :, :10], k[:, :, :10], v[:, :, :10], (4, 0), tables,
+                               implementation=impl)
+
+
+def test_benchmark_prints_json(capsys):
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("attention_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--cases", "encoder_visible_b64", "--batch-divisor", "64", "--repeats", "1",
+                "--implementations", "xla", "pallas_interpret"])
+    doc = json.loads(capsys.readouterr().out)
+    rows = {(r["implementation"], r["pass"]): r for r in doc["results"]}
+    assert set(rows) == {(i, p) for i in ("xla", "pallas_interpret")
+                         for p in ("forward", "forward_backward")}
+    assert rows[("xla", "forward")]["speedup_vs_xla"] == 1.0
+    assert all(r["ms"] > 0 and r["tflop_per_s"] > 0 and r["gb_per_s"] > 0 for r in rows.values())
