@@ -6,13 +6,15 @@ encoder and decoder of MAE and MW-MAE all use this one block.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mwmae.kernels import multi_window_attention
+from mwmae.kernels import multi_window_attention, resolve_implementation
+from mwmae.kernels.sharded import sharded_multi_window_attention
 
 LN_EPS = 1e-6
 
@@ -45,25 +47,63 @@ class MultiWindowAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         head_dim = self.dim // self.num_heads
         # (in, q|k|v, head, head_dim): the original's (D, 3D) kernel with its channels labelled.
-        # DenseGeneral initialises through the flattened 2-D shape, so fan-in/out match it.
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
-            kernel_init=_part(dense_init, ("embed", None, "heads", "head_dim")),
-            bias_init=_part(nn.initializers.zeros, (None, "heads", "head_dim")))(x)
+        qkv = HeadsDense((self.dim,), (3, self.num_heads, head_dim),
+                         ("embed", None, "heads", "head_dim"), self.dtype, name="qkv")(x)
         q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, H, L, hd)
         tables = [
             self.param(f"rel_pos_bias_{h}", _part(_squeeze_last(bias_table_init), (None,)),
                        (2 * w - 1,))
             for h, w in enumerate(self.window_sizes) if w > 0
         ]
-        out = multi_window_attention(
-            q, k, v, self.window_sizes, stack_bias_tables(tables, self.window_sizes),
-            self.shift, implementation=self.attention_impl)
+        out = attention(q, k, v, self.window_sizes, stack_bias_tables(tables, self.window_sizes),
+                        self.shift, self.attention_impl)
         out = jnp.swapaxes(out, 1, 2)  # (B, L, H, hd)
-        return nn.DenseGeneral(
-            self.dim, axis=(-2, -1), dtype=self.dtype, name="proj",
-            kernel_init=_part(dense_init, ("heads", "head_dim", "embed")),
-            bias_init=_part(nn.initializers.zeros, ("embed",)))(out)
+        return HeadsDense((self.num_heads, head_dim), (self.dim,),
+                          ("heads", "head_dim", "embed"), self.dtype, name="proj")(out)
+
+
+class HeadsDense(nn.Module):
+    """A dense layer whose kernel keeps its head structure, e.g. (D, 3, heads, head_dim).
+
+    Initialised as the original's 2-D (prod(in), prod(out)) kernel (same fan-in/out), and built
+    directly in its final shape so its logical axis names always apply (flax's DenseGeneral
+    initialises through the flattened shape).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[str | None, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*self.in_shape, *self.out_shape)
+        flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+        init = lambda key, shape, dtype=jnp.float32: dense_init(key, flat, dtype).reshape(shape)
+        kernel = self.param("kernel", _part(init, self.names), shape)
+        bias = self.param("bias", _part(nn.initializers.zeros, self.names[len(self.in_shape):]),
+                          self.out_shape)
+        n_in = len(self.in_shape)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((tuple(range(x.ndim - n_in, x.ndim))),
+                                             tuple(range(n_in))), ((), ())))
+        return y + bias
+
+
+def attention(q, k, v, window_sizes, tables, shift, implementation):
+    """The attention entry point; kernels run per device under shard_map when a mesh is set.
+
+    XLA partitions the reference by itself, but a Pallas call is opaque to it: on a mesh the
+    kernel must see only its device's block (batch over data/fsdp, heads over tensor).
+    """
+    impl = resolve_implementation(implementation, q.shape[2])
+    mesh = jax.sharding.get_abstract_mesh()
+    if impl == "xla" or mesh.empty or mesh.size == 1:
+        return multi_window_attention(q, k, v, window_sizes, tables, shift, implementation=impl)
+    tensor = mesh.shape.get("tensor", 1)
+    return sharded_multi_window_attention(
+        q, k, v, window_sizes, tables, shift, mesh=mesh, batch_axes=("data", "fsdp"),
+        head_axis="tensor" if len(window_sizes) % tensor == 0 else None, implementation=impl)
 
 
 def stack_bias_tables(tables: list[jax.Array], window_sizes: tuple[int, ...]) -> jax.Array:
@@ -115,7 +155,7 @@ class Block(nn.Module):
                                      self.dtype, self.attention_impl, name="attn")(y)
         y = layer_norm(self.dtype, "norm2")(x)
         x = x + Mlp(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 class BlockGroup(nn.Module):

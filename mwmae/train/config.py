@@ -31,12 +31,22 @@ def default_config() -> ml_collections.ConfigDict:
     # The original decays every parameter; True exempts biases, norms, position embeddings and
     # the mask/cls tokens (the usual ViT recipe).
     c.optimizer.decay_exempt_1d = False
+    c.optimizer.grad_clip_norm = 0.0           # > 0 clips the global gradient norm
+    c.grad_accum_steps = 1                     # microbatches per step
+
+    # Mesh over all devices of all hosts: -1 = the rest. A preset ("dp", "fsdp", "fsdp_tp")
+    # replaces the axis sizes. dcn_data > 1 spans the data axis across slices (multi-slice).
+    c.mesh = ml_collections.ConfigDict(
+        {"preset": "", "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"    # "synthetic" | later: shards
     c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
 
     c.log_every_steps = 100
+    c.image_every_steps = 1000     # TensorBoard images of inputs, masks and reconstructions
+    c.num_images = 3
+    c.profile_steps = 0            # > 0: capture a profile of this many steps after step 10
     c.checkpoint_every_steps = 1000
     return c
 

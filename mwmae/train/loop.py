@@ -1,22 +1,25 @@
-"""The training loop: build state, run jitted steps, log, checkpoint with Orbax."""
+"""The training loop: mesh, sharded state, jitted step, metrics, images, checkpoints."""
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import time
+from collections.abc import Callable, Iterator
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from clu import metric_writers, periodic_actions
 
+from mwmae.model import MaskedAutoencoder
+from mwmae.train import perf, sharding
 from mwmae.train.config import check_config, model_config_from
+from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
-from mwmae.train.step import TrainState, init_state, make_train_step
+from mwmae.train.step import init_state, make_train_step
 from mwmae.train.synthetic import synthetic_batch
-
-log = logging.getLogger("mwmae.train")
 
 
 def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -31,50 +34,175 @@ def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return steps_per_epoch, total
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          print_fn=print) -> dict[str, float]:
-    """Pretrain; returns the last step's metrics. Continues from the latest checkpoint."""
-    check_config(config)
-    model_config = model_config_from(config)
-    steps_per_epoch, total_steps = schedule_lengths(config)
-    tx, schedule = make_optimizer(config, steps_per_epoch, total_steps)
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fail before compiling when the batch cannot be split as the config asks."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = config.batch_size, config.grad_accum_steps
+    if b % shards:
+        raise ValueError(f"batch_size {b} is not divisible by the {shards} batch shards of the "
+                         f"mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                         f"use a multiple of {shards}")
+    if k < 1 or b % k or (b // k) % shards:
+        raise ValueError(f"grad_accum_steps {k}: each microbatch (batch_size / k) must be a "
+                         f"whole multiple of the {shards} batch shards")
+    if b % jax.process_count():
+        raise ValueError(f"batch_size {b} is not divisible by the {jax.process_count()} hosts")
 
-    workdir = pathlib.Path(workdir).resolve()
+
+def synthetic_source(config: ml_collections.ConfigDict, start_step: int) -> Iterator[np.ndarray]:
+    """This host's slice of each global batch of synthetic clips."""
+    n_local = config.batch_size // jax.process_count()
+    h, w = config.model.img_size
+    step = start_step
+    while True:
+        full = synthetic_batch(step, config.batch_size, seed=config.seed, frames=h, n_mels=w)
+        lo = jax.process_index() * n_local
+        yield full[lo:lo + n_local]
+        step += 1
+
+
+class Trainer:
+    """Everything a run needs, built once: mesh, shardings, jitted step, state, writers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                 devices: list[jax.Device] | None = None):
+        check_config(config)
+        self.config = config
+        self.model_config = model_config_from(config)
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        check_batch(config, self.mesh)
+        self.steps_per_epoch, self.total_steps = schedule_lengths(config)
+        self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
+        self.workdir = pathlib.Path(workdir).resolve()
+
+        # Shardings come from the logical axis names on the (abstract) boxed state.
+        abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
+                                                     jax.random.key(0), boxed=True))
+        self.state_sharding = sharding.logical_shardings(abstract, self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, 4)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Initialised outside the mesh context: flax initialises DenseGeneral kernels through a
+        # flattened 2-D shape, to which the 4-D logical constraint cannot apply.
+        self.init_fn = jax.jit(lambda rng: init_state(self.model_config, self.tx, rng),
+                               out_shardings=self.state_sharding)
+        step_fn = make_train_step(self.model_config, self.tx, self.schedule,
+                                  mask_seed=config.seed + 1,
+                                  grad_accum_steps=config.grad_accum_steps)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding,
+                                                         self.batch_sharding),
+                                  out_shardings=(self.state_sharding, replicated),
+                                  donate_argnums=0)
+
+    def mesh_context(self):
+        """Rules + mesh in scope, so activation constraints in the model resolve."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
+        stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
+
+    def initial_state(self):
+        return self.init_fn(jax.random.key(self.config.seed))
+
+    def global_batch(self, local: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    def compile(self, state):
+        """AOT-lower and compile the step for the state's shapes (no data needed)."""
+        batch = jax.ShapeDtypeStruct((self.config.batch_size, *self.model_config.input_shape),
+                                     np.float32, sharding=self.batch_sharding)
+        with self.mesh_context():
+            return self.train_step.lower(state, batch).compile()
+
+    def step(self, state, batch):
+        with self.mesh_context():
+            return self.train_step(state, batch)
+
+    def reconstructions(self, params, audio: np.ndarray, step: int) -> np.ndarray:
+        """Image grid of a few clips, masked with the step's own noise."""
+        n = min(self.config.num_images, audio.shape[0])
+        rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+        noise = jax.random.uniform(rng, (audio.shape[0], self.model_config.num_patches))[:n]
+        x = np.asarray(audio[:n])
+        params = jax.device_get(params)
+        out = MaskedAutoencoder(self.model_config).apply({"params": params}, x, noise)
+        return reconstruction_grid(x, out.pred, out.mask, self.model_config.patch_size)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          print_fn: Callable[[str], None] = print) -> dict[str, float]:
+    """Pretrain; returns the last step's metrics. Continues from the latest checkpoint."""
+    t = Trainer(config, workdir)
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(t.workdir / "tensorboard",
+                                                  just_logging=not is_main, asynchronous=True)
     manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
-    state = init_state(model_config, tx, jax.random.key(config.seed))
+        t.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+
+    state = t.initial_state()
     if manager.latest_step() is not None:
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-        print_fn(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
-
-    train_step = jax.jit(make_train_step(model_config, tx, schedule, mask_seed=config.seed + 1),
-                         donate_argnums=0)
+        print_fn(f"resumed from step {int(state.step)} in {t.workdir / 'checkpoints'}")
+    start = int(state.step)
     if config.data.source != "synthetic":
         raise ValueError(f"data.source {config.data.source!r} is not available yet; "
                          "use 'synthetic'")
+    source = synthetic_source(config, start)
 
-    metrics = {}
-    start = int(state.step)
     t0 = time.perf_counter()
-    for step in range(start, total_steps):
-        audio = synthetic_batch(step, config.batch_size, seed=config.seed,
-                                frames=model_config.img_size[0], n_mels=model_config.img_size[1])
-        state, metrics = train_step(state, audio)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
-        if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps or step == start:
-            print_fn(f"step {step + 1:5d}/{total_steps}  loss {metrics['loss']:.4f}  "
+    compiled = t.compile(state)
+    compile_s = time.perf_counter() - t0
+    flops = perf.compiled_flops(compiled)
+    peak = perf.device_peak_flops(dtype=t.model_config.dtype)
+    n_dev = jax.device_count()
+    if is_main:
+        writer.write_hparams({k: v for k, v in config.to_dict().items()
+                              if isinstance(v, int | float | str | bool)})
+    report = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+    hooks = [report]
+    if config.profile_steps > 0 and is_main:
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                              first_profile=start + 10,
+                                              logdir=str(t.workdir / "tensorboard")))
+
+    metrics: dict[str, float] = {}
+    last_t, last_step = time.perf_counter(), start
+    for step in range(start, t.total_steps):
+        local = next(source)
+        state, m = compiled(state, t.global_batch(local))
+        for h in hooks:
+            h(step + 1)
+        done = step + 1 == t.total_steps
+        if (step + 1) % config.log_every_steps == 0 or done or step == start:
+            metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
+            now = time.perf_counter()
+            dt = (now - last_t) / max(1, step + 1 - last_step)
+            last_t, last_step = now, step + 1
+            metrics.update({
+                "steps_per_sec": 1 / dt,
+                "examples_per_sec": config.batch_size / dt,
+                "examples_per_sec_per_device": config.batch_size / dt / n_dev,
+                "mfu": flops / dt / peak,
+            })
+            if step == start:
+                metrics["compile_seconds"] = compile_s
+            writer.write_scalars(step + 1, metrics)
+            print_fn(f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                     f"({time.perf_counter() - t0:.1f}s)")
-        if (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total_steps:
+                     f"{metrics['examples_per_sec']:.1f} ex/s")
+        if config.image_every_steps > 0 and ((step + 1) % config.image_every_steps == 0 or done):
+            images = t.reconstructions(state.params, local, step)
+            writer.write_images(step + 1, {"reconstruction": images})
+        if (step + 1) % config.checkpoint_every_steps == 0 or done:
             manager.save(step + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
+    writer.flush()
+    writer.close()
     if manager.latest_step() is not None:
-        print_fn(f"checkpoint: {workdir / 'checkpoints' / str(manager.latest_step())}")
+        print_fn(f"checkpoint: {t.workdir / 'checkpoints' / str(manager.latest_step())}")
     manager.close()
     return metrics
-
-
-__all__ = ["TrainState", "schedule_lengths", "train"]

@@ -17,15 +17,15 @@ def learning_rate_schedule(base_lr: float, batch_size: int, warmup_steps: int, t
         decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
 
-def _decay_mask(params):
-    """True for kernels (ndim >= 2 and not an embedding/token table)."""
-    def keep(path, x):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        if any(s in name for s in ("pos_embed", "mask_token", "cls_token", "rel_pos_bias")):
+def decay_mask(params):
+    """True where weight decay applies: kernels only, not biases, norms, embeddings, tokens."""
+    def keep(path, _):
+        # Dict keys only: boxed (logically partitioned) leaves add an attribute step to the path.
+        names = [str(p.key) for p in path if hasattr(p, "key")]
+        if any(n in ("pos_embed", "decoder_pos_embed", "mask_token", "cls_token")
+               or n.startswith("rel_pos_bias") for n in names):
             return False
-        # Scanned layers add a leading axis: a stacked bias is 2-D but still a bias.
-        leaf = name.rsplit("/", 1)[-1]
-        return leaf == "kernel"
+        return names[-1] == "kernel"
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -35,7 +35,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, tota
     schedule = learning_rate_schedule(o.base_learning_rate, config.batch_size,
                                       int(o.warmup_epochs * steps_per_epoch), total_steps)
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                     mask=_decay_mask if o.decay_exempt_1d else None)
+                     mask=decay_mask if o.decay_exempt_1d else None)
+    if o.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return tx, schedule
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -20,26 +21,47 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(model_config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array
-               ) -> TrainState:
-    params = init_params(model_config, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_state(model_config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
+               *, boxed: bool = False) -> TrainState:
+    """Fresh state. ``boxed`` keeps logical-axis metadata on params and optimizer moments."""
+    params = init_params(model_config, rng, boxed=True)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return state if boxed else nn.meta.unbox(state)
 
 
 def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mask_seed: int):
-    """Returns ``train_step(state, audio) -> (state, metrics)`` (not yet jitted)."""
+                    schedule: optax.Schedule, mask_seed: int, grad_accum_steps: int = 1):
+    """Returns ``train_step(state, audio) -> (state, metrics)`` (not yet jitted).
+
+    ``audio`` is the global batch (B, frames, mels, 1). With ``grad_accum_steps = k`` it is
+    processed as k microbatches of B / k and the gradients averaged; every clip has the same
+    number of masked patches, so this equals the gradient of the whole batch.
+    """
     model = MaskedAutoencoder(model_config)
 
+    def loss_and_grad(params, audio, noise):
+        loss_fn = lambda p: model.apply({"params": p}, audio, noise).loss
+        return jax.value_and_grad(loss_fn)(params)
+
     def train_step(state: TrainState, audio: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        # The mask depends only on (seed, step): a resumed run draws the same masks.
+        # The mask depends only on (seed, step), drawn for the global batch: the same on any
+        # mesh and any number of hosts, and the same again after a resume.
         rng = jax.random.fold_in(jax.random.key(mask_seed), state.step)
         noise = jax.random.uniform(rng, (audio.shape[0], model_config.num_patches))
 
-        def loss_fn(params):
-            return model.apply({"params": params}, audio, noise).loss
+        if grad_accum_steps == 1:
+            loss, grads = loss_and_grad(state.params, audio, noise)
+        else:
+            micro = lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:])
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+            def accumulate(carry, batch):
+                loss, grads = loss_and_grad(state.params, *batch)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(audio), micro(noise)))
+            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "learning_rate": schedule(state.step),

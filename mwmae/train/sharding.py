@@ -1,0 +1,135 @@
+"""Sharding stated as data: mesh axes, presets, and one table of logical-axis rules.
+
+Parameters and activations carry logical axis names (``embed``, ``heads``, ``mlp``, ``layers``,
+``act_batch``...); :data:`LOGICAL_RULES` maps them onto the mesh axes ``data``, ``fsdp`` and
+``tensor``. The presets differ only in the mesh shape:
+
+* ``dp``      data parallel: every device holds the whole model; the batch is split.
+* ``fsdp``    ZeRO-3 style: parameters and optimizer state split along ``embed`` over ``fsdp``,
+              the batch split over ``data`` x ``fsdp``.
+* ``fsdp_tp`` FSDP plus tensor parallelism: attention heads and the MLP hidden dimension split
+              over ``tensor`` (Megatron style), the rest as FSDP.
+
+Multi-slice (DCN) meshes: ``config.mesh.dcn_data > 1`` builds a hybrid mesh whose ``data`` axis
+spans slices over the data-centre network while ``fsdp``/``tensor`` stay inside a slice (ICI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    # parameters
+    ("embed", "fsdp"),
+    ("decoder_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+PRESETS: dict[str, dict[str, int]] = {
+    "dp": {"data": -1, "fsdp": 1, "tensor": 1},
+    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},
+    "fsdp_tp": {"data": 1, "fsdp": -1, "tensor": 2},
+}
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict | dict, num_devices: int
+               ) -> dict[str, int]:
+    """Resolve -1 (the rest of the devices) and check the product equals ``num_devices``."""
+    cfg = dict(mesh_config)
+    preset = cfg.pop("preset", None)
+    cfg.pop("dcn_data", None)
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown mesh preset {preset!r}; known: {sorted(PRESETS)}")
+        cfg = dict(PRESETS[preset])  # a preset replaces the axis sizes
+    unknown = sorted(set(cfg) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {list(MESH_AXES)}")
+    shape = {a: int(cfg.get(a, 1)) for a in MESH_AXES}
+    free = [a for a, n in shape.items() if n == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {free}")
+    fixed = math.prod(n for n in shape.values() if n != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {shape}: the fixed axes use {fixed} devices, which does not "
+                             f"divide the {num_devices} devices available")
+        shape[free[0]] = num_devices // fixed
+    if math.prod(shape.values()) != num_devices:
+        raise ValueError(f"mesh {shape} has {math.prod(shape.values())} devices but "
+                         f"{num_devices} are available; change config.mesh so the product of "
+                         "its axes equals the device count (or use -1 for one axis)")
+    return shape
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    dcn = int(dict(mesh_config).get("dcn_data", 1) or 1)
+    sizes = tuple(shape[a] for a in MESH_AXES)
+    if dcn > 1:
+        from jax.experimental import mesh_utils
+
+        if shape["data"] % dcn:
+            raise ValueError(f"data axis {shape['data']} is not divisible by dcn_data {dcn}")
+        ici = (shape["data"] // dcn, shape["fsdp"], shape["tensor"])
+        arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
+    else:
+        arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide a dimension (e.g. 3 heads over 2 tensor shards)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in names if dim % mesh.shape[a] == 0 and mesh.shape[a] > 1)
+        while kept and dim % math.prod(mesh.shape[a] for a in kept):
+            kept = kept[:-1]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return PartitionSpec(*out)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh,
+                      rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+    """NamedSharding for every leaf of a tree of (boxed) abstract arrays."""
+    specs = nn.get_partition_spec(boxed_tree)
+    mesh_specs = nn.logical_to_mesh(specs, rules)
+    values = nn.meta.unbox(boxed_tree)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)), mesh_specs, values,
+        is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def describe(shardings: Any) -> dict[str, str]:
+    """{param path: partition spec} for printing and golden files."""
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(jax.tree.map(lambda s: s, shardings,
+                                     is_leaf=lambda s: isinstance(s, NamedSharding)))
+    return {"/".join(map(str, k)): str(tuple(v.spec)) for k, v in sorted(flat.items())}

@@ -1,0 +1,82 @@
+"""Mesh presets: same numbers as one device, partition specs pinned by golden files."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import load_config, run_steps
+
+from mwmae.train import sharding
+from mwmae.train.loop import Trainer
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    return run_steps(load_config("tiny"), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+def test_preset_matches_single_device(preset, single_device_losses):
+    config = load_config("tiny")
+    config.mesh.preset = preset
+    losses = run_steps(config, jax.devices()[:8])
+    # float32; sharded reductions sum in a different order, so allow rounding, not drift.
+    np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+def test_partition_specs_match_golden(preset):
+    config = load_config("tiny")
+    config.mesh.preset = preset
+    t = Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+    got = sharding.describe(t.state_sharding.params)
+    path = GOLDEN / f"partition_specs_tiny_{preset}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(path.read_text()), f"partition specs changed; see {path.name}"
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+    config = load_config("tiny")
+    config.mesh.preset = "fsdp_tp"
+    t = Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+    state = t.initial_state()
+    fc1 = state.params["encoder"]["layers"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu = state.opt_state[0].mu["encoder"]["layers"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert mu.sharding.spec == fc1.sharding.spec
+    # each device holds 1/8 of the kernel
+    assert fc1.addressable_shards[0].data.size * 8 == fc1.size
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"batch_size": 12}, "batch_size 12 is not divisible by the 8 batch shards"),
+    ({"mesh.data": 3}, "has 3 devices but 8 are available"),
+    ({"mesh.preset": "zero9"}, "unknown mesh preset 'zero9'"),
+    ({"grad_accum_steps": 3}, "grad_accum_steps 3"),
+])
+def test_config_errors_fail_before_compiling(change, message):
+    config = load_config("tiny")
+    for k, v in change.items():
+        node = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    with pytest.raises(ValueError, match=message):
+        Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+
+
+def test_unknown_config_key_is_rejected():
+    config = load_config("tiny")
+    config.unlocked = True
+    with config.unlocked():
+        config.optimizer.learning_rte = 1.0
+    with pytest.raises(ValueError, match="unknown config key optimizer.learning_rte"):
+        Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
