@@ -1,0 +1,352 @@
+"""The record schema of the original project, encoded and decoded without TensorFlow.
+
+A record is a serialized ``tf.train.Example`` with two features:
+
+* ``audio``: bytes list of one element, ``tf.io.serialize_tensor`` of a float32 ``[frames, 80]``
+  time-major log-mel (a ``TensorProto`` with ``dtype`` DT_FLOAT, a shape and ``tensor_content``);
+* ``label``: int64 list (class ids; empty for unlabelled audio).
+
+Files are TFRecord (length + masked CRC32C framing), ZLIB-compressed as one zlib stream over the
+whole file, as TensorFlow's ``TFRecordWriter(options="ZLIB")`` writes them; or ArrayRecord,
+whose records hold the same serialized Examples.
+
+The protobuf wire format of these three messages is small and frozen, so it is written and
+parsed here directly. That keeps TensorFlow (and its gs:// filesystem, which honours no storage
+emulator) out of the input pipeline and the shard-building workers; the tests check the bytes
+against TensorFlow's own ``serialize_tensor`` / ``parse_single_example`` / ``TFRecordDataset``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import IO
+
+import google_crc32c
+import numpy as np
+
+AUDIO_KEY = "audio"
+LABEL_KEY = "label"
+_DT_FLOAT = 1  # tensorflow.DataType.DT_FLOAT
+_MASK_DELTA = 0xA282EAD8
+_READ_CHUNK = 1 << 20
+
+
+class RecordError(ValueError):
+    """A record or file that cannot be decoded; the message names the file and the place."""
+
+
+# ----------------------------------------------------------------------------- protobuf wire
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int64 fields encode negatives as 10-byte two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    # Length-delimited field (wire type 2).
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(buf):
+            raise RecordError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise RecordError("varint longer than 10 bytes")
+
+
+def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """Yields (field number, wire type, value) of one message; unknown fields pass through."""
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > end:
+                raise RecordError("length-delimited field runs past the end of its message")
+            yield number, wire, buf[pos : pos + length]
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise RecordError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise RecordError("field runs past the end of its message")
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# ----------------------------------------------------------------------------- tensor + example
+
+
+def serialize_tensor(array: np.ndarray) -> bytes:
+    """Bytes equal to ``tf.io.serialize_tensor`` of a float32 array."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    dims = b"".join(_field(2, _varint(8) + _varint(d) if d else b"") for d in array.shape)
+    out = _varint(1 << 3 | 0) + _varint(_DT_FLOAT) + _field(2, dims)
+    if array.size:
+        out += _field(4, array.tobytes())
+    return out
+
+
+def parse_tensor(data: bytes | memoryview) -> np.ndarray:
+    """Inverse of :func:`serialize_tensor` (float32 ``TensorProto`` with ``tensor_content``)."""
+    dtype = 0
+    shape: list[int] = []
+    content: memoryview | None = None
+    float_val: list[float] = []
+    for number, wire, value in _iter_fields(memoryview(data)):
+        if number == 1 and wire == 0:
+            dtype = value
+        elif number == 2 and wire == 2:
+            for dim_number, dim_wire, dim in _iter_fields(value):
+                if dim_number == 2 and dim_wire == 2:
+                    size = 0
+                    for n, w, v in _iter_fields(dim):
+                        if n == 1 and w == 0:
+                            size = _signed64(v)
+                    shape.append(size)
+        elif number == 4 and wire == 2:
+            content = value
+        elif number == 5 and wire == 2:  # packed float_val, written by some older producers
+            float_val.extend(np.frombuffer(value, "<f4").tolist())
+    if dtype != _DT_FLOAT:
+        raise RecordError(f"audio tensor has dtype enum {dtype}, expected DT_FLOAT (1)")
+    count = int(np.prod(shape)) if shape else 1
+    if content is not None:
+        flat = np.frombuffer(content, dtype="<f4")
+    elif float_val:
+        flat = np.array(float_val, np.float32)
+        if flat.size == 1:
+            flat = np.full(count, flat[0], np.float32)
+    else:
+        flat = np.zeros(0, np.float32)
+    if flat.size != count:
+        raise RecordError(f"audio tensor holds {flat.size} values for shape {shape}")
+    return flat.reshape(shape).astype(np.float32, copy=False)
+
+
+def encode_example(audio: np.ndarray, labels: Sequence[int] = ()) -> bytes:
+    """A serialized ``tf.train.Example`` in the original schema."""
+    audio_feature = _field(1, _field(1, serialize_tensor(audio)))  # Feature.bytes_list
+    packed = b"".join(_varint(int(v)) for v in labels)
+    label_feature = _field(3, _field(1, packed) if packed else b"")  # Feature.int64_list
+    entries = _field(1, _field(1, AUDIO_KEY.encode()) + _field(2, audio_feature))
+    entries += _field(1, _field(1, LABEL_KEY.encode()) + _field(2, label_feature))
+    return _field(1, entries)
+
+
+def _parse_feature(feature: memoryview) -> tuple[str, list]:
+    for number, wire, value in _iter_fields(feature):
+        if wire != 2:
+            continue
+        if number == 1:
+            return "bytes", [bytes(v) for n, w, v in _iter_fields(value) if n == 1 and w == 2]
+        if number == 3:
+            ints: list[int] = []
+            for n, w, v in _iter_fields(value):
+                if n != 1:
+                    continue
+                if w == 0:  # unpacked element
+                    ints.append(_signed64(v))
+                elif w == 2:  # packed run
+                    pos = 0
+                    while pos < len(v):
+                        item, pos = _read_varint(v, pos)
+                        ints.append(_signed64(item))
+            return "int64", ints
+        if number == 2:
+            floats = [np.frombuffer(v, "<f4") for n, w, v in _iter_fields(value) if w == 2]
+            return "float", np.concatenate(floats).tolist() if floats else []
+    return "empty", []
+
+
+def decode_example(data: bytes | memoryview) -> tuple[np.ndarray, np.ndarray]:
+    """``(audio float32 [frames, 80], labels int64 [n])`` from a serialized Example.
+
+    Raises :class:`RecordError` when the record is not in the schema.
+    """
+    features: dict[str, tuple[str, list]] = {}
+    for number, wire, value in _iter_fields(memoryview(data)):
+        if number != 1 or wire != 2:
+            continue
+        for entry_number, entry_wire, entry in _iter_fields(value):
+            if entry_number != 1 or entry_wire != 2:
+                continue
+            key, feature = "", memoryview(b"")
+            for n, w, v in _iter_fields(entry):
+                if n == 1 and w == 2:
+                    key = bytes(v).decode("utf-8", "replace")
+                elif n == 2 and w == 2:
+                    feature = v
+            features[key] = _parse_feature(feature)
+    if AUDIO_KEY not in features:
+        raise RecordError(f"record has no '{AUDIO_KEY}' feature (found {sorted(features)})")
+    kind, values = features[AUDIO_KEY]
+    if kind != "bytes" or len(values) != 1:
+        raise RecordError(f"'{AUDIO_KEY}' must be one serialized tensor, got {kind} x{len(values)}")
+    audio = parse_tensor(values[0])
+    if audio.ndim != 2:
+        raise RecordError(f"'{AUDIO_KEY}' tensor has shape {audio.shape}, expected [frames, mels]")
+    kind, values = features.get(LABEL_KEY, ("empty", []))
+    if kind not in ("int64", "empty"):
+        raise RecordError(f"'{LABEL_KEY}' must be an int64 list, got {kind}")
+    return audio, np.asarray(values, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- TFRecord framing
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(record: bytes) -> bytes:
+    """One TFRecord frame: length, masked CRC of the length, data, masked CRC of the data."""
+    length = struct.pack("<Q", len(record))
+    return (
+        length
+        + struct.pack("<I", _masked_crc(length))
+        + record
+        + struct.pack("<I", _masked_crc(record))
+    )
+
+
+class TFRecordWriter:
+    """Writes TFRecord frames to a binary file object, ZLIB-compressed by default."""
+
+    def __init__(self, fileobj: IO[bytes], compression: str | None = "zlib", level: int = 6):
+        self._file = fileobj
+        if compression not in (None, "", "none", "zlib"):
+            raise ValueError(f"compression must be 'zlib' or None, got {compression!r}")
+        self._zlib = zlib.compressobj(level, zlib.DEFLATED, 15) if compression == "zlib" else None
+        self.count = 0
+
+    def write(self, record: bytes) -> None:
+        frame = frame_record(record)
+        self._file.write(self._zlib.compress(frame) if self._zlib else frame)
+        self.count += 1
+
+    def close(self) -> None:
+        """Finishes the zlib stream; the caller closes the file object."""
+        if self._zlib is not None:
+            self._file.write(self._zlib.flush())
+            self._zlib = None
+
+
+class _ByteStream:
+    """Exact-length reads from a (possibly zlib-compressed) binary stream, chunk by chunk."""
+
+    def __init__(self, fileobj: IO[bytes], compression: str | None, name: str):
+        self._file = fileobj
+        self._name = name
+        self._zlib = zlib.decompressobj(15) if compression == "zlib" else None
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+
+    def _fill(self, need: int) -> None:
+        while len(self._buf) - self._pos < need and not self._eof:
+            chunk = self._file.read(_READ_CHUNK)
+            if self._pos > _READ_CHUNK:  # drop consumed bytes now and then, not every read
+                del self._buf[: self._pos]
+                self._pos = 0
+            if not chunk:
+                self._eof = True
+                if self._zlib is not None and not self._zlib.eof:
+                    # A finished writer always ends the stream; a missing end means the file
+                    # was cut short (an interrupted copy or write).
+                    raise RecordError(f"{self._name}: zlib stream is truncated")
+                break
+            if self._zlib is None:
+                self._buf += chunk
+                continue
+            try:
+                self._buf += self._zlib.decompress(chunk)
+                # Concatenated zlib streams (appended files) continue as a new stream.
+                while self._zlib.eof and self._zlib.unused_data:
+                    rest = self._zlib.unused_data
+                    self._zlib = zlib.decompressobj(15)
+                    self._buf += self._zlib.decompress(rest)
+            except zlib.error as e:
+                raise RecordError(f"{self._name}: corrupt zlib data ({e})") from e
+
+    def read(self, n: int) -> bytes | None:
+        """Exactly ``n`` bytes, or None at a clean end of stream."""
+        if n == 0:
+            return b""
+        self._fill(n)
+        available = len(self._buf) - self._pos
+        if available == 0 and self._eof:
+            return None
+        if available < n:
+            raise RecordError(
+                f"{self._name}: file ends inside a record ({available} of {n} bytes present)"
+            )
+        # A copy, not a view: a live view would pin the buffer and block the next refill.
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+
+def iter_tfrecord(
+    fileobj: IO[bytes],
+    *,
+    compression: str | None = "zlib",
+    name: str = "<stream>",
+    verify_crc: bool = True,
+    skip: int = 0,
+) -> Iterator[bytes]:
+    """Yields the records of a TFRecord stream; :class:`RecordError` names ``name`` on damage.
+
+    ``skip`` records are read past first without CRC checks (resuming mid-file).
+    """
+    stream = _ByteStream(fileobj, compression, name)
+    index = 0
+    while True:
+        header = stream.read(12)
+        if header is None:
+            return
+        length, length_crc = struct.unpack("<QI", header)
+        if verify_crc and _masked_crc(header[:8]) != length_crc:
+            raise RecordError(f"{name}: record {index}: corrupt length header (CRC mismatch)")
+        data = stream.read(length)
+        footer = stream.read(4) if data is not None else None
+        if data is None or footer is None:
+            raise RecordError(f"{name}: record {index}: file ends after the length header")
+        if index >= skip:
+            (data_crc,) = struct.unpack("<I", footer)
+            if verify_crc and _masked_crc(data) != data_crc:
+                raise RecordError(f"{name}: record {index}: corrupt data (CRC mismatch)")
+            yield data
+        index += 1

@@ -1,0 +1,236 @@
+"""Input pipeline: output layout, epoch coverage, determinism, exact resume, errors, sharding."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mwmae import audio as audio_lib
+from mwmae.data import PipelineConfig, RecordError, make_input_iterator, records, shards
+
+# Clip k has a distinctive log-mel and the single label k, so batches say which clips they hold.
+FRAMES = [260, 120, 201, 333, 200, 410]  # some shorter than the 200-frame crop
+
+
+def logmel_of(k: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 + k)
+    frames = FRAMES[k % len(FRAMES)]
+    return (rng.standard_normal((frames, 80)) * (1 + k % 3) - 5 + k).astype(np.float32)
+
+
+def write_dataset(folder, num_shards: int, per_shard: int, fmt: str = "tfrecord") -> str:
+    """Shards of clips 0..num_shards*per_shard-1 plus a manifest; returns the manifest path."""
+    os.makedirs(folder, exist_ok=True)
+    rows = ["shard,num_records"]
+    for s in range(num_shards):
+        ids = range(s * per_shard, (s + 1) * per_shard)
+        name = f"clips-{s:05d}-of-{num_shards:05d}.{fmt}"
+        path = os.path.join(folder, name)
+        if fmt == "array_record":
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            w = ArrayRecordWriter(path, "group_size:1")
+            for k in ids:
+                w.write(records.encode_example(logmel_of(k), [k]))
+            w.close()
+        else:
+            with open(path, "wb") as f:
+                w = records.TFRecordWriter(f)
+                for k in ids:
+                    w.write(records.encode_example(logmel_of(k), [k]))
+                w.close()
+        rows.append(f"{name},{per_shard}")
+    manifest = os.path.join(folder, "clips-manifest.csv")
+    with open(manifest, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shards"), num_shards=4, per_shard=6)
+
+
+def config(**kw):
+    base = dict(global_batch_size=4, seed=3, shuffle_buffer=8, cycle_length=2, max_labels=2)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def iterator(source, cfg, **kw):
+    return make_input_iterator(source, cfg, process_index=0, process_count=1, as_numpy=True, **kw)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def ids(batches):
+    return [int(k) for b in batches for k in b["label"][:, 0]]
+
+
+def test_one_epoch_is_every_clip_once_and_layout(dataset):
+    it = iterator(dataset, config())
+    batches = take(it, 6)  # 24 clips, batch 4
+    assert sorted(ids(batches)) == list(range(24))
+    b = batches[0]
+    assert b["audio"].shape == (4, 200, 80, 1) and b["audio"].dtype == np.float32
+    assert b["label"].shape == (4, 2) and b["label"].dtype == np.int32
+    assert (b["label"][:, 1] == -1).all()
+    # Training crops: a window of the clip normalised over all its frames.
+    for batch in batches:
+        for row, k in zip(batch["audio"][..., 0], batch["label"][:, 0], strict=True):
+            full = audio_lib.normalize_for_pretraining(logmel_of(int(k)))
+            if full.shape[0] <= 200:
+                np.testing.assert_allclose(row[: full.shape[0]], full, atol=1e-6)
+                assert (row[full.shape[0]:] == 0).all()
+            else:
+                starts = [s for s in range(full.shape[0] - 199)
+                          if np.allclose(full[s : s + 200], row, atol=1e-6)]
+                assert len(starts) == 1
+    # The second epoch is again every clip once, in another order.
+    second = take(it, 6)
+    assert sorted(ids(second)) == list(range(24))
+    assert ids(second) != ids(batches)
+    it.close()
+
+
+def test_same_seed_same_batches_other_seed_differs(dataset):
+    a = take(iterator(dataset, config()), 5)
+    b = take(iterator(dataset, config()), 5)
+    c = take(iterator(dataset, config(seed=4)), 5)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["audio"], y["audio"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert ids(a) != ids(c)
+
+
+@pytest.mark.parametrize("stop_at", [1, 3, 6, 7])
+def test_restore_continues_exactly(dataset, stop_at):
+    total = 11  # crosses the epoch boundary (6 batches per epoch)
+    reference = take(iterator(dataset, config()), total)
+    run = iterator(dataset, config())
+    take(run, stop_at)
+    state = json.loads(json.dumps(run.get_state()))  # what a checkpoint stores
+    run.close()
+    resumed = iterator(dataset, config())
+    resumed.set_state(state)
+    rest = take(resumed, total - stop_at)
+    for x, y in zip(reference[stop_at:], rest, strict=True):
+        np.testing.assert_array_equal(x["label"], y["label"])
+        np.testing.assert_array_equal(x["audio"], y["audio"])
+
+
+def test_evaluation_is_one_centred_ordered_pass(dataset):
+    cfg = config(train=False)
+    it = iterator(dataset, cfg)
+    batches = list(it)
+    assert len(batches) == 6 and ids(batches) == ids(list(iterator(dataset, cfg)))
+    assert sorted(ids(batches)) == list(range(24))
+    k = int(batches[0]["label"][0, 0])
+    full = audio_lib.normalize_for_pretraining(logmel_of(k))
+    start = max(0, (full.shape[0] - 200) // 2)
+    np.testing.assert_allclose(batches[0]["audio"][0, : min(200, full.shape[0]), :, 0],
+                               full[start : start + 200], atol=1e-6)
+
+
+def test_multi_hot_labels(dataset):
+    batch = next(iterator(dataset, config(num_classes=30, train=False)))
+    assert batch["label"].shape == (4, 30) and batch["label"].dtype == np.float32
+    assert (batch["label"].sum(axis=1) == 1).all()
+
+
+def test_array_record_reads_like_tfrecord(tmp_path, dataset):
+    manifest = write_dataset(tmp_path, num_shards=4, per_shard=6, fmt="array_record")
+    a = take(iterator(manifest, config()), 4)
+    b = take(iterator(dataset, config()), 4)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["audio"], y["audio"])
+
+
+def _damage(manifest, shard_index, how):
+    path = shards.resolve(manifest)[shard_index].path
+    data = open(path, "rb").read()
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0xFF
+        data = bytes(data)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+def test_damaged_shard_raises_naming_the_file_or_is_skipped(tmp_path, how):
+    manifest = write_dataset(tmp_path, num_shards=4, per_shard=6)
+    bad = _damage(manifest, 2, how)
+    with pytest.raises(RecordError, match=os.path.basename(bad)):
+        list(iterator(manifest, config(train=False)))
+    it = iterator(manifest, config(train=False, on_error="skip", global_batch_size=1))
+    seen = ids(list(it))
+    assert len(it.errors) == 1 and it.errors.entries[0][0] == bad
+    good = set(range(24)) - set(range(12, 18))
+    assert good <= set(seen) and len(seen) == len(set(seen)) < 24
+
+
+def test_record_outside_the_schema(tmp_path):
+    path = tmp_path / "odd.tfrecord"
+    with open(path, "wb") as f:
+        w = records.TFRecordWriter(f)
+        w.write(records.encode_example(np.zeros((300, 64), np.float32), [1]))  # 64 mels
+        w.write(records.encode_example(logmel_of(1), [1]))
+        w.close()
+    with pytest.raises(RecordError, match=r"odd.tfrecord: record 0: .*expected \[frames, 80\]"):
+        next(iterator(str(path), config(train=False, global_batch_size=1)))
+    it = iterator(str(path), config(train=False, global_batch_size=1, on_error="skip"))
+    assert len(list(it)) == 1 and len(it.errors) == 1
+
+
+def test_missing_shard_and_too_few_shards(tmp_path):
+    manifest = write_dataset(tmp_path, num_shards=2, per_shard=3)
+    with pytest.raises(ValueError, match="2 shard.* for 3 hosts"):
+        make_input_iterator(manifest, config(global_batch_size=3), process_index=0,
+                            process_count=3, as_numpy=True)
+    gone = shards.resolve(manifest)[1].path
+    os.remove(gone)
+    with pytest.raises(FileNotFoundError, match=f"shard missing: {gone}"):
+        iterator(manifest, config())
+
+
+def test_global_batch_is_sharded_over_the_batch_axes(dataset):
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", "model"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    it = make_input_iterator(dataset, config(global_batch_size=8), mesh=mesh, batch_axes="data")
+    batch = next(it)
+    assert batch["audio"].shape == (8, 200, 80, 1)
+    assert batch["audio"].sharding.spec == jax.sharding.PartitionSpec("data")
+    shard_rows = {s.device: s.index[0] for s in batch["audio"].addressable_shards}
+    assert {(r.start, r.stop) for r in shard_rows.values()} == {(0, 2), (2, 4), (4, 6), (6, 8)}
+    local = next(iterator(dataset, config(global_batch_size=8)))
+    np.testing.assert_array_equal(np.asarray(batch["label"]), local["label"])
+    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
+        make_input_iterator(dataset, config(global_batch_size=6), mesh=mesh, batch_axes="data")
+
+
+def test_large_records_span_read_chunks(tmp_path):
+    # Records bigger than the reader's 1 MiB refill, in a zlib stream, back to back.
+    rng = np.random.default_rng(5)
+    clips = [rng.standard_normal((n, 80)).astype(np.float32) for n in (4000, 3500, 10, 5000)]
+    path = tmp_path / "big.tfrecord"
+    with open(path, "wb") as f:
+        w = records.TFRecordWriter(f)
+        for k, c in enumerate(clips):
+            w.write(records.encode_example(c, [k]))
+        w.close()
+    shard = shards.Shard(str(path), "tfrecord")
+    got = [records.decode_example(r) for r in shards.iter_records(shard)]
+    assert [lab.tolist() for _, lab in got] == [[0], [1], [2], [3]]
+    for (a, _), c in zip(got, clips, strict=True):
+        np.testing.assert_array_equal(a, c)
+    resumed = [records.decode_example(r)[1].tolist() for r in shards.iter_records(shard, start=2)]
+    assert resumed == [[2], [3]]
