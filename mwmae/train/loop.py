@@ -108,12 +108,22 @@ class Trainer:
     def global_batch(self, local: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
-    def compile(self, state):
-        """AOT-lower and compile the step for the state's shapes (no data needed)."""
+    def abstract_state(self):
+        """Shapes, dtypes and shardings of the state, without allocating it."""
+        shapes = jax.eval_shape(lambda: init_state(self.model_config, self.tx, jax.random.key(0)))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_sharding)
+
+    def lower(self, state=None):
+        """Lower the step for the state's shapes (abstract by default: no data, no devices)."""
         batch = jax.ShapeDtypeStruct((self.config.batch_size, *self.model_config.input_shape),
                                      np.float32, sharding=self.batch_sharding)
         with self.mesh_context():
-            return self.train_step.lower(state, batch).compile()
+            return self.train_step.lower(self.abstract_state() if state is None else state, batch)
+
+    def compile(self, state=None):
+        """AOT-compile the step once; the loop calls the executable, so nothing recompiles."""
+        return self.lower(state).compile()
 
     def step(self, state, batch):
         with self.mesh_context():
@@ -153,9 +163,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     t0 = time.perf_counter()
     compiled = t.compile(state)
     compile_s = time.perf_counter() - t0
-    flops = perf.compiled_flops(compiled)
-    peak = perf.device_peak_flops(dtype=t.model_config.dtype)
     n_dev = jax.device_count()
+    flops = perf.train_flops_per_example(t.model_config) * config.batch_size / n_dev
+    peak = perf.device_peak_flops(dtype=t.model_config.dtype)
     if is_main:
         writer.write_hparams({k: v for k, v in config.to_dict().items()
                               if isinstance(v, int | float | str | bool)})

@@ -59,3 +59,28 @@ def compiled_flops(compiled) -> float:
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", float("nan")))
+
+
+def _attention_flops(length: int, head_dim: int, window_sizes) -> float:
+    """q @ k^T and p @ v of every head: 4 * L * (keys per query) * head_dim."""
+    return sum(4.0 * length * (w if w else length) * head_dim for w in window_sizes)
+
+
+def train_flops_per_example(c) -> float:
+    """Analytic matmul FLOPs of one training example (forward + backward = 3 x forward).
+
+    Counted by hand because XLA's cost analysis counts a scanned layer's body once, not once per
+    layer. Elementwise work (norms, GELU, softmax) is left out, as MFU conventionally does.
+    """
+    n_enc = c.len_keep + c.num_extra_tokens
+    n_dec = c.num_patches + c.num_extra_tokens
+    d, dd = c.embed_dim, c.decoder_embed_dim
+    mlp = 2 * c.mlp_ratio
+    fwd = 2.0 * c.num_patches * c.patch_dim * d                      # patch embedding
+    fwd += c.depth * (2.0 * n_enc * d * d * (4 + mlp)
+                      + _attention_flops(n_enc, d // c.num_heads, c.window_sizes))
+    fwd += 2.0 * n_enc * d * dd                                       # decoder_embed
+    fwd += c.decoder_depth * (2.0 * n_dec * dd * dd * (4 + mlp) + _attention_flops(
+        n_dec, dd // c.decoder_num_heads, c.decoder_window_sizes))
+    fwd += 2.0 * n_dec * dd * c.patch_dim                             # decoder_pred
+    return 3.0 * fwd

@@ -1,0 +1,15 @@
+"""``--num_devices N`` for CLIs that check a mesh on one CPU: must act before jax is imported."""
+
+from __future__ import annotations
+
+import os
+
+
+def apply_num_devices_flag(argv: list[str]) -> None:
+    """Turn ``--num_devices N`` into N fake CPU devices (XLA reads this at backend start)."""
+    for i, a in enumerate(argv):
+        n = a.split("=", 1)[1] if a.startswith("--num_devices=") else (
+            argv[i + 1] if a == "--num_devices" and i + 1 < len(argv) else None)
+        if n and int(n) > 0:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + f" --xla_force_host_platform_device_count={int(n)}")
