@@ -40,7 +40,11 @@ def default_config() -> ml_collections.ConfigDict:
         {"preset": "", "data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"    # "synthetic" | later: shards
+    c.data.source = "synthetic"    # "synthetic" | "shards"
+    c.data.train_shards = ""       # manifest CSV, glob or path of shards; local or gs://
+    c.data.shuffle_buffer = 1024   # clips per shuffle window, per host
+    c.data.cycle_length = 4        # shards read at once per host
+    c.data.on_error = "raise"      # "raise" | "skip" (and count) damaged records/shards
     c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
 
     c.log_every_steps = 100

@@ -61,6 +61,60 @@ def synthetic_source(config: ml_collections.ConfigDict, start_step: int) -> Iter
         step += 1
 
 
+class SyntheticSource:
+    """Endless synthetic clips; its position is the number of batches drawn."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config, self.position = config, 0
+        self._it = synthetic_source(config, 0)
+
+    def next_local(self) -> np.ndarray:
+        self.position += 1
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+        self._it = synthetic_source(self.config, self.position)
+
+
+class ShardSource:
+    """Log-mel shards through mwmae.data; its position restores exactly (see mwmae.data)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        from mwmae.data import PipelineConfig, make_input_iterator
+
+        d = config.data
+        if not d.train_shards:
+            raise ValueError("data.source is 'shards' but data.train_shards is empty; give a "
+                             "manifest CSV, a glob or a path of shards (local or gs://)")
+        self._it = make_input_iterator(
+            d.train_shards, PipelineConfig(
+                global_batch_size=config.batch_size, seed=config.seed,
+                crop_frames=config.model.img_size[0], n_mels=config.model.img_size[1],
+                shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
+                on_error=d.on_error), as_numpy=True)
+
+    def next_local(self) -> np.ndarray:
+        return next(self._it)["audio"]
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+
+def make_source(config: ml_collections.ConfigDict) -> SyntheticSource | ShardSource:
+    if config.data.source == "synthetic":
+        return SyntheticSource(config)
+    if config.data.source == "shards":
+        return ShardSource(config)
+    raise ValueError(f"data.source {config.data.source!r}: expected 'synthetic' or 'shards'")
+
+
 class Trainer:
     """Everything a run needs, built once: mesh, shardings, jitted step, state, writers."""
 
@@ -145,20 +199,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Pretrain; returns the last step's metrics. Continues from the latest checkpoint."""
     t = Trainer(config, workdir)
     is_main = jax.process_index() == 0
+    if is_main:
+        # The run's whole config beside its checkpoints: export and resume read it back.
+        t.workdir.mkdir(parents=True, exist_ok=True)
+        (t.workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     writer = metric_writers.create_default_writer(t.workdir / "tensorboard",
                                                   just_logging=not is_main, asynchronous=True)
     manager = ocp.CheckpointManager(
         t.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
 
+    source = make_source(config)
     state = t.initial_state()
     if manager.latest_step() is not None:
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+        state = restored.state
+        source.set_state(restored.data)
         print_fn(f"resumed from step {int(state.step)} in {t.workdir / 'checkpoints'}")
     start = int(state.step)
-    if config.data.source != "synthetic":
-        raise ValueError(f"data.source {config.data.source!r} is not available yet; "
-                         "use 'synthetic'")
-    source = synthetic_source(config, start)
 
     t0 = time.perf_counter()
     compiled = t.compile(state)
@@ -180,7 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     metrics: dict[str, float] = {}
     last_t, last_step = time.perf_counter(), start
     for step in range(start, t.total_steps):
-        local = next(source)
+        local = source.next_local()
         state, m = compiled(state, t.global_batch(local))
         for h in hooks:
             h(step + 1)
@@ -208,7 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             images = t.reconstructions(state.params, local, step)
             writer.write_images(step + 1, {"reconstruction": images})
         if (step + 1) % config.checkpoint_every_steps == 0 or done:
-            manager.save(step + 1, args=ocp.args.StandardSave(state))
+            manager.save(step + 1, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source.get_state())))
     manager.wait_until_finished()
     writer.flush()
     writer.close()

@@ -1,0 +1,71 @@
+"""The training loop end to end: learning, TensorBoard output, shards as input."""
+
+import pathlib
+
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+from train_helpers import load_config
+
+from mwmae.data import records
+from mwmae.train.loop import train
+from mwmae.train.synthetic import synthetic_logmel
+
+
+def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
+    config = load_config("tiny")
+    config.num_train_steps = 200
+    config.steps_per_epoch = 100
+    config.log_every_steps = 10
+    config.image_every_steps = 100
+    config.checkpoint_every_steps = 200
+    lines = []
+    train(config, tmp_path, print_fn=lines.append)
+    losses = [float(line.split("loss")[1].split()[0]) for line in lines if line.startswith("step")]
+    assert losses[-1] <= 0.7 * losses[0], losses     # at least a 30% drop
+
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "tensorboard"), size_guidance={event_accumulator.IMAGES: 0,
+                                                      event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    for tag in ("loss", "learning_rate", "grad_norm", "examples_per_sec", "mfu"):
+        assert tag in tags, (tag, tags)
+    loss_events = (acc.Tensors("loss") if "loss" in acc.Tags()["tensors"]
+                   else acc.Scalars("loss"))
+    assert [e.step for e in loss_events][-1] == 200
+    images = acc.Tags()["tensors"] + acc.Tags()["images"]
+    assert any("reconstruction" in t for t in images), images
+
+
+def _write_shards(folder: pathlib.Path, clips: int, per_shard: int) -> str:
+    folder.mkdir()
+    rows = ["shard,num_records"]
+    for s in range(clips // per_shard):
+        name = f"train-{s:05d}.tfrecord"
+        with open(folder / name, "wb") as f:
+            w = records.TFRecordWriter(f)
+            for k in range(s * per_shard, (s + 1) * per_shard):
+                # 300 frames, time-major, as the shard builder writes a 3 s clip
+                clip = np.concatenate([synthetic_logmel(k)[:, :, 0]] * 2)[:300]
+                w.write(records.encode_example(clip, [k % 3]))
+            w.close()
+        rows.append(f"{name},{per_shard}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return str(folder / "manifest.csv")
+
+
+def test_training_reads_shards_and_resumes_their_position(tmp_path):
+    config = load_config("tiny")
+    config.data.source = "shards"
+    config.data.train_shards = _write_shards(tmp_path / "shards", clips=64, per_shard=16)
+    config.data.shuffle_buffer = 16
+    config.num_train_steps = 6
+    config.checkpoint_every_steps = 3
+    config.image_every_steps = 0
+    lines = []
+    train(config, tmp_path / "run", print_fn=lines.append)
+    assert (tmp_path / "run" / "checkpoints" / "6" / "data").exists()
+    config.num_train_steps = 8
+    more = []
+    train(config, tmp_path / "run", print_fn=more.append)
+    assert more[0].startswith("resumed from step 6")
