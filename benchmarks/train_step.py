@@ -35,8 +35,9 @@ def load(name: str):
     return mod.get_config()
 
 
-def bench(name: str, batch: int, dtype: str, steps: int, attention: str) -> dict:
+def bench(name: str, batch: int, dtype: str, steps: int, attention: str, unroll: int) -> dict:
     config = load(name)
+    config.model.scan_unroll = unroll
     config.batch_size = batch
     config.model.dtype = dtype
     config.model.attention_impl = attention
@@ -59,7 +60,7 @@ def bench(name: str, batch: int, dtype: str, steps: int, attention: str) -> dict
     peak = perf.device_peak_flops(dtype=dtype)
     return {
         "config": name, "batch": batch, "dtype": dtype,
-        "attention_impl": t.model_config.attention_impl,
+        "attention_impl": t.model_config.attention_impl, "scan_unroll": unroll,
         "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
         "compiles": 1,  # the loop calls this AOT executable: no tracing or compiling after it
         "step_s_median": round(step_s, 4), "step_s_min": round(min(times[1:]), 4),
@@ -78,9 +79,14 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--attention", default="auto")
+    p.add_argument("--scan_unroll", default="1,0",
+                   help="comma list; 0 = fully unrolled (one copy of each layer)")
     a = p.parse_args()
     for name in a.configs.split(","):
-        print(json.dumps(bench(name, a.batch, a.dtype, a.steps, a.attention)), flush=True)
+        for unroll in (int(u) for u in a.scan_unroll.split(",")):
+            depth = max(load(name).model.depth, load(name).model.decoder_depth)
+            print(json.dumps(bench(name, a.batch, a.dtype, a.steps, a.attention,
+                                   unroll or depth)), flush=True)
 
 
 if __name__ == "__main__":
