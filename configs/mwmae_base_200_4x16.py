@@ -18,8 +18,8 @@ from mwmae.train.config import default_config
 def get_config():
     c = default_config()
     c.model.update(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384,
-                   decoder_depth=4, decoder_num_heads=8, window_sizes=[0],
-                   decoder_window_sizes=[2, 5, 10, 25, 50, 125, 0, 0], use_cls_token=False,
+                   decoder_depth=4, decoder_num_heads=8, window_sizes=(0,),
+                   decoder_window_sizes=(2, 5, 10, 25, 50, 125, 0, 0), use_cls_token=False,
                    mask_ratio=0.8, dtype="bfloat16")
     c.batch_size = 1024
     c.num_epochs = 100

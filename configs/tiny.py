@@ -15,7 +15,7 @@ from mwmae.train.config import default_config
 def get_config():
     c = default_config()
     c.model.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
-                   decoder_num_heads=4, window_sizes=[0], decoder_window_sizes=[5, 25, 0, 0])
+                   decoder_num_heads=4, window_sizes=(0,), decoder_window_sizes=(5, 25, 0, 0))
     c.batch_size = 8
     c.num_train_steps = 40
     c.steps_per_epoch = 20
@@ -23,5 +23,5 @@ def get_config():
     c.optimizer.base_learning_rate = 1e-3 * 256 / 8
     c.optimizer.warmup_epochs = 0.25
     c.log_every_steps = 1
-    c.checkpoint_every_steps = 20
+    c.checkpoint.every_steps = 20
     return c
