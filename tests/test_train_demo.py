@@ -17,7 +17,7 @@ def _tiny(steps: int):
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.num_train_steps = steps
-    c.checkpoint_every_steps = 10
+    c.checkpoint.every_steps = 10
     return c
 
 

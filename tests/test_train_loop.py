@@ -17,7 +17,7 @@ def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
     config.steps_per_epoch = 100
     config.log_every_steps = 10
     config.image_every_steps = 100
-    config.checkpoint_every_steps = 200
+    config.checkpoint.every_steps = 200
     lines = []
     train(config, tmp_path, print_fn=lines.append)
     losses = [float(line.split("loss")[1].split()[0]) for line in lines if line.startswith("step")]
@@ -60,7 +60,7 @@ def test_training_reads_shards_and_resumes_their_position(tmp_path):
     config.data.train_shards = _write_shards(tmp_path / "shards", clips=64, per_shard=16)
     config.data.shuffle_buffer = 16
     config.num_train_steps = 6
-    config.checkpoint_every_steps = 3
+    config.checkpoint.every_steps = 3
     config.image_every_steps = 0
     lines = []
     train(config, tmp_path / "run", print_fn=lines.append)

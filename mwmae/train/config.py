@@ -13,7 +13,10 @@ from mwmae.model.config import ModelConfig
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+    # Tuples, not lists: ml_collections can override tuples from the command line
+    # (--config.model.decoder_window_sizes="(2,5,10,25,50,125,0,0)").
+    c.model = ml_collections.ConfigDict(
+        {k: tuple(v) if isinstance(v, list) else v for k, v in ModelConfig().to_dict().items()})
 
     c.seed = 0
     c.batch_size = 1024            # global, over all hosts and devices
@@ -51,7 +54,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_every_steps = 1000     # TensorBoard images of inputs, masks and reconstructions
     c.num_images = 3
     c.profile_steps = 0            # > 0: capture a profile of this many steps after step 10
-    c.checkpoint_every_steps = 1000
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000        # 0: off
+    c.checkpoint.every_minutes = 0.0       # 0: off; else also save when this much time passed
+    c.checkpoint.keep_last = 3
+    c.checkpoint.keep_every_steps = 0      # > 0: keep every such step forever
+    c.checkpoint.asynchronous = True
+    c.nonfinite_policy = "stop"    # a non-finite loss/grad: "stop" (after dropping the update)
+                                   # or "skip" (drop the update, count it, go on)
+    c.trace_batches = False        # write WORKDIR/trace/<host>.jsonl: per-step loss and clip ids
     return c
 
 

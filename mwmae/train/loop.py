@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import pathlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from mwmae.model import MaskedAutoencoder
+from mwmae.train import checkpoint as ckpt
 from mwmae.train import perf, sharding
 from mwmae.train.config import check_config, model_config_from
 from mwmae.train.images import reconstruction_grid
@@ -68,9 +71,12 @@ class SyntheticSource:
         self.config, self.position = config, 0
         self._it = synthetic_source(config, 0)
 
-    def next_local(self) -> np.ndarray:
+    def next_local(self) -> tuple[np.ndarray, np.ndarray]:
+        """(this host's audio, the global indices of its clips)."""
+        n_local = self.config.batch_size // jax.process_count()
+        first = self.position * self.config.batch_size + jax.process_index() * n_local
         self.position += 1
-        return next(self._it)
+        return next(self._it), np.arange(first, first + n_local)
 
     def get_state(self) -> dict:
         return {"position": self.position}
@@ -97,8 +103,10 @@ class ShardSource:
                 shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
                 on_error=d.on_error), as_numpy=True)
 
-    def next_local(self) -> np.ndarray:
-        return next(self._it)["audio"]
+    def next_local(self) -> tuple[np.ndarray, np.ndarray]:
+        """(this host's audio, its clips' labels: -1 padded ids)."""
+        batch = next(self._it)
+        return batch["audio"], batch["label"]
 
     def get_state(self) -> dict:
         return self._it.get_state()
@@ -118,7 +126,7 @@ def make_source(config: ml_collections.ConfigDict) -> SyntheticSource | ShardSou
 class Trainer:
     """Everything a run needs, built once: mesh, shardings, jitted step, state, writers."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                  devices: list[jax.Device] | None = None):
         check_config(config)
         self.config = config
@@ -127,7 +135,10 @@ class Trainer:
         check_batch(config, self.mesh)
         self.steps_per_epoch, self.total_steps = schedule_lengths(config)
         self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
-        self.workdir = pathlib.Path(workdir).resolve()
+        # local paths or gs:// alike
+        self.workdir = epath.Path(workdir)
+        if not str(workdir).startswith("gs://"):
+            self.workdir = epath.Path(os.path.abspath(workdir))
 
         # Shardings come from the logical axis names on the (abstract) boxed state.
         abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
@@ -194,29 +205,55 @@ class Trainer:
         return reconstruction_grid(x, out.pred, out.mask, self.model_config.patch_size)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          print_fn: Callable[[str], None] = print) -> dict[str, float]:
-    """Pretrain; returns the last step's metrics. Continues from the latest checkpoint."""
+class _Trace:
+    """Per-host JSON lines of every step's loss and clip ids (config.trace_batches): the audit
+    trail that shows a resumed run saw exactly the data and numbers of an uninterrupted one."""
+
+    def __init__(self, workdir: epath.Path, enabled: bool):
+        self.path = workdir / "trace" / f"host{jax.process_index()}.jsonl" if enabled else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, loss: Any, ids: np.ndarray) -> None:
+        if self.path:
+            line = json.dumps({"step": step, "loss": float(loss).hex(),
+                               "ids": np.asarray(ids).tolist()})
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Pretrain until ``num_train_steps``, resuming from the newest good checkpoint.
+
+    Returns the last logged metrics plus ``status``: "done" or "preempted" (a SIGTERM or a
+    multi-host preemption notice arrived; a checkpoint of the current step was committed).
+    """
     t = Trainer(config, workdir)
+    workdir = t.workdir
     is_main = jax.process_index() == 0
     if is_main:
-        # The run's whole config beside its checkpoints: export and resume read it back.
-        t.workdir.mkdir(parents=True, exist_ok=True)
-        (t.workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    writer = metric_writers.create_default_writer(t.workdir / "tensorboard",
+        # The run's whole config beside its checkpoints: export and inspection read it back.
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
                                                   just_logging=not is_main, asynchronous=True)
-    manager = ocp.CheckpointManager(
-        t.workdir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+    manager = ckpt.make_manager(workdir / "checkpoints", config)
+    watch = ckpt.PreemptionWatch()
+    trace = _Trace(workdir, config.trace_batches)
 
     source = make_source(config)
-    state = t.initial_state()
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
-        state = restored.state
-        source.set_state(restored.data)
-        print_fn(f"resumed from step {int(state.step)} in {t.workdir / 'checkpoints'}")
+    restored = ckpt.restore_latest(manager, t.abstract_state())
+    previous_seconds = 0.0
+    if restored is None:
+        state = t.initial_state()
+    else:
+        state, data_state, meta = restored
+        source.set_state(data_state)
+        previous_seconds = float(meta.get("train_seconds", 0.0))
+        print_fn(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
     start = int(state.step)
+    started = time.time()
 
     t0 = time.perf_counter()
     compiled = t.compile(state)
@@ -224,38 +261,48 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     n_dev = jax.device_count()
     flops = perf.train_flops_per_example(t.model_config) * config.batch_size / n_dev
     peak = perf.device_peak_flops(dtype=t.model_config.dtype)
-    if is_main:
-        writer.write_hparams({k: v for k, v in config.to_dict().items()
-                              if isinstance(v, int | float | str | bool)})
-    report = periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
-    hooks = [report]
+    hooks = [periodic_actions.ReportProgress(num_train_steps=t.total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
     if config.profile_steps > 0 and is_main:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                               first_profile=start + 10,
-                                              logdir=str(t.workdir / "tensorboard")))
+                                              logdir=str(workdir / "tensorboard")))
 
-    metrics: dict[str, float] = {}
+    def save(step: int, force: bool = False) -> bool:
+        meta = ckpt.counters(step, step * config.batch_size, started, previous_seconds,
+                             int(state.skipped_steps), config)
+        return ckpt.save_checkpoint(manager, step, state, source.get_state(), meta, force=force)
+
+    def check_finite(step: int) -> None:
+        if config.nonfinite_policy == "stop" and int(state.skipped_steps) > 0:
+            manager.wait_until_finished()
+            good = manager.latest_step()
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {int(state.last_skipped_step)} (its update "
+                f"was dropped; checked at step {step}). Last good checkpoint: "
+                f"{workdir / 'checkpoints' / str(good) if good is not None else 'none'}. "
+                "Set nonfinite_policy='skip' to drop such steps and continue.")
+
+    metrics: dict[str, Any] = {}
+    status = "done"
     last_t, last_step = time.perf_counter(), start
     for step in range(start, t.total_steps):
-        local = source.next_local()
-        state, m = compiled(state, t.global_batch(local))
+        audio, ids = source.next_local()
+        state, m = compiled(state, t.global_batch(audio))
+        done = step + 1 == t.total_steps
+        if config.trace_batches:
+            trace.write(step + 1, m["loss"], ids)
         for h in hooks:
             h(step + 1)
-        done = step + 1 == t.total_steps
         if (step + 1) % config.log_every_steps == 0 or done or step == start:
             metrics = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step + 1}")
+            check_finite(step + 1)
             now = time.perf_counter()
             dt = (now - last_t) / max(1, step + 1 - last_step)
             last_t, last_step = now, step + 1
-            metrics.update({
-                "steps_per_sec": 1 / dt,
-                "examples_per_sec": config.batch_size / dt,
-                "examples_per_sec_per_device": config.batch_size / dt / n_dev,
-                "mfu": flops / dt / peak,
-            })
+            metrics.update({"steps_per_sec": 1 / dt, "examples_per_sec": config.batch_size / dt,
+                            "examples_per_sec_per_device": config.batch_size / dt / n_dev,
+                            "mfu": flops / dt / peak})
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
@@ -263,15 +310,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
                      f"{metrics['examples_per_sec']:.1f} ex/s")
         if config.image_every_steps > 0 and ((step + 1) % config.image_every_steps == 0 or done):
-            images = t.reconstructions(state.params, local, step)
-            writer.write_images(step + 1, {"reconstruction": images})
-        if (step + 1) % config.checkpoint_every_steps == 0 or done:
-            manager.save(step + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(source.get_state())))
+            writer.write_images(step + 1, {"reconstruction": t.reconstructions(
+                state.params, audio, step)})
+        preempted = watch.reached(step + 1, manager)
+        if preempted or done or manager.should_save(step + 1):
+            check_finite(step + 1)
+            save(step + 1, force=True)
+        if preempted:
+            status = "preempted"
+            print_fn(f"preempted: saving step {step + 1} and stopping")
+            break
     manager.wait_until_finished()
     writer.flush()
     writer.close()
     if manager.latest_step() is not None:
-        print_fn(f"checkpoint: {t.workdir / 'checkpoints' / str(manager.latest_step())}")
+        print_fn(f"checkpoint: {workdir / 'checkpoints' / str(manager.latest_step())}")
     manager.close()
-    return metrics
+    return {**metrics, "status": status}

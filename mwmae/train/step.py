@@ -19,13 +19,17 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    skipped_steps: jax.Array       # steps whose update was dropped for a non-finite loss/grad
+    last_skipped_step: jax.Array   # the latest such step (-1: none)
 
 
 def init_state(model_config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
                *, boxed: bool = False) -> TrainState:
     """Fresh state. ``boxed`` keeps logical-axis metadata on params and optimizer moments."""
     params = init_params(model_config, rng, boxed=True)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       skipped_steps=jnp.zeros((), jnp.int32),
+                       last_skipped_step=jnp.full((), -1, jnp.int32))
     return state if boxed else nn.meta.unbox(state)
 
 
@@ -64,8 +68,19 @@ def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "learning_rate": schedule(state.step),
-                   "grad_norm": global_norm(grads), "param_norm": global_norm(params)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+
+        # Divergence guard: a non-finite loss or gradient leaves params and optimizer untouched;
+        # the loop then stops or carries on, as config.nonfinite_policy says.
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params = keep_new(params, state.params)
+        opt_state = keep_new(opt_state, state.opt_state)
+        skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+        last_skipped = jnp.where(finite, state.last_skipped_step, state.step + 1)
+
+        metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm,
+                   "param_norm": global_norm(params), "skipped_steps": skipped}
+        return TrainState(state.step + 1, params, opt_state, skipped, last_skipped), metrics
 
     return train_step
