@@ -4,6 +4,9 @@ import os
 import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# etils picks its gs:// backend once, at first use: fsspec/gcsfs honours the GCS emulator the
+# tests start, TensorFlow's filesystem does not.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 import pytest  # noqa: E402
 

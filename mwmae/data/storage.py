@@ -129,7 +129,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def emulator_environment(endpoint: str, closed_port: int = 9) -> dict[str, str]:
-    """Environment variables that send gcsfs and array_record to a GCS emulator at ``endpoint``.
+    """Environment variables that send gcsfs, array_record and Orbax/tensorstore to a GCS
+    emulator at ``endpoint``.
 
     ``closed_port`` is a loopback port with nothing listening, used for the metadata server.
     """
@@ -143,4 +144,8 @@ def emulator_environment(endpoint: str, closed_port: int = 9) -> dict[str, str]:
         "GCE_METADATA_HOST": metadata,
         "GCE_METADATA_IP": metadata,
         "GCE_METADATA_ROOT": metadata,
+        # Orbax checkpoints go through tensorstore (and etils paths through fsspec/gcsfs).
+        "TENSORSTORE_GCS_HTTP_URL": endpoint,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
+        "EPATH_USE_TF": "false",
     }

@@ -1,0 +1,142 @@
+"""Checkpoint contents, damaged checkpoints, other meshes, gs://, policies, divergence guard."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import load_config
+
+from mwmae.train import checkpoint as ckpt
+from mwmae.train.loop import SyntheticSource, Trainer, train
+
+
+def _config(steps=6, every=2):
+    c = load_config("tiny")
+    c.num_train_steps = steps
+    c.checkpoint.every_steps = every
+    c.image_every_steps = 0
+    c.checkpoint.asynchronous = False
+    return c
+
+
+def _params_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_holds_state_input_position_and_counters(tmp_path):
+    train(_config(), tmp_path, print_fn=lambda _: None)
+    meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["step"] == 6 and meta["examples_seen"] == 48 and meta["skipped_steps"] == 0
+    assert meta["config"]["model"]["decoder_window_sizes"] == [5, 25, 0, 0]
+    data = json.loads((tmp_path / "checkpoints" / "6" / "data" / "metadata").read_text())
+    assert data == {"hosts": [{"position": 6}]}
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [2, 4, 6]
+
+
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    train(_config(), tmp_path, print_fn=lambda _: None)
+    # truncate the newest checkpoint's array data, as a crash during a copy would
+    for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and "d" == f.parent.name:
+            f.write_bytes(f.read_bytes()[:10])
+    t = Trainer(_config(), tmp_path)
+    with caplog.at_level("WARNING"):
+        state, data, meta = ckpt.restore_latest(
+            ckpt.make_manager(tmp_path / "checkpoints", t.config), t.abstract_state())
+    assert int(state.step) == 4 and meta["step"] == 4 and data == {"position": 4}
+    assert any("checkpoints/6 is damaged or incomplete" in r.message for r in caplog.records)
+
+
+def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):
+    config = _config(steps=2)
+    config.mesh.preset = "fsdp_tp"
+    t8 = Trainer(config, tmp_path, devices=jax.devices()[:8])
+    state = t8.initial_state()
+    manager = ckpt.make_manager(tmp_path / "checkpoints", config)
+    ckpt.save_checkpoint(manager, 1, state, {"position": 1}, {"step": 1}, force=True)
+    manager.wait_until_finished()
+
+    other = _config(steps=2)
+    other.mesh.preset = "dp"
+    t4 = Trainer(other, tmp_path, devices=jax.devices()[:4])
+    restored, _, _ = ckpt.restore_latest(ckpt.make_manager(tmp_path / "checkpoints", other),
+                                         t4.abstract_state())
+    _params_equal(restored.params, state.params)
+    kernel = restored.params["encoder"]["layers"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.mesh.devices.size == 4
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None)
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    config = _config(steps=12, every=2)
+    config.checkpoint.keep_last = 2
+    config.checkpoint.keep_every_steps = 4
+    train(config, tmp_path, print_fn=lambda _: None)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [4, 8, 10, 12]
+
+
+def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
+    import gcs_emulator
+
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        config = _config(steps=2)
+        t = Trainer(config, "gs://ckpt-bucket/run")
+        state = t.initial_state()
+        manager = ckpt.make_manager("gs://ckpt-bucket/run/checkpoints", config)
+        ckpt.save_checkpoint(manager, 2, state, {"position": 2}, {"step": 2}, force=True)
+        manager.wait_until_finished()
+        assert manager.all_steps() == [2]
+        again = ckpt.make_manager("gs://ckpt-bucket/run/checkpoints", config)
+        restored, data, meta = ckpt.restore_latest(again, t.abstract_state())
+        _params_equal(restored.params, state.params)
+        assert data == {"position": 2} and meta == {"step": 2}
+
+
+def _nan_at(step_with_nan: int):
+    original = SyntheticSource.next_local
+
+    def next_local(self):
+        audio, ids = original(self)
+        if self.position == step_with_nan:
+            audio = audio.copy()
+            audio[0, 0, 0, 0] = np.nan
+        return audio, ids
+    return next_local
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    config = _config(steps=5)
+    config.nonfinite_policy = "skip"
+    config.log_every_steps = 1
+    metrics = train(config, tmp_path, print_fn=lambda _: None)
+    assert metrics["skipped_steps"] == 1 and np.isfinite(metrics["loss"])
+    meta = json.loads((tmp_path / "checkpoints" / "5" / "meta" / "metadata").read_text())
+    assert meta["skipped_steps"] == 1
+
+
+def test_nonfinite_step_stops_naming_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    config = _config(steps=6)
+    config.log_every_steps = 1
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*Last good checkpoint: .*"
+                                                 r"checkpoints/2"):
+        train(config, tmp_path, print_fn=lambda _: None)
+
+
+def test_inspect_cli_lists_checkpoints(tmp_path, capsys):
+    from mwmae.checkpoint import main
+
+    train(_config(steps=4), tmp_path, print_fn=lambda _: None)
+    shutil.copytree(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" /
+                    "6.orbax-checkpoint-tmp-123")
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "4  complete" in out and "2  complete" in out
+    assert "6.orbax-checkpoint-tmp-123  incomplete" in out
+    assert "decoder_window_sizes" in out
