@@ -1,14 +1,10 @@
 """The training loop end to end: learning, TensorBoard output, shards as input."""
 
-import pathlib
-
-import numpy as np
+from multihost_helpers import write_id_shards
 from tensorboard.backend.event_processing import event_accumulator
 from train_helpers import load_config
 
-from mwmae.data import records
 from mwmae.train.loop import train
-from mwmae.train.synthetic import synthetic_logmel
 
 
 def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
@@ -37,27 +33,10 @@ def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
     assert any("reconstruction" in t for t in images), images
 
 
-def _write_shards(folder: pathlib.Path, clips: int, per_shard: int) -> str:
-    folder.mkdir()
-    rows = ["shard,num_records"]
-    for s in range(clips // per_shard):
-        name = f"train-{s:05d}.tfrecord"
-        with open(folder / name, "wb") as f:
-            w = records.TFRecordWriter(f)
-            for k in range(s * per_shard, (s + 1) * per_shard):
-                # 300 frames, time-major, as the shard builder writes a 3 s clip
-                clip = np.concatenate([synthetic_logmel(k)[:, :, 0]] * 2)[:300]
-                w.write(records.encode_example(clip, [k % 3]))
-            w.close()
-        rows.append(f"{name},{per_shard}")
-    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return str(folder / "manifest.csv")
-
-
 def test_training_reads_shards_and_resumes_their_position(tmp_path):
     config = load_config("tiny")
     config.data.source = "shards"
-    config.data.train_shards = _write_shards(tmp_path / "shards", clips=64, per_shard=16)
+    config.data.train_shards = write_id_shards(tmp_path / "shards", clips=64, per_shard=16)
     config.data.shuffle_buffer = 16
     config.num_train_steps = 6
     config.checkpoint.every_steps = 3
