@@ -28,10 +28,11 @@ COPY pyproject.toml README.md ./
 COPY scripts ./scripts
 COPY mwmae ./mwmae
 COPY tfrecord_tools ./tfrecord_tools
+COPY hear_mwmae ./hear_mwmae
 RUN case "$TARGET" in \
-      cpu) extras="test" ;; \
+      cpu) extras="test,hear" ;; \
       tpu) extras="test,tpu" ;; \
-      cuda) extras="test,cuda" ;; \
+      cuda) extras="test,cuda,hear" ;; \
       *) echo "TARGET must be cpu, tpu or cuda (got '$TARGET')" >&2; exit 1 ;; \
     esac; \
     PYTHON=python3 scripts/install.sh /opt/venv "${extras}${EXTRAS:+,$EXTRAS}"

@@ -1,8 +1,9 @@
 """The public way to load and run a model, whatever the weights came from.
 
-    model = mwmae.load(path)      # original-format checkpoint dir, or an mwmae artifact dir
+    model = mwmae.load(path)      # original-format checkpoint dir, mwmae artifact dir, or a
+                                  # training workdir (its latest checkpoint)
     emb = model.features(x)       # (B, 200, 80, 1) normalised log-mel -> (B, 50, 5 * D)
-    out = model.reconstruct(x, noise=noise)   # pred, target, mask, loss
+    out = model.reconstruct(x, noise=noise)   # pred, target, mask, loss (needs the decoder)
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from mwmae.artifact import ArtifactError, is_artifact, load_artifact
+from mwmae.artifact import (
+    ENCODER_KEYS,
+    PARAMS_FILE,
+    ArtifactError,
+    is_artifact,
+    load_artifact,
+)
 from mwmae.convert import _CKPT_RE, CheckpointError, load_original
 from mwmae.model import MaskedAutoencoder, ModelConfig, Reconstruction, param_shapes
 
@@ -34,10 +41,37 @@ class Model:
     def _module(self) -> MaskedAutoencoder:
         return MaskedAutoencoder(self.config)
 
+    @property
+    def has_decoder(self) -> bool:
+        """False for encoder-only weights (an artifact exported without the decoder)."""
+        return "decoder_pred" in self.params
+
+    @functools.cached_property
+    def _setup_placeholders(self) -> dict[str, jax.ShapeDtypeStruct]:
+        # The module declares mask_token / decoder_pos_embed in setup(), so applying it needs
+        # them even for features(), which never reads them. Encoder-only weights lack them: stand
+        # in zeros of the right shape, made inside the jitted function (XLA drops them).
+        if self.has_decoder:
+            return {}
+        shapes = param_shapes(self.config)
+        return {k: v for k, v in shapes.items()
+                if k not in ENCODER_KEYS and k not in self.params and not isinstance(v, dict)}
+
+    def features_fn(self):
+        """The pure ``(params, x) -> features`` function (not jitted), for callers that jit it
+        themselves (e.g. to count compilations)."""
+        placeholders = self._setup_placeholders
+        module = self._module
+
+        def fn(params, x):
+            filled = {**{k: jnp.zeros(s.shape, s.dtype) for k, s in placeholders.items()},
+                      **params}
+            return module.apply({"params": filled}, x, method=MaskedAutoencoder.features)
+        return fn
+
     @functools.cached_property
     def _features_fn(self):
-        return jax.jit(lambda p, x: self._module.apply({"params": p}, x,
-                                                       method=MaskedAutoencoder.features))
+        return jax.jit(self.features_fn())
 
     @functools.cached_property
     def _reconstruct_fn(self):
@@ -65,6 +99,11 @@ class Model:
         ``rng`` (default ``jax.random.key(0)``) exactly as the original draws it: the original
         ran on JAX < 0.5, whose threefry bits were not partitionable, so the same key gives the
         same mask here."""
+        if not self.has_decoder:
+            raise ValueError(
+                "this model has no decoder weights (an encoder-only artifact): reconstruct "
+                "needs the decoder; export with --with_decoder, or load the training workdir or "
+                "original checkpoint instead. features() works without it.")
         x = self._check_input(x)
         shape = (x.shape[0], self.config.num_patches)
         if noise is None:
@@ -82,9 +121,17 @@ class Model:
         return int(sum(np.size(x) for x in jax.tree.leaves(self.params)))
 
 
-def check_params(config: ModelConfig, params: Any, source: str) -> None:
-    """Raise if the parameter tree does not have exactly the shapes ``config`` implies."""
-    want = {"/".join(k): v.shape for k, v in flatten_dict(param_shapes(config)).items()}
+def check_params(config: ModelConfig, params: Any, source: str, *,
+                 encoder_only: bool = False) -> None:
+    """Raise if the parameter tree does not have exactly the shapes ``config`` implies (only the
+    encoder's when ``encoder_only``)."""
+    if not isinstance(params, dict) or not params:
+        raise ArtifactError(f"{source}: the weights are not a parameter tree "
+                            f"(got {type(params).__name__})")
+    shapes = param_shapes(config)
+    if encoder_only:
+        shapes = {k: v for k, v in shapes.items() if k in ENCODER_KEYS}
+    want = {"/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
     got = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
     problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
@@ -97,23 +144,31 @@ def check_params(config: ModelConfig, params: Any, source: str) -> None:
 
 def load(path: str | os.PathLike, *, dtype: str | None = None,
          attention_impl: str | None = None) -> Model:
-    """Load a model from an original-format checkpoint directory or an mwmae artifact.
+    """Load a model from an mwmae artifact, an original-format checkpoint directory, or a
+    training workdir (``config.json`` + ``checkpoints/<step>``; the latest step).
 
-    ``dtype`` / ``attention_impl`` override the compute dtype and attention backend.
+    ``dtype`` / ``attention_impl`` override the compute dtype and attention backend. An
+    encoder-only artifact loads with ``has_decoder`` False: features work, reconstruct raises.
     """
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    if is_artifact(path):
-        config, params, _ = load_artifact(path)
-        check_params(config, params, str(path))
+    # A params.msgpack beside a broken config.json is a damaged artifact: say what is wrong.
+    if is_artifact(path) or (path / PARAMS_FILE).exists():
+        config, params, meta = load_artifact(path)
+        check_params(config, params, str(path), encoder_only=bool(meta.get("encoder_only")))
     elif path.is_dir() and any(_CKPT_RE.match(p.name) for p in path.iterdir()):
         config, params = load_original(path)
+    elif path.is_dir() and (path / "checkpoints").is_dir():
+        from mwmae.export import load_training_checkpoint
+
+        config, params, _ = load_training_checkpoint(path, with_decoder=True)
     else:
         raise CheckpointError(
-            f"{path}: not a model: expected an original-format checkpoint directory "
-            "(checkpoint_<step> + config.json) or an mwmae artifact (config.json with "
-            "format 'mwmae-artifact' + params.msgpack)")
+            f"{path}: not a model: expected an mwmae artifact (config.json with format "
+            "'mwmae-artifact' + params.msgpack), an original-format checkpoint directory "
+            "(checkpoint_<step> + config.json) or a training workdir (config.json + "
+            "checkpoints/<step>)")
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
     if overrides:
         config = config.replace(**overrides)

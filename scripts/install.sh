@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install mwmae into a virtual environment. The Dockerfile and CI call this same script, so the
 # image and the tests cannot drift apart.
-#   scripts/install.sh [VENV_DIR] [EXTRAS]     (defaults: .venv test)
+#   scripts/install.sh [VENV_DIR] [EXTRAS]     (defaults: .venv test; e.g. test,hear)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
@@ -20,4 +20,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -e ".[${extras}]"
+case ",$extras," in
+  *,hear,*)
+    # They pin numpy 1.19 (impossible on Python 3.11); their runtime deps are the hear extra.
+    "$venv/bin/python" -m pip install --quiet --no-deps heareval==2021.1.3 hearvalidator==2021.0.2
+    ;;
+esac
 echo "installed mwmae[${extras}] into $venv"

@@ -1,0 +1,96 @@
+"""The HEAR 2021 API over an MW-MAE artifact: torch tensors in and out, JAX inside.
+
+    model = load_model("path/to/artifact")          # an mwmae artifact (or training workdir)
+    emb, ts = get_timestamp_embeddings(audio, model) # (n, T, D) float32, (n, T) ms
+    scene = get_scene_embeddings(audio, model)       # (n, D) float32
+
+``audio`` is a (n_sounds, n_samples) float tensor of 16 kHz mono in [-1, 1], on any device; the
+outputs come back on the input's device. See :mod:`mwmae.hear.embed` for the chunking, the
+padding rule and the timestamps (frame centres, 40 ms apart, the first at 15 ms).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from mwmae import audio as _audio
+from mwmae.hear.embed import Embedder, max_batch_default
+
+__all__ = ["EmbeddingModel", "get_scene_embeddings", "get_timestamp_embeddings", "load_model"]
+
+
+class EmbeddingModel(torch.nn.Module):
+    """What :func:`load_model` returns. A ``torch.nn.Module`` only because the HEAR tools ask
+    for one: it holds no torch parameters, the JAX model lives in ``embedder``."""
+
+    sample_rate: int = _audio.SAMPLE_RATE
+
+    def __init__(self, embedder: Embedder, source: str = ""):
+        super().__init__()
+        self.embedder = embedder
+        self.source = source
+        self.scene_embedding_size = int(embedder.embedding_size)
+        self.timestamp_embedding_size = int(embedder.embedding_size)
+
+    def extra_repr(self) -> str:
+        c = self.embedder.model.config
+        return (f"source={self.source!r}, embed_dim={c.embed_dim}, depth={c.depth}, "
+                f"embedding_size={self.timestamp_embedding_size}, dtype={c.dtype}")
+
+
+def load_model(model_file_path: str = "", *, dtype: str | None = None,
+               batch_size: int | None = None) -> EmbeddingModel:
+    """Load an exported artifact (``python -m mwmae.export``); a training workdir or an
+    original-format checkpoint directory also works.
+
+    ``dtype``: "float32" (default: as exported) or "bfloat16" compute. ``batch_size``: 2-second
+    chunks per encoder call (default 8 on CPU, 128 on accelerators); bounds device memory.
+    Both can come from hear-eval-kit's ``--model-options '{"dtype": "bfloat16"}'``.
+    """
+    import mwmae
+
+    if not model_file_path:
+        # Random weights would give meaningless embeddings without any warning.
+        raise ValueError("load_model needs model_file_path: the directory of an mwmae artifact "
+                         "(python -m mwmae.export ... --out DIR)")
+    if not os.path.exists(model_file_path):
+        raise FileNotFoundError(f"{model_file_path}: no such artifact directory")
+    model = mwmae.load(model_file_path, dtype=dtype)
+    embedder = Embedder(model, max_batch=int(batch_size or max_batch_default()))
+    return EmbeddingModel(embedder, source=str(model_file_path))
+
+
+def _to_numpy(audio: Any) -> tuple[np.ndarray, torch.device]:
+    if isinstance(audio, torch.Tensor):
+        if not audio.is_floating_point():
+            raise ValueError(f"audio dtype is {audio.dtype}; expected float samples in [-1, 1]")
+        return audio.detach().to("cpu", torch.float32).numpy(), audio.device
+    if isinstance(audio, np.ndarray):
+        return audio, torch.device("cpu")
+    raise TypeError(f"audio must be a torch.Tensor (n_sounds, n_samples), got "
+                    f"{type(audio).__name__}")
+
+
+def _check_model(model: Any) -> EmbeddingModel:
+    if not isinstance(model, EmbeddingModel):
+        raise TypeError(f"model must come from load_model(), got {type(model).__name__}")
+    return model
+
+
+def get_timestamp_embeddings(audio: torch.Tensor, model: EmbeddingModel
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_sounds, n_samples) -> embeddings (n_sounds, n_frames, D) float32 and timestamps
+    (n_sounds, n_frames) in ms at the centre of each 40 ms frame."""
+    x, device = _to_numpy(audio)
+    emb, ts = _check_model(model).embedder.timestamp_embeddings(x)
+    return torch.from_numpy(emb).to(device), torch.from_numpy(ts).to(device)
+
+
+def get_scene_embeddings(audio: torch.Tensor, model: EmbeddingModel) -> torch.Tensor:
+    """(n_sounds, n_samples) -> (n_sounds, D) float32: the mean of the timestamp embeddings."""
+    x, device = _to_numpy(audio)
+    return torch.from_numpy(_check_model(model).embedder.scene_embeddings(x)).to(device)

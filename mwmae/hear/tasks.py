@@ -1,0 +1,259 @@
+"""Small HEAR-format tasks synthesised with numpy, for end-to-end tests and the demo.
+
+    python -m mwmae.hear.tasks OUT_DIR [--kind chords] [--per-class 24] [--duration 2.0]
+
+Each task is a folder that hear-eval-kit reads (``--tasks-dir`` is its parent):
+
+    TASK/task_metadata.json      task_name, embedding_type, prediction_type, split_mode, ...
+    TASK/labelvocabulary.csv     idx,label
+    TASK/{train,valid,test}.json {"file.wav": [labels]} (scene) or [{label, start, end}] (event)
+    TASK/16000/{split}/*.wav     16 kHz mono, 16-bit PCM
+
+Kinds (scene, multiclass, top-1 accuracy unless noted):
+
+* ``pitch``  - harmonic tones whose fundamental lies in one of four octave bands;
+* ``noise``  - white, pink, brown and blue noise;
+* ``chords`` - major vs minor vs diminished vs augmented triads on random roots (the root
+  varies across an octave, so no single frequency tells the class: the intervals do);
+* ``order``  - a low and a high tone one after the other, "rising" or "falling": both classes
+  have the same average spectrum, only the temporal order differs (a mean over time of
+  context-free frame features cannot tell them apart; features that see context can);
+* ``events`` - event detection: 1-3 tone bursts of two kinds ("low", "high") in noise,
+  labelled with onset and offset in ms (multilabel, event-based onset F-measure).
+
+Every clip has random level, timbre and background noise; a seed makes the task reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+SPLITS = ("train", "valid", "test")
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+
+SCENE_KINDS = {
+    "pitch": ("band_1", "band_2", "band_3", "band_4"),
+    "noise": ("white", "pink", "brown", "blue"),
+    "chords": ("major", "minor", "diminished", "augmented"),
+    "order": ("rising", "falling"),
+}
+EVENT_LABELS = ("low", "high")
+KINDS = (*SCENE_KINDS, "events")
+SMALL_TASK_GRID = {"batch_size": [32], "max_epochs": [60], "patience": [10],
+                   "check_val_every_n_epoch": [2], "lr": [1e-3], "hidden_layers": [1],
+                   "hidden_dim": [128]}
+_CHORD_STEPS = {"major": (0, 4, 7), "minor": (0, 3, 7), "diminished": (0, 3, 6),
+                "augmented": (0, 4, 8)}
+
+
+def _harmonic(rng: np.random.Generator, f0: float, n: int, n_harmonics: int) -> np.ndarray:
+    t = np.arange(n) / SAMPLE_RATE
+    tilt = rng.uniform(0.5, 1.5)
+    out = np.zeros(n)
+    for h in range(1, n_harmonics + 1):
+        if h * f0 < SAMPLE_RATE / 2 - 500:
+            out += np.sin(2 * np.pi * h * f0 * t + rng.uniform(0, 2 * np.pi)) / h ** tilt
+    return out
+
+
+def _coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """Noise with power spectral density ~ f ** exponent (0 white, -1 pink, -2 brown, 1 blue)."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
+    f[0] = f[1]
+    noise = np.fft.irfft(spec * f ** (exponent / 2), n)
+    return noise / (np.abs(noise).max() + 1e-12)
+
+
+def _envelope(rng: np.random.Generator, n: int) -> np.ndarray:
+    attack = int(rng.uniform(0.005, 0.05) * SAMPLE_RATE)
+    env = np.exp(-np.arange(n) / (rng.uniform(0.3, 3.0) * SAMPLE_RATE))
+    env[:attack] *= np.linspace(0, 1, attack)
+    return env
+
+
+def _finish(rng: np.random.Generator, x: np.ndarray, noise_level: float = 0.05) -> np.ndarray:
+    x = x / (np.abs(x).max() + 1e-12)
+    x = x + noise_level * rng.uniform(0.2, 1.0) * _coloured_noise(
+        rng, len(x), rng.uniform(-2, 0))
+    return (x / (np.abs(x).max() + 1e-12) * rng.uniform(0.1, 0.9)).astype(np.float32)
+
+
+def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    if kind == "pitch":
+        band = SCENE_KINDS["pitch"].index(label)
+        f0 = 110.0 * 2 ** (band + rng.uniform(0, 1))
+        x = _harmonic(rng, f0, n, int(rng.integers(1, 8))) * _envelope(rng, n)
+        return _finish(rng, x)
+    if kind == "noise":
+        exponent = {"white": 0.0, "pink": -1.0, "brown": -2.0, "blue": 1.0}[label]
+        return _finish(rng, _coloured_noise(rng, n, exponent), noise_level=0.0)
+    if kind == "chords":
+        root = 130.8 * 2 ** rng.uniform(0, 1)
+        n_harmonics = int(rng.integers(2, 6))
+        x = sum(_harmonic(rng, root * 2 ** (s / 12), n, n_harmonics)
+                for s in _CHORD_STEPS[label])
+        return _finish(rng, x * _envelope(rng, n))
+    if kind == "order":
+        low = 220.0 * 2 ** rng.uniform(0, 1)
+        high = low * 2 ** rng.uniform(1.5, 2.5)
+        first, second = (low, high) if label == "rising" else (high, low)
+        half = n // 2
+        gap = int(rng.uniform(0.0, 0.1) * half)
+        x = np.zeros(n)
+        for f0, start, length in ((first, 0, half - gap), (second, half, n - half)):
+            x[start:start + length] = (_harmonic(rng, f0, length, int(rng.integers(1, 4)))
+                                       * np.hanning(length))
+        return _finish(rng, x)
+    raise ValueError(f"unknown scene task kind {kind!r}; known: {sorted(SCENE_KINDS)}")
+
+
+def _event_clip(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[dict]]:
+    x = np.zeros(n)
+    events = []
+    slots = np.sort(rng.choice(4, size=int(rng.integers(1, 4)), replace=False))
+    slot_len = n // 4
+    for s in slots:
+        label = EVENT_LABELS[int(rng.integers(0, 2))]
+        f0 = (220.0 if label == "low" else 1760.0) * 2 ** rng.uniform(-0.25, 0.25)
+        start = s * slot_len + int(rng.uniform(0, 0.3) * slot_len)
+        length = int(rng.uniform(0.3, 0.6) * slot_len)
+        seg = _harmonic(rng, f0, length, 3) * np.hanning(length)
+        x[start:start + length] += seg
+        events.append({"label": label, "start": 1000.0 * start / SAMPLE_RATE,
+                       "end": 1000.0 * (start + length) / SAMPLE_RATE})
+    return _finish(rng, x, noise_level=0.1), events
+
+
+def _split_of(i: int, total: int) -> str:
+    edges = np.cumsum(SPLIT_FRACTIONS) * total
+    return SPLITS[int(np.searchsorted(edges, i, side="right"))]
+
+
+def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int = 24,
+              duration_s: float = 2.0, seed: int = 0, name: str | None = None) -> pathlib.Path:
+    """Write one task under ``root`` and return its folder (``root`` is the ``--tasks-dir``).
+
+    ``per_class`` clips per label (scene) or ``per_class * 2`` clips (events), split 60/20/20
+    into train/valid/test with every label in every split.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {list(KINDS)}")
+    if per_class < 5:
+        raise ValueError(f"per_class {per_class}: at least 5 clips per label so that each split "
+                         "gets one")
+    name = name or f"mwmae_{kind}"
+    task = pathlib.Path(root) / name
+    n = int(round(duration_s * SAMPLE_RATE))
+    rng = np.random.default_rng(seed)
+    is_event = kind == "events"
+    labels = EVENT_LABELS if is_event else SCENE_KINDS[kind]
+    split_data: dict[str, dict] = {s: {} for s in SPLITS}
+
+    def write(split: str, fname: str, x: np.ndarray, target) -> None:
+        folder = task / str(SAMPLE_RATE) / split
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(folder / fname, x, SAMPLE_RATE, subtype="PCM_16")
+        split_data[split][fname] = target
+
+    if is_event:
+        total = per_class * len(labels)
+        for i in range(total):
+            x, events = _event_clip(rng, n)
+            write(_split_of(i, total), f"{i:05d}.wav", x, events)
+    else:
+        for label in labels:
+            for i in range(per_class):
+                x = _scene_clip(kind, label, rng, n)
+                write(_split_of(i, per_class), f"{label}_{i:04d}.wav", x, [label])
+
+    for split, data in split_data.items():
+        (task / f"{split}.json").write_text(json.dumps(data, indent=1))
+    with open(task / "labelvocabulary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["idx", "label"])
+        w.writerows(enumerate(labels))
+    meta = {
+        "task_name": name, "version": "mwmae-synthetic-1", "mode": "full",
+        "embedding_type": "event" if is_event else "scene",
+        "prediction_type": "multilabel" if is_event else "multiclass",
+        "split_mode": "trainvaltest", "sample_duration": duration_s,
+        "evaluation": (["event_onset_200ms_fms", "segment_1s_er"] if is_event
+                       else ["top1_acc"]),
+        "splits": list(SPLITS), "sample_rate": SAMPLE_RATE, "seed": seed, "kind": kind,
+        # hear-eval-kit's grids assume thousands of clips (batch 1024: one step per epoch here);
+        # these tasks have tens, so the predictor takes small batches and more epochs.
+        "evaluation_params": {"task_specific_param_grid": SMALL_TASK_GRID},
+    }
+    (task / "task_metadata.json").write_text(json.dumps(meta, indent=1))
+    return task
+
+
+def task_audio(task: str | pathlib.Path, splits: Sequence[str] = ("train",)
+               ) -> list[pathlib.Path]:
+    """The wav files of some splits of a task, sorted."""
+    task = pathlib.Path(task)
+    return sorted(p for s in splits for p in (task / str(SAMPLE_RATE) / s).glob("*.wav"))
+
+
+def write_pretraining_shards(files: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
+                             per_shard: int = 32,
+                             progress: Callable[[str], None] | None = None) -> str:
+    """Log-mel TFRecord shards (+ manifest.csv) of some wav files, for ``data.source='shards'``
+    pretraining on a task's own audio; returns the manifest path. Clips shorter than the
+    200-frame crop are tiled to length."""
+    from mwmae import audio
+    from mwmae.data import records
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["shard,num_records"]
+    for s in range(0, len(files), per_shard):
+        name = f"train-{s // per_shard:05d}.tfrecord"
+        part = files[s:s + per_shard]
+        with open(out / name, "wb") as f:
+            w = records.TFRecordWriter(f)
+            for path in part:
+                x, rate = sf.read(str(path), dtype="float32")
+                if rate != audio.SAMPLE_RATE or x.ndim != 1:
+                    raise ValueError(f"{path}: need {audio.SAMPLE_RATE} Hz mono, got {rate} Hz, "
+                                     f"shape {x.shape}")
+                mel = audio.log_mel_spectrogram_numpy(x)
+                reps = -(-audio.CROP_FRAMES // mel.shape[0])
+                w.write(records.encode_example(np.concatenate([mel] * reps), []))
+            w.close()
+        rows.append(f"{name},{len(part)}")
+        if progress:
+            progress(f"wrote {out / name} ({len(part)} clips)")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return str(out / "manifest.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mwmae.hear.tasks",
+                                description="Write a small synthetic HEAR-format task.")
+    p.add_argument("out", help="tasks directory (the task becomes a folder inside it)")
+    p.add_argument("--kind", choices=KINDS, default="chords")
+    p.add_argument("--per-class", "--per_class", dest="per_class", type=int, default=24)
+    p.add_argument("--duration", type=float, default=2.0, help="seconds per clip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="task folder name (default mwmae_<kind>)")
+    a = p.parse_args(argv)
+    task = make_task(a.out, a.kind, per_class=a.per_class, duration_s=a.duration, seed=a.seed,
+                     name=a.name)
+    counts = {s: len(json.loads((task / f"{s}.json").read_text())) for s in SPLITS}
+    print(f"wrote {task}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

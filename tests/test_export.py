@@ -1,0 +1,170 @@
+"""Export: original checkpoints and (multi-host, sharded) training checkpoints -> artifacts that
+mwmae.load and the HEAR module read; encoder-only artifacts; clear errors."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from flax.traverse_util import flatten_dict
+from train_helpers import load_config
+
+import mwmae
+from mwmae import export
+from mwmae.artifact import ENCODER_KEYS, ArtifactError, load_artifact
+from mwmae.model import init_params
+from mwmae.train.config import model_config_from
+from mwmae.train.loop import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny(steps: int):
+    config = load_config("tiny")
+    config.num_train_steps = steps
+    config.checkpoint.every_steps = 2
+    config.image_every_steps = 0
+    config.log_every_steps = 100
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    """4 steps of the tiny model, FSDP over the 8 test devices (params sharded): steps 2, 4."""
+    config = _tiny(4)
+    config.mesh.preset = "fsdp"
+    out = tmp_path_factory.mktemp("run")
+    train(config, out, print_fn=lambda s: None)
+    return out
+
+
+# ---- original checkpoints --------------------------------------------------------------------
+
+def test_export_from_original_is_encoder_only_and_matches(original_checkpoint, tmp_path, fixtures,
+                                                          capsys):
+    out = tmp_path / "art"
+    assert export.main(["--from-original", str(original_checkpoint), "--out", str(out)]) == 0
+    assert "encoder only" in capsys.readouterr().out
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["encoder_only"] is True and meta["version"] == 2
+    assert meta["sample_rate"] == 16000 and meta["front_end"]["hop_length"] == 160
+    assert meta["embedding_size"] == 960 and meta["model"]["embed_dim"] == 192
+    assert meta["params_sha256"] == hashlib.sha256((out / "params.msgpack").read_bytes()
+                                                   ).hexdigest()
+    _, params, _ = load_artifact(out)
+    assert set(params) <= set(ENCODER_KEYS) and "encoder" in params
+    model = mwmae.load(out)
+    assert not model.has_decoder
+    np.testing.assert_allclose(np.asarray(model.features(fixtures["input"])),
+                               fixtures["features"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no decoder weights.*--with_decoder"):
+        model.reconstruct(fixtures["input"], noise=fixtures["mae_noise"])
+
+
+def test_export_with_decoder_reconstructs(original_checkpoint, tmp_path, fixtures):
+    out = tmp_path / "full"
+    assert export.main(["--from_original", str(original_checkpoint), "--out", str(out),
+                        "--with_decoder"]) == 0
+    assert json.loads((out / "config.json").read_text())["encoder_only"] is False
+    model = mwmae.load(out)
+    assert model.has_decoder
+    rec = model.reconstruct(fixtures["input"], noise=fixtures["mae_noise"])
+    np.testing.assert_allclose(np.asarray(rec.pred), fixtures["mae_pred"], atol=1e-5, rtol=0)
+
+
+# ---- training workdirs -----------------------------------------------------------------------
+
+def test_export_latest_and_chosen_step(workdir, tmp_path):
+    assert export.checkpoint_steps(workdir) == [2, 4]
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "latest")]) == 0
+    assert export.main(["--workdir", str(workdir), "--step", "2",
+                        "--out", str(tmp_path / "s2")]) == 0
+    latest, s2 = mwmae.load(tmp_path / "latest"), mwmae.load(tmp_path / "s2")
+    assert json.loads((tmp_path / "latest" / "config.json").read_text())["step"] == 4
+    assert not latest.has_decoder
+    # The full training state, restored by mwmae.load from the workdir (latest step).
+    full = mwmae.load(workdir)
+    assert full.has_decoder
+    for k, v in flatten_dict(latest.params).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flatten_dict(full.params)[k]))
+    x = np.random.default_rng(0).standard_normal((2, 200, 80, 1)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(latest.features(x)), np.asarray(full.features(x)))
+    assert not np.allclose(np.asarray(s2.features(x)), np.asarray(latest.features(x)))
+
+
+def test_export_errors_name_the_problem(workdir, tmp_path, capsys):
+    assert export.main(["--workdir", str(workdir), "--step", "3", "--out",
+                        str(tmp_path / "x")]) == 2
+    assert "no checkpoint for step 3; finished steps: [2, 4]" in capsys.readouterr().err
+    assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "config.json: missing" in capsys.readouterr().err
+    # A workdir whose config.json disagrees with its checkpoint (config/weights mismatch).
+    other = tmp_path / "mismatch"
+    other.mkdir()
+    (other / "checkpoints").symlink_to(workdir / "checkpoints")
+    cfg = json.loads((workdir / "config.json").read_text())
+    cfg["model"]["embed_dim"] = 96
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert export.main(["--workdir", str(other), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model" in err and "patch_embed/kernel" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_corrupt_or_mismatched_artifacts_fail_clearly(workdir, tmp_path):
+    out = tmp_path / "art"
+    export.export_workdir(workdir, str(out))
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="config.json: not valid JSON"):
+        mwmae.load(out)
+    export.export_workdir(workdir, str(out))
+    meta = json.loads((out / "config.json").read_text())
+    meta["model"]["depth"] = 3
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="weights do not match the config"):
+        mwmae.load(out)
+    export.export_workdir(workdir, str(out))
+    (out / "params.msgpack").unlink()
+    with pytest.raises(ArtifactError, match="params.msgpack: missing"):
+        mwmae.load(out)
+
+
+# ---- a checkpoint written by two hosts -------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_gathers_a_two_host_sharded_checkpoint(tmp_path):
+    """Two processes x 4 devices train one step with FSDP; each host writes its own shards.
+    The step's learning rate is 0 (warmup starts at 0), so the checkpoint's parameters are the
+    initial ones, which init_params reproduces in this process independently of any mesh."""
+    wd = tmp_path / "run"
+    port = portpicker.pick_unused_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mwmae.train", "--config", str(REPO / "configs/tiny.py"),
+         "--workdir", str(wd), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={i}", "--config.num_train_steps=1", "--config.mesh.preset=fsdp",
+         "--config.image_every_steps=0"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for i in range(2)]
+    logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    state = wd / "checkpoints" / "1" / "state"
+    assert (state / "ocdbt.process_0").is_dir() and (state / "ocdbt.process_1").is_dir()
+
+    out = tmp_path / "art"
+    assert export.main(["--workdir", str(wd), "--out", str(out)]) == 0
+    _, params, meta = load_artifact(out)
+    config = model_config_from(load_config("tiny"))
+    want = flatten_dict(init_params(config, jax.random.key(load_config("tiny").seed)))
+    got = flatten_dict(params)
+    assert set(got) == {k for k in want if k[0] in ENCODER_KEYS}
+    for k, v in got.items():
+        np.testing.assert_allclose(v, np.asarray(want[k]), atol=1e-6, rtol=0, err_msg=str(k))
+    assert meta["step"] == 1
