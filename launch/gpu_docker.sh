@@ -32,11 +32,6 @@ PROG=gpu_docker.sh
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 (($# >= 1)) || usage 2
 verb=$1
 shift

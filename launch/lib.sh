@@ -65,3 +65,9 @@ need_value() {
   # $1: the flag, $2: how many arguments are left (including the flag itself)
   (($2 >= 2)) || die "$1 needs a value"
 }
+
+# Print the calling script's header comment (line 2 up to `set -euo`) and exit with $1.
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit "${1:-0}"
+}

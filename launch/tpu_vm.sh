@@ -45,11 +45,6 @@ PROG=tpu_vm.sh
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 (($# >= 1)) || usage 2
 verb=$1
 shift
