@@ -30,7 +30,7 @@ COPY mwmae ./mwmae
 COPY tfrecord_tools ./tfrecord_tools
 COPY hear_mwmae ./hear_mwmae
 RUN case "$TARGET" in \
-      cpu) extras="test,hear" ;; \
+      cpu) extras="test,hear,demo" ;; \
       tpu) extras="test,tpu" ;; \
       cuda) extras="test,cuda,hear" ;; \
       *) echo "TARGET must be cpu, tpu or cuda (got '$TARGET')" >&2; exit 1 ;; \

@@ -1,6 +1,7 @@
 """Export a trained model as a self-contained artifact (see :mod:`mwmae.artifact`).
 
     python -m mwmae.export --workdir WORKDIR [--step N] --out DIR [--with_decoder]
+    python -m mwmae.export --workdir WORKDIR --initial --out DIR
     python -m mwmae.export --from-original DIR --out DIR [--with_decoder]
 
 A training workdir is what :func:`mwmae.train.loop.train` writes: ``config.json`` (the whole
@@ -11,7 +12,9 @@ the devices of many hosts. Export runs as ONE process on any machine that can re
 host, and only the parameters are read (the optimizer moments, twice their size, are skipped).
 
 By default only the encoder (what embeddings need) is written; ``--with_decoder`` keeps the
-decoder for reconstructions.
+decoder for reconstructions. ``--initial`` writes the run's weights before its first step (the
+trainer initialises from ``key(config.seed)``): the same network untrained, the baseline that
+shows what pretraining bought.
 """
 
 from __future__ import annotations
@@ -140,6 +143,24 @@ def export_workdir(workdir: str | epath.PathLike, out: str, *, step: int | None 
     return json.loads((epath.Path(out) / "config.json").read_text())
 
 
+def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: bool = False
+                   ) -> dict[str, Any]:
+    """The run's initial (untrained) weights -> artifact in ``out``; needs only config.json."""
+    import jax
+
+    from mwmae.model import init_params
+
+    workdir = epath.Path(workdir)
+    config, full_config = _read_training_config(workdir)
+    if "seed" not in full_config:
+        raise ExportError(f"{workdir / 'config.json'}: no 'seed'; cannot recreate the initial "
+                          "weights")
+    params = jax.device_get(init_params(config, jax.random.key(int(full_config["seed"]))))
+    save_artifact(out, config, params, source=f"{workdir}@initial",
+                  extra={"step": 0}, encoder_only=not with_decoder)
+    return json.loads((epath.Path(out) / "config.json").read_text())
+
+
 def export_original(src: str, out: str, *, with_decoder: bool = False,
                     num_heads: int | None = None, decoder_num_heads: int | None = None
                     ) -> dict[str, Any]:
@@ -162,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--from-original", "--from_original", dest="from_original",
                      help="original-format checkpoint directory (checkpoint_<step> + config.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--initial", action="store_true",
+                   help="--workdir only: the run's untrained initial weights (a baseline)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--with_decoder", "--with-decoder", action="store_true",
                    help="also write the decoder weights (for reconstructions)")
@@ -171,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.from_original and a.step is not None:
         p.error("--step applies to --workdir; an original directory exports its latest step")
+    if a.initial and (not a.workdir or a.step is not None):
+        p.error("--initial needs --workdir and no --step")
 
     from mwmae.convert import CheckpointError
 
     try:
-        if a.workdir:
+        if a.initial:
+            meta = export_initial(a.workdir, a.out, with_decoder=a.with_decoder)
+        elif a.workdir:
             meta = export_workdir(a.workdir, a.out, step=a.step, with_decoder=a.with_decoder)
         else:
             meta = export_original(a.from_original, a.out, with_decoder=a.with_decoder,

@@ -98,6 +98,30 @@ def test_export_latest_and_chosen_step(workdir, tmp_path):
     assert not np.allclose(np.asarray(s2.features(x)), np.asarray(latest.features(x)))
 
 
+def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys):
+    """--initial: the run's untrained weights (the baseline), equal to the trainer's step 0."""
+    from mwmae.train.loop import Trainer
+
+    assert export.main(["--workdir", str(workdir), "--initial",
+                        "--out", str(tmp_path / "init")]) == 0
+    meta = json.loads((tmp_path / "init" / "config.json").read_text())
+    assert meta["step"] == 0 and meta["encoder_only"]
+    config = _tiny(4)
+    config.mesh.preset = "fsdp"
+    start = flatten_dict(jax.device_get(Trainer(config, tmp_path / "t").initial_state().params))
+    initial = flatten_dict(mwmae.load(tmp_path / "init").params)
+    assert set(initial) == {k for k in start if k[0] in ENCODER_KEYS}
+    for k, v in initial.items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(start[k]), err_msg=str(k))
+    trained = flatten_dict(mwmae.load(workdir).params)
+    assert not np.allclose(np.asarray(trained[("patch_embed", "kernel")]),
+                           np.asarray(initial[("patch_embed", "kernel")]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        export.main(["--workdir", str(workdir), "--initial", "--step", "2", "--out", "x"])
+    assert "--initial needs --workdir and no --step" in capsys.readouterr().err
+
+
 def test_export_errors_name_the_problem(workdir, tmp_path, capsys):
     assert export.main(["--workdir", str(workdir), "--step", "3", "--out",
                         str(tmp_path / "x")]) == 2

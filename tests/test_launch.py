@@ -371,7 +371,7 @@ def stub_install(root: pathlib.Path, log: pathlib.Path) -> None:
         """)
 
 
-@pytest.mark.parametrize("target,extras", [("cpu", "test,hear"), ("tpu", "test,tpu"),
+@pytest.mark.parametrize("target,extras", [("cpu", "test,hear,demo"), ("tpu", "test,tpu"),
                                            ("cuda", "test,cuda,hear"), ("gpu", None)])
 def test_dockerfile_installs_with_the_shared_script(tmp_path, target, extras):
     dockerfile = (REPO / "Dockerfile").read_text()
@@ -411,10 +411,10 @@ def test_ci_runs_the_same_install_script(tmp_path):
     result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stderr
-    assert log.read_text() == "PYTHON= .venv test,hear\n"
+    assert log.read_text() == "PYTHON= .venv test,hear,demo\n"
     assert "python -m pytest" in (tmp_path / "venv.log").read_text()
     # ... and the cpu image calls the same script with the same extra
-    assert "cpu) extras=\"test,hear\"" in dockerfile_install_run()
+    assert "cpu) extras=\"test,hear,demo\"" in dockerfile_install_run()
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():

@@ -238,6 +238,9 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 3, grid: s
         raise EvaluationError(f"--seeds must be >= 1, got {seeds}")
     if grid not in GRIDS:
         raise EvaluationError(f"--grid {grid!r}: expected one of {GRIDS}")
+    # heareval's predictor reloads its own Lightning checkpoints, which torch >= 2.6 refuses
+    # under weights_only (the files are this run's own).
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     out_dir = pathlib.Path(out)
     tasks = find_tasks(pathlib.Path(tasks_dir), task_names)
     # Fail on a bad artifact before the slow imports and the tasks' audio.
@@ -290,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-options", "--model_options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
     a = p.parse_args(argv)
-    # Before torch/JAX start: heareval's predictor reloads its own Lightning checkpoints, which
-    # torch >= 2.6 refuses under weights_only; JAX must not take all GPU memory from torch.
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # Before JAX starts: it must not take all GPU memory from torch.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         options = json.loads(a.model_options)

@@ -19,7 +19,10 @@ Kinds (scene, multiclass, top-1 accuracy unless noted):
   have the same average spectrum, only the temporal order differs (a mean over time of
   context-free frame features cannot tell them apart; features that see context can);
 * ``events`` - event detection: 1-3 tone bursts of two kinds ("low", "high") in noise,
-  labelled with onset and offset in ms (multilabel, event-based onset F-measure).
+  labelled with onset and offset in ms (multilabel, event-based onset F-measure);
+* ``digits`` - spoken digits "zero" to "nine" (needs eSpeak NG: the ``demo`` extra), each at a
+  random time in noise; the speakers of the valid and test splits (voice variants) never occur
+  in train, so the task measures what generalises across speakers, like Speech Commands.
 
 Every clip has random level, timbre and background noise; a seed makes the task reproducible.
 """
@@ -45,7 +48,11 @@ SCENE_KINDS = {
     "noise": ("white", "pink", "brown", "blue"),
     "chords": ("major", "minor", "diminished", "augmented"),
     "order": ("rising", "falling"),
+    "digits": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
 }
+# Which eSpeak voice variants speak in which split of the ``digits`` task (disjoint speakers).
+_SPLIT_VARIANTS = {"train": ("m1", "m2", "m3", "m4", "f1", "f2", "klatt"),
+                   "valid": ("m5", "f3", "croak"), "test": ("m6", "m7", "f4", "f5")}
 EVENT_LABELS = ("low", "high")
 KINDS = (*SCENE_KINDS, "events")
 SMALL_TASK_GRID = {"batch_size": [32], "max_epochs": [60], "patience": [10],
@@ -75,7 +82,7 @@ def _coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.nda
 
 
 def _envelope(rng: np.random.Generator, n: int) -> np.ndarray:
-    attack = int(rng.uniform(0.005, 0.05) * SAMPLE_RATE)
+    attack = min(int(rng.uniform(0.005, 0.05) * SAMPLE_RATE), n)
     env = np.exp(-np.arange(n) / (rng.uniform(0.3, 3.0) * SAMPLE_RATE))
     env[:attack] *= np.linspace(0, 1, attack)
     return env
@@ -88,7 +95,20 @@ def _finish(rng: np.random.Generator, x: np.ndarray, noise_level: float = 0.05) 
     return (x / (np.abs(x).max() + 1e-12) * rng.uniform(0.1, 0.9)).astype(np.float32)
 
 
-def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int) -> np.ndarray:
+def _spoken_clip(word: str, rng: np.random.Generator, n: int, variants: tuple[str, ...]
+                 ) -> np.ndarray:
+    from mwmae import speech
+
+    voice = speech.random_voice(rng, variants=variants)
+    wave = speech.say(word, voice)[:n]
+    x = np.zeros(n)
+    start = int(rng.integers(0, n - len(wave) + 1))
+    x[start:start + len(wave)] = wave
+    return _finish(rng, x, noise_level=rng.uniform(0.02, 0.3))
+
+
+def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int,
+                split: str = "train") -> np.ndarray:
     if kind == "pitch":
         band = SCENE_KINDS["pitch"].index(label)
         f0 = 110.0 * 2 ** (band + rng.uniform(0, 1))
@@ -114,6 +134,8 @@ def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int) -> np.n
             x[start:start + length] = (_harmonic(rng, f0, length, int(rng.integers(1, 4)))
                                        * np.hanning(length))
         return _finish(rng, x)
+    if kind == "digits":
+        return _spoken_clip(label, rng, n, _SPLIT_VARIANTS[split])
     raise ValueError(f"unknown scene task kind {kind!r}; known: {sorted(SCENE_KINDS)}")
 
 
@@ -173,8 +195,9 @@ def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int 
     else:
         for label in labels:
             for i in range(per_class):
-                x = _scene_clip(kind, label, rng, n)
-                write(_split_of(i, per_class), f"{label}_{i:04d}.wav", x, [label])
+                split = _split_of(i, per_class)
+                x = _scene_clip(kind, label, rng, n, split)
+                write(split, f"{label}_{i:04d}.wav", x, [label])
 
     for split, data in split_data.items():
         (task / f"{split}.json").write_text(json.dumps(data, indent=1))

@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
 
     c.log_every_steps = 100
+    c.progress_bar = False         # a terminal progress bar (primary host) instead of log lines
     c.image_every_steps = 1000     # TensorBoard images of inputs, masks and reconstructions
     c.num_images = 3
     c.profile_steps = 0            # > 0: capture a profile of this many steps after step 10

@@ -283,6 +283,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 f"{workdir / 'checkpoints' / str(good) if good is not None else 'none'}. "
                 "Set nonfinite_policy='skip' to drop such steps and continue.")
 
+    bar = None
+    if config.progress_bar and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.total_steps, initial=start, desc="train", unit="step",
+                   dynamic_ncols=True)
+        if print_fn is print:
+            print_fn = bar.write  # log lines above the bar, not through it
     metrics: dict[str, Any] = {}
     status = "done"
     last_t, last_step = time.perf_counter(), start
@@ -306,9 +314,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
-            print_fn(f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
-                     f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                     f"{metrics['examples_per_sec']:.1f} ex/s")
+            line = (f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
+                    f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
+                    f"{metrics['examples_per_sec']:.1f} ex/s")
+            print_fn(line)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                ex_s=f"{metrics['examples_per_sec']:.0f}")
+        if bar is not None:
+            bar.update(1)
         if config.image_every_steps > 0 and ((step + 1) % config.image_every_steps == 0 or done):
             writer.write_images(step + 1, {"reconstruction": t.reconstructions(
                 state.params, audio, step)})
@@ -320,6 +334,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             status = "preempted"
             print_fn(f"preempted: saving step {step + 1} and stopping")
             break
+    if bar is not None:
+        bar.close()
     manager.wait_until_finished()
     writer.flush()
     writer.close()

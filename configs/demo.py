@@ -1,0 +1,40 @@
+"""The end-to-end demo's model: a small MW-MAE pretrained on log-mel shards on a laptop CPU.
+
+Command (the demo runs it for you, after building the shards):
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m mwmae.train \
+      --config configs/demo.py --workdir runs/demo/train \
+      --config.data.train_shards=runs/demo/shards/data-manifest.csv
+
+Hardware: 2 CPU cores, seen by JAX as 2 devices so the batch is split over a real ("data")
+mesh. Encoder 64 wide, 2 layers, 4 heads; decoder 64 wide, 2 layers, 4 heads with windows
+[5, 25, 0, 0]; patches, masking (80%) and loss as the paper; batch 32; 1500 steps.
+Expected: ~4 steps/s after a ~10 s compile (~6.5 min); the loss falls from ~1.9 to ~0.45 on the demo
+corpus (spoken words, tones, noise); checkpoints every 500 steps under WORKDIR/checkpoints,
+the last three kept; TensorBoard scalars and reconstruction images under WORKDIR/tensorboard.
+A rerun resumes from the newest checkpoint.
+"""
+
+from mwmae.train.config import default_config
+
+CORPUS_CLIPS = 1200  # scripts/demo.sh's default corpus size: one epoch = CORPUS_CLIPS / batch
+
+
+def get_config():
+    c = default_config()
+    c.model.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
+                   decoder_num_heads=4, window_sizes=(0,), decoder_window_sizes=(5, 25, 0, 0))
+    c.batch_size = 32
+    c.num_train_steps = 1500
+    c.steps_per_epoch = CORPUS_CLIPS // c.batch_size
+    # Peak lr 1e-3 (the base lr is scaled by batch / 256), one epoch of warmup, cosine to 0.
+    c.optimizer.base_learning_rate = 1e-3 * 256 / c.batch_size
+    c.optimizer.warmup_epochs = 1
+    c.data.source = "shards"
+    c.data.train_shards = "runs/demo/shards/data-manifest.csv"
+    c.data.shuffle_buffer = 512
+    c.mesh.preset = "dp"
+    c.log_every_steps = 100
+    c.progress_bar = True
+    c.image_every_steps = 500
+    c.checkpoint.every_steps = 500
+    return c

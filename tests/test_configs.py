@@ -1,0 +1,38 @@
+"""Every config in configs/ loads, passes the trainer's check and is in the README's table with
+the parameter count its model really has."""
+
+import math
+import pathlib
+import re
+
+import jax
+import pytest
+from train_helpers import load_config
+
+from mwmae.model import param_shapes
+from mwmae.train.config import check_config, model_config_from
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+
+
+def readme_table() -> dict[str, int]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Configs"):text.index("## Training")]
+    return {m.group(1): int(m.group(2).replace(",", ""))
+            for m in re.finditer(r"^\| `(\w+)\.py` \|.*\| ([\d,]+) \|$", section, re.M)}
+
+
+def test_readme_lists_every_config():
+    assert set(readme_table()) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_checks_and_has_the_documented_size(name):
+    config = load_config(name)
+    check_config(config)
+    shapes = param_shapes(model_config_from(config))
+    count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+    assert count == readme_table()[name]
+    doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
+    assert "python -m mwmae.train" in doc or "scripts/demo.sh" in doc, name
