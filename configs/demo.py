@@ -8,8 +8,8 @@ Command (the demo runs it for you, after building the shards):
 Hardware: 2 CPU cores, seen by JAX as 2 devices so the batch is split over a real ("data")
 mesh. Encoder 64 wide, 2 layers, 4 heads; decoder 64 wide, 2 layers, 4 heads with windows
 [5, 25, 0, 0]; patches, masking (80%) and loss as the paper; batch 32; 1500 steps.
-Expected: ~4 steps/s after a ~10 s compile (~6.5 min); the loss falls from ~1.9 to ~0.45 on the demo
-corpus (spoken words, tones, noise); checkpoints every 500 steps under WORKDIR/checkpoints,
+Expected: ~4 steps/s after a ~10 s compile (~6.5 min); the loss falls from ~1.9 to ~0.45 on
+the demo corpus (spoken words, tones, noise); checkpoints every 500 steps under WORKDIR/checkpoints,
 the last three kept; TensorBoard scalars and reconstruction images under WORKDIR/tensorboard.
 A rerun resumes from the newest checkpoint.
 """
