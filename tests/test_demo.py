@@ -15,12 +15,15 @@ from mwmae import speech
 from mwmae.data import shards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 600
+# Fewer steps than the demo's 1500; the digits score of the pretrained model grows with them
+# (measured: ~0.63 after 250 steps, ~0.66 after 500, ~0.73 after 1000, against ~0.59-0.61 for
+# the initial weights), so 1000 keeps the comparison clear of the probe's seed-to-seed spread.
+STEPS = 1000
 
 
 def run_demo(work: pathlib.Path, steps: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "DEMO_STEPS": str(steps),
-           "DEMO_CLIPS": "1200", "DEMO_TASK_CLIPS": "40"}
+           "DEMO_CLIPS": "1200", "DEMO_TASK_CLIPS": "60"}
     env.pop("XLA_FLAGS", None)  # the script sets the device count itself
     result = subprocess.run(["bash", "scripts/demo.sh", str(work)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=1500)
@@ -76,3 +79,5 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (work / "shards" / "data-00000-of-00012.tfrecord").stat().st_mtime_ns == mtime
     assert '"shards_resumed": 12' in second.stdout
     assert json.loads((work / "summary.json").read_text())["final_step"] == STEPS + 100
+    # New weights were exported, so the evaluation was redone rather than reused.
+    assert "evaluating afresh" in second.stdout + second.stderr

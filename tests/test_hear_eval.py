@@ -151,3 +151,34 @@ def test_driver_cli_event_and_scene_tasks_through_the_wrapper(tmp_path):
     assert r.returncode == 0 and "already done" in r.stdout
     assert json.loads((tmp_path / "out" / "results.json").read_text())["tasks"] == \
         results["tasks"]
+
+
+def test_rerun_with_other_weights_or_a_changed_task_never_reuses_old_outputs(tmp_path):
+    tasks.make_task(tmp_path / "tasks", "noise", per_class=5, duration_s=1.0, seed=0)
+    out = tmp_path / "out"
+    logs: list[str] = []
+    run = lambda art: ev.evaluate(str(art), str(tmp_path / "tasks"), str(out), seeds=1,  # noqa: E731
+                                  grid="faster", grid_points=1, log=logs.append)
+    run(_random_artifact(tmp_path / "a", seed=0))
+    first = json.loads((out / "embeddings" / "mwmae.hear" / "mwmae_noise" /
+                        "profile.embeddings.json").read_text())
+    run(tmp_path / "a")
+    assert any("already done" in line for line in logs)
+    logs.clear()
+    run(_random_artifact(tmp_path / "b", seed=1))  # other weights, same output folder
+    assert any("evaluating afresh" in line for line in logs), logs
+    assert not any("already done" in line for line in logs)
+    second = json.loads((out / "embeddings" / "mwmae.hear" / "mwmae_noise" /
+                         "profile.embeddings.json").read_text())
+    assert first["artifact"].endswith("/a") and second["artifact"].endswith("/b")
+    assert json.loads((out / "fingerprint.json").read_text())["weights"] == json.loads(
+        (tmp_path / "b" / "config.json").read_text())["params_sha256"]
+    # The same weights on a regenerated task (other clips): that task is embedded again.
+    logs.clear()
+    tasks.make_task(tmp_path / "tasks", "noise", per_class=6, duration_s=1.0, seed=5)
+    run(tmp_path / "b")
+    assert any("changed since its embeddings were made" in line for line in logs), logs
+    train_json = json.loads((out / "embeddings" / "mwmae.hear" / "mwmae_noise" /
+                             "train.json").read_text())
+    assert len(train_json) == len(json.loads(
+        (tmp_path / "tasks" / "mwmae_noise" / "train.json").read_text()))

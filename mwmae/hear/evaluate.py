@@ -14,7 +14,11 @@
 3. ``OUT/results.json`` and ``OUT/results.md``: the primary test score of each task per seed,
    and mean +- std (sample std over seeds) per task.
 
-Steps whose outputs are complete are skipped on a rerun (resume after preemption). Runs on CPU;
+Steps whose outputs are complete are skipped on a rerun (resume after preemption), as long as
+they were made from the same weights and task: ``OUT/fingerprint.json`` records the artifact's
+weights hash, module and options, and each task's done marker the hash of its label files, so
+a re-exported artifact or a regenerated task is evaluated afresh, never mixed with old outputs.
+Runs on CPU;
 on a GPU host JAX embeds on the GPU and the predictor uses CUDA when torch has it.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -97,6 +102,50 @@ def check_task(task: pathlib.Path, sample_rate: int = 16_000) -> None:
                 raise EvaluationError(f"{path}: {info.channels} channels; expected mono")
 
 
+def artifact_fingerprint(artifact: str, module: str, model_options: dict[str, Any]) -> dict:
+    """What the embeddings depend on: the weights (an artifact's SHA-256, else the files' sizes
+    and times), the module and its options."""
+    path = pathlib.Path(artifact)
+    config = path / "config.json"
+    weights = None
+    if config.is_file():
+        with contextlib.suppress(ValueError, AttributeError):
+            weights = json.loads(config.read_text()).get("params_sha256")
+    if weights is None:
+        weights = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in path.rglob("*") if f.is_file())
+    return {"weights": weights, "module": module, "model_options": model_options}
+
+
+def task_fingerprint(task: pathlib.Path) -> str:
+    """SHA-256 of the task's metadata and split files (the labels and the file list)."""
+    h = hashlib.sha256()
+    for f in sorted(task.glob("*.json")) + sorted(task.glob("*.csv")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _forget_stale(out_dir: pathlib.Path, fingerprint: dict, tasks: Sequence[pathlib.Path],
+                  module: str, log=print) -> None:
+    """Remove outputs made from other weights or an earlier version of a task."""
+    import shutil
+
+    stamp = out_dir / "fingerprint.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != fingerprint:
+        log(f"{out_dir}: made from other weights or options than {fingerprint['weights']!s:.24}"
+            "...; evaluating afresh")
+        for sub in ("embeddings", "predictions"):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+    stamp.write_text(json.dumps(fingerprint, indent=1))
+    for task in tasks:
+        done = out_dir / "embeddings" / module / task.name / ".done.embeddings"
+        if done.exists() and done.read_text() != task_fingerprint(task):
+            log(f"{task}: changed since its embeddings were made; evaluating it afresh")
+            shutil.rmtree(done.parent)
+            for seed_dir in (out_dir / "predictions").glob("seed_*"):
+                shutil.rmtree(seed_dir / task.name, ignore_errors=True)
+
+
 def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
                 embeddings_dir: pathlib.Path, model_options: dict[str, Any],
                 log=print) -> dict[str, pathlib.Path]:
@@ -123,7 +172,7 @@ def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
         seconds = time.time() - start
         (embed_dir / "profile.embeddings.json").write_text(json.dumps(
             {"time_elapsed": seconds, "module": module, "artifact": artifact}, indent=1))
-        done.touch()
+        done.write_text(task_fingerprint(task))
         log(f"embeddings for {task.name}: {seconds:.1f} s -> {embed_dir}")
     return out
 
@@ -254,6 +303,8 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 3, grid: s
         except ArtifactError as e:
             raise EvaluationError(str(e)) from e
     out_dir.mkdir(parents=True, exist_ok=True)
+    _forget_stale(out_dir, artifact_fingerprint(artifact, module, model_options or {}), tasks,
+                  module, log=log)
     embed_dirs = embed_tasks(module, artifact, tasks, out_dir / "embeddings",
                              model_options or {}, log=log)
     scores: dict[str, list[float]] = {}
