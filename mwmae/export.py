@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -54,6 +55,12 @@ def _read_training_config(workdir: epath.Path) -> tuple[ModelConfig, dict[str, A
         raise ExportError(f"{cfg_path}: bad model config: {e}") from e
 
 
+def _absolute(workdir: str | epath.PathLike) -> epath.Path:
+    """Local paths made absolute: Orbax finds no item metadata under a relative path."""
+    path = epath.Path(workdir)
+    return path if "://" in str(workdir) else epath.Path(os.path.abspath(os.fspath(workdir)))
+
+
 def checkpoint_steps(workdir: str | epath.PathLike) -> list[int]:
     """Finished checkpoint steps under ``WORKDIR/checkpoints``, ascending."""
     import orbax.checkpoint as ocp
@@ -85,7 +92,7 @@ def load_training_checkpoint(workdir: str | epath.PathLike, step: int | None = N
 
     from mwmae.model import param_shapes
 
-    workdir = epath.Path(workdir)
+    workdir = _absolute(workdir)
     config, full_config = _read_training_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -103,9 +110,9 @@ def load_training_checkpoint(workdir: str | epath.PathLike, step: int | None = N
         tree = _tree_metadata(state_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ExportError(f"{state_dir}: unreadable checkpoint metadata ({e})") from e
-    if "params" not in tree:
+    if tree is None or "params" not in tree:
         raise ExportError(f"{state_dir}: no 'params' in the checkpoint (top-level entries: "
-                          f"{sorted(tree)})")
+                          f"{sorted(tree or ())})")
 
     want = param_shapes(config)
     if not with_decoder:

@@ -98,6 +98,14 @@ def test_export_latest_and_chosen_step(workdir, tmp_path):
     assert not np.allclose(np.asarray(s2.features(x)), np.asarray(latest.features(x)))
 
 
+def test_export_of_a_relative_workdir(workdir, tmp_path, monkeypatch):
+    """Orbax finds no item metadata under a relative path; export makes local paths absolute."""
+    monkeypatch.chdir(workdir.parent)
+    assert export.main(["--workdir", workdir.name, "--out", str(tmp_path / "rel")]) == 0
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["step"] == 4
+    assert mwmae.load(workdir.name).has_decoder
+
+
 def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys):
     """--initial: the run's untrained weights (the baseline), equal to the trainer's step 0."""
     from mwmae.train.loop import Trainer
