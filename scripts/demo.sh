@@ -5,13 +5,13 @@
 #
 # Every stage below is one documented command; read them in order to learn the system.
 # Environment: PYTHON=path/to/python skips the install and uses that interpreter;
-# DEMO_CLIPS (corpus size, default 1200), DEMO_STEPS (pretraining steps, default 1500),
+# DEMO_CLIPS (corpus size, default 1200), DEMO_STEPS (pretraining steps, default 2000),
 # DEMO_TASK_CLIPS (downstream clips per class, default 60), DEMO_DEVICES (CPU devices, default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/demo}
 clips=${DEMO_CLIPS:-1200}
-steps=${DEMO_STEPS:-1500}
+steps=${DEMO_STEPS:-2000}
 task_clips=${DEMO_TASK_CLIPS:-60}
 devices=${DEMO_DEVICES:-2}
 
