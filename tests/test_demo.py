@@ -15,10 +15,10 @@ from mwmae import speech
 from mwmae.data import shards
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# 1500 steps, the demo's 2000 less a quarter. The digits score of the pretrained model grows with the steps
-# (measured with 60 clips per digit: ~0.63 after 250 steps, ~0.65-0.73 after 1000, ~0.71 after
-# 1500, ~0.74 after 2000, against ~0.59-0.61 for the initial weights); at 1500 the gap is about
-# four times the probe's seed-to-seed spread.
+# 1500 steps, the demo's 2000 less a quarter. The digits score of the pretrained model grows
+# with the steps (measured with 60 clips per digit: ~0.63 after 250 steps, ~0.65-0.73 after
+# 1000, ~0.71 after 1500, ~0.74 after 2000, against ~0.59-0.61 for the initial weights); at
+# 1500 the gap is about four times the probe's seed-to-seed spread.
 STEPS = 1500
 
 
