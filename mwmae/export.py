@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +30,7 @@ from etils import epath
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mwmae.artifact import ENCODER_KEYS, ArtifactError, save_artifact
+from mwmae.data import storage
 from mwmae.model.config import ModelConfig
 
 
@@ -53,12 +53,6 @@ def _read_training_config(workdir: epath.Path) -> tuple[ModelConfig, dict[str, A
         return ModelConfig.from_dict(full["model"]), full
     except (TypeError, ValueError) as e:
         raise ExportError(f"{cfg_path}: bad model config: {e}") from e
-
-
-def _absolute(workdir: str | epath.PathLike) -> epath.Path:
-    """Local paths made absolute: Orbax finds no item metadata under a relative path."""
-    path = epath.Path(workdir)
-    return path if "://" in str(workdir) else epath.Path(os.path.abspath(os.fspath(workdir)))
 
 
 def checkpoint_steps(workdir: str | epath.PathLike) -> list[int]:
@@ -92,7 +86,7 @@ def load_training_checkpoint(workdir: str | epath.PathLike, step: int | None = N
 
     from mwmae.model import param_shapes
 
-    workdir = _absolute(workdir)
+    workdir = epath.Path(storage.absolute(workdir))
     config, full_config = _read_training_config(workdir)
     steps = checkpoint_steps(workdir)
     if not steps:

@@ -28,6 +28,7 @@ from typing import IO, Any
 import fsspec
 
 __all__ = [
+    "absolute",
     "emulator_environment",
     "exists",
     "glob",
@@ -42,6 +43,13 @@ __all__ = [
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """Local paths made absolute (Orbax finds no item metadata under a relative path); remote
+    ones as they are."""
+    path = os.fspath(path)
+    return path if is_remote(path) else os.path.abspath(path)
 
 
 def _fs(path: str) -> tuple[Any, str]:

@@ -21,7 +21,14 @@ import numpy as np
 import soundfile as sf
 
 from mwmae import speech
-from mwmae.hear.tasks import SAMPLE_RATE, _coloured_noise, _envelope, _finish, _harmonic
+from mwmae.hear.tasks import (
+    SAMPLE_RATE,
+    _coloured_noise,
+    _envelope,
+    _finish,
+    _harmonic,
+    spoken_clip,
+)
 
 VOCABULARY = (
     "yes no up down left right on off stop go house tree bird cat dog bed happy wow marvin "
@@ -33,11 +40,7 @@ VOCABULARY = (
 
 def _speech(rng: np.random.Generator, n: int) -> np.ndarray:
     words = " ".join(rng.choice(VOCABULARY, size=int(rng.integers(1, 4))))
-    wave = speech.say(words, speech.random_voice(rng))[:n]
-    x = np.zeros(n)
-    start = int(rng.integers(0, n - len(wave) + 1))
-    x[start:start + len(wave)] = wave
-    return _finish(rng, x, noise_level=rng.uniform(0.01, 0.2))
+    return spoken_clip(words, rng, n, noise=(0.01, 0.2))
 
 
 def _tones(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -95,16 +95,19 @@ def _finish(rng: np.random.Generator, x: np.ndarray, noise_level: float = 0.05) 
     return (x / (np.abs(x).max() + 1e-12) * rng.uniform(0.1, 0.9)).astype(np.float32)
 
 
-def _spoken_clip(word: str, rng: np.random.Generator, n: int, variants: tuple[str, ...]
-                 ) -> np.ndarray:
+def spoken_clip(text: str, rng: np.random.Generator, n: int,
+                variants: tuple[str, ...] | None = None,
+                noise: tuple[float, float] = (0.02, 0.3)) -> np.ndarray:
+    """``text`` said by a random eSpeak voice (of ``variants``, default all) at a random time
+    in ``n`` samples, over background noise of a level drawn from ``noise``."""
     from mwmae import speech
 
-    voice = speech.random_voice(rng, variants=variants)
-    wave = speech.say(word, voice)[:n]
+    voice = speech.random_voice(rng, variants=variants or speech.VARIANTS)
+    wave = speech.say(text, voice)[:n]
     x = np.zeros(n)
     start = int(rng.integers(0, n - len(wave) + 1))
     x[start:start + len(wave)] = wave
-    return _finish(rng, x, noise_level=rng.uniform(0.02, 0.3))
+    return _finish(rng, x, noise_level=rng.uniform(*noise))
 
 
 def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int,
@@ -135,7 +138,7 @@ def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int,
                                        * np.hanning(length))
         return _finish(rng, x)
     if kind == "digits":
-        return _spoken_clip(label, rng, n, _SPLIT_VARIANTS[split])
+        return spoken_clip(label, rng, n, _SPLIT_VARIANTS[split])
     raise ValueError(f"unknown scene task kind {kind!r}; known: {sorted(SCENE_KINDS)}")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
+from mwmae.data import storage
 from mwmae.model import MaskedAutoencoder
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import perf, sharding
@@ -135,10 +136,7 @@ class Trainer:
         check_batch(config, self.mesh)
         self.steps_per_epoch, self.total_steps = schedule_lengths(config)
         self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
-        # local paths or gs:// alike
-        self.workdir = epath.Path(workdir)
-        if not str(workdir).startswith("gs://"):
-            self.workdir = epath.Path(os.path.abspath(workdir))
+        self.workdir = epath.Path(storage.absolute(workdir))  # local paths or gs:// alike
 
         # Shardings come from the logical axis names on the (abstract) boxed state.
         abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
@@ -314,10 +312,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
-            line = (f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
-                    f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                    f"{metrics['examples_per_sec']:.1f} ex/s")
-            print_fn(line)
+            print_fn(f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
+                     f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
+                     f"{metrics['examples_per_sec']:.1f} ex/s")
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 ex_s=f"{metrics['examples_per_sec']:.0f}")
