@@ -11,12 +11,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mwmae.kernels import IMPLEMENTATIONS, multi_window_attention, resolve_implementation
 from mwmae.kernels.pallas_common import diagonal_bias
-from mwmae.kernels.pallas_tpu import strided_roll
 
 NATIVE = {"tpu": ["pallas_tpu"], "gpu": ["pallas_gpu"]}.get(jax.default_backend(), [])
 KERNELS = ["pallas_interpret", "pallas_gpu_interpret", *NATIVE]
@@ -158,7 +156,7 @@ def test_paper_decoder_layer_both_kernels():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
-# The TPU interpreter also simulates VMEM and runs the real pltpu.roll: a couple of small cases.
+# The TPU interpreter also simulates VMEM and the grid's block pipeline: a couple of small cases.
 TPU_INTERPRETER_CASES = [
     pytest.param((3, 4, 6, 0), 12, True, id="L12-shifted"),
     pytest.param((5, 25, 0, 2), 50, False, id="L50", marks=pytest.mark.slow),
@@ -183,20 +181,42 @@ def test_tpu_interpreter_forward_and_gradients(ws, length, shift):
         relative_close(g, w, 1e-4, name)
 
 
-@pytest.mark.parametrize("stride", [1, 127, 255])
-def test_strided_roll_emulation_matches_pltpu_roll(stride):
-    """The gather used by the generic interpreter is the permutation pltpu.roll performs."""
-    x = jnp.arange(16 * 256, dtype=jnp.float32).reshape(16, 256)
+def test_additive_matrix_is_the_reference_bias_and_mask():
+    """Head by head, the dense term equals the reference's bias, -100 and window mask, moved
+    from the rolled frame the reference computes shifted windows in back to the original one."""
+    from mwmae.kernels import pallas_common as pc
+    from mwmae.kernels.pallas_tpu import LANES, additive_matrix
+    from mwmae.kernels.reference import relative_bias, shift_mask
 
-    def kernel(x_ref, o_ref):
-        o_ref[...] = pltpu.roll(x_ref[...], 0, 1, stride=stride, stride_axis=0)
+    ws, length = (2, 5, 0, 10), 20
+    tables = jnp.asarray(np.random.default_rng(0).normal(size=(4, 19)), jnp.float32)
+    geom = pc.Geometry(window_sizes=ws, length=length, padded_length=LANES, shift=True,
+                       scale=1.0, bias_width=19)
+    add = np.asarray(additive_matrix(tables, geom))
+    assert add.shape == (4, LANES, LANES)
+    for h, w in enumerate(ws):
+        if w == 0:
+            assert np.all(add[h, :length, :length] == 0.0)
+        else:
+            rolled = np.full((length, length), pc.MASKED, np.float32)
+            want = np.asarray(relative_bias(tables[h, :2 * w - 1], w)) + shift_mask(length, w)
+            for n in range(length // w):
+                rolled[n * w:(n + 1) * w, n * w:(n + 1) * w] = want[n]
+            back = (np.arange(length) - w // 2) % length  # original position -> rolled one
+            np.testing.assert_allclose(add[h, :length, :length], rolled[np.ix_(back, back)],
+                                       rtol=0, atol=1e-6)
+        assert np.all(add[h, :length, length:] == pc.MASKED)  # padded keys
 
-    real = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          interpret=True)(x)
-    np.testing.assert_array_equal(np.asarray(strided_roll(x, stride, emulate=True)),
-                                  np.asarray(real))
-    # Row i is rotated right by i * stride lanes.
-    np.testing.assert_array_equal(np.asarray(real)[3], np.roll(np.asarray(x)[3], 3 * stride))
+
+def test_additive_matrix_is_shared_by_global_heads():
+    from mwmae.kernels import pallas_common as pc
+    from mwmae.kernels.pallas_tpu import additive_matrix
+
+    geom = pc.Geometry(window_sizes=(0,) * 12, length=50, padded_length=128, shift=False,
+                       scale=1.0, bias_width=1)
+    add = np.asarray(additive_matrix(jnp.zeros((12, 1)), geom))
+    assert add.shape == (1, 128, 128)
+    assert np.all(add[0, :50, :50] == 0.0) and np.all(add[0, :50, 50:] == pc.MASKED)
 
 
 def test_diagonal_bias_layout():
@@ -215,6 +235,49 @@ def test_dispatch_on_cpu():
             resolve_implementation("pallas")
     with pytest.raises(ValueError, match="unknown attention implementation"):
         resolve_implementation("flash")
+
+
+class FakeDevice:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize("kind,want", [("TPU v4", "pallas_tpu"), ("TPU v5 lite", "pallas_tpu"),
+                                       ("TPU v5p", "pallas_tpu"), ("TPU v6 lite", "pallas_tpu"),
+                                       ("TPU v3", "xla"), ("TPU v2", "xla")])
+def test_auto_resolves_by_target_device_not_host_backend(kind, want):
+    """What a TPU host would pick, decided on this (CPU) host from the target's devices."""
+    assert resolve_implementation("auto", 250, devices=[FakeDevice("tpu", kind)]) == want
+    assert resolve_implementation("auto", 2048, devices=[FakeDevice("tpu", kind)]) == "xla"
+    if want == "xla":
+        with pytest.raises(ValueError, match=f"does not compile for {kind}"):
+            resolve_implementation("pallas", devices=[FakeDevice("tpu", kind)])
+    else:
+        assert resolve_implementation("pallas", devices=[FakeDevice("tpu", kind)]) == want
+    assert resolve_implementation("auto", devices=[FakeDevice("gpu", "H200")]) == "pallas_gpu"
+    assert resolve_implementation("xla", devices=[FakeDevice("tpu", kind)]) == "xla"
+
+
+def test_auto_fallback_is_logged_once(caplog):
+    import mwmae.kernels
+
+    mwmae.kernels._warned.discard("attention: TPU v3 cannot compile the Pallas kernel; using "
+                                  "the XLA attention")
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            resolve_implementation("auto", devices=[FakeDevice("tpu", "TPU v3")])
+    assert sum("TPU v3 cannot compile" in r.message for r in caplog.records) == 1
+
+
+def test_target_device_follows_the_mesh_in_scope():
+    from mwmae.kernels import target_device
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with jax.set_mesh(mesh):
+        seen = []
+        jax.jit(lambda x: seen.append(target_device()) or x)(jnp.ones(2))
+    assert seen[0].platform == jax.devices()[0].platform
+    assert seen[0].device_kind == jax.devices()[0].device_kind
 
 
 @pytest.mark.parametrize("impl", KERNELS)

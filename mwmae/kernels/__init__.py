@@ -2,9 +2,9 @@
 
 ``implementation`` selects how it is computed:
   * ``"xla"``: the vectorised jax.numpy reference (``reference.py``), the CPU default;
-  * ``"auto"``: the fused Pallas kernel for the backend (Mosaic on TPU, Triton on GPU), else
-    ``"xla"``;
-  * ``"pallas"``: the fused kernel for the backend, an error where there is none (CPU);
+  * ``"auto"``: the fused Pallas kernel for the target devices' platform (Mosaic on TPU v4 and
+    later, Triton on GPU), else ``"xla"`` (CPU, TPU v2/v3, sequences over 1024 tokens);
+  * ``"pallas"``: the fused kernel for the platform, an error where there is none (CPU, TPU v3);
   * ``"pallas_tpu"`` / ``"pallas_gpu"``: one kernel explicitly (compiled);
   * ``"pallas_interpret"``: the TPU kernel under the generic Pallas interpreter (any backend;
     for tests and debugging, slow);
@@ -18,6 +18,8 @@ agrees with the reference to float32 rounding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import logging
 
 import jax
 
@@ -38,22 +40,59 @@ IMPLEMENTATIONS = (
 # falls back to the reference (the model's sequences are 250 tokens).
 _MAX_KERNEL_LENGTH = 1024
 
+# TPU generations whose Mosaic cannot take the kernel (v2/v3 have no bfloat16 matmul operands in
+# Mosaic); "auto" uses the XLA attention there.
+_TPU_WITHOUT_KERNEL = ("TPU v2", "TPU v3")
 
-def resolve_implementation(implementation: str, length: int | None = None) -> str:
-    """The concrete implementation ``implementation`` stands for on the default backend."""
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.warning(message)
+
+
+def target_device():
+    """The kind of device code is being compiled for: that of the mesh in scope (``jax.set_mesh``,
+    inside jit too), which may be an abstract TPU topology on a CPU host; else the default
+    backend's first device. Anything with ``platform`` and ``device_kind``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device
+    return jax.devices()[0]
+
+
+def resolve_implementation(implementation: str, length: int | None = None,
+                           devices: Sequence | None = None) -> str:
+    """The concrete implementation ``implementation`` stands for on ``devices``.
+
+    ``devices`` are the devices the computation is compiled for (default: ``target_device()``);
+    their platform, never ``jax.default_backend()``, decides, so an AOT compile for a TPU
+    topology on a CPU host picks what a TPU host would.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
                          f"{IMPLEMENTATIONS}")
     if implementation not in ("auto", "pallas"):
         return implementation
-    backend = jax.default_backend()
-    if backend == "tpu":
+    device = target_device() if devices is None else list(devices)[0]
+    platform = device.platform
+    if platform == "tpu":
+        kind = str(getattr(device, "device_kind", ""))
+        if kind.startswith(_TPU_WITHOUT_KERNEL):
+            if implementation == "pallas":
+                raise ValueError(f"the Pallas attention kernel does not compile for {kind}; use "
+                                 "'auto' or 'xla'")
+            _warn_once(f"attention: {kind} cannot compile the Pallas kernel; using the XLA "
+                       "attention")
+            return "xla"
         kernel = "pallas_tpu"
-    elif backend in ("gpu", "cuda", "rocm"):
+    elif platform in ("gpu", "cuda", "rocm"):
         kernel = "pallas_gpu"
     elif implementation == "pallas":
-        raise ValueError(f"no compiled Pallas attention kernel for the {backend!r} backend; use "
-                         f"'auto', 'xla' or 'pallas_interpret'")
+        raise ValueError(f"no compiled Pallas attention kernel for the {platform!r} platform; "
+                         "use 'auto', 'xla' or 'pallas_interpret'")
     else:
         return "xla"
     if implementation == "auto" and length is not None and length > _MAX_KERNEL_LENGTH:

@@ -1,22 +1,27 @@
 """Fused multi-window attention for TPU (Pallas / Mosaic).
 
-One ``pallas_call`` covers every head of a layer: the grid is (batch, head) and each step keeps
-one head's whole padded sequence in VMEM (L <= a few hundred, so the Lp x Lp float32 score
+One ``pallas_call`` covers every head of a layer: the grid is (head, batch block) and each step
+keeps one head's whole padded sequence in VMEM (L <= a few hundred, so the Lp x Lp float32 score
 matrix is at most a few hundred KiB). Windowed heads are computed by masking the full score
-matrix (query window id == key window id); at these lengths one dense MXU pass beats gathering
-ragged diagonal blocks, and a single kernel then serves every window size, so heads with
-different windows share one compiled program.
+matrix; at these lengths one dense MXU pass beats gathering ragged diagonal blocks, and a single
+kernel then serves every window size, so heads with different windows share one program.
 
-The relative-position bias is never materialised in HBM as an [L, L] array: each head passes a
-(1, N) "diagonal vector" (``pallas_common.diagonal_bias``) and the kernel expands it into the
-Toeplitz matrix ``bias[i, j] = vec[(j - i) mod N]`` with one sublane-strided lane rotation
-(``pltpu.roll(..., stride=1)``: row i is rotated by i). The backward pass applies the adjoint
-rotation (row i rotated by -i, i.e. stride N - 1) to dS and sums over rows, which yields the
-per-(batch, head) sums over diagonals = the gradient of the diagonal vector; XLA sums them over
-the batch and scatters them back into the tables.
+Everything that depends on the head but not on the batch item (relative-position bias, the
+shifted-window -100, the window and padding masks) is one dense (heads, Lp, Lp) float32
+"additive" matrix built by XLA outside the kernel (``additive_matrix``: about 2 MiB per layer at
+the model's 250 tokens, tiny next to the activations). The kernel only adds it to the scores, so
+it uses nothing but matmuls, elementwise ops and row reductions: operations Mosaic lowers on
+every TPU generation from v4 on. (An earlier design expanded a bias vector into its Toeplitz
+matrix in VMEM with a sublane-strided lane rotation; Mosaic accepts that only on v5+ and only for
+shifts within one vreg, so the backward compiled nowhere.)
+
+The additive matrix's block index depends on the head only and the batch is the inner grid axis,
+so each head's block is fetched once. The backward pass sums dS over the batch into one
+(Lp, Lp) output block per head (the batch axis is "arbitrary", i.e. sequential, for that); XLA
+then carries that gradient back through the gather that built the bias, into the tables.
 
 Forward and backward are separate kernels under ``jax.custom_vjp``; the backward recomputes
-scores and probabilities from q, k, v (nothing of size L x L is stored between passes).
+scores and probabilities from q, k, v (nothing of size B x L x L is stored between passes).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from jax.experimental.pallas import tpu as pltpu
 from mwmae.kernels import pallas_common as pc
 
 LANES = 128
+# Bytes of q/k/v/o (and gradients) per grid step that keep the double-buffered blocks of the
+# backward (7 arrays) well inside the 16 MiB of scoped VMEM the smallest generations give a kernel.
+_BLOCK_BYTES = 1 << 20
 
 # Interpret modes: False (compile with Mosaic), "generic" (pallas interpret=True, fast on CPU),
 # "tpu" (the TPU interpreter, which also simulates VMEM and checks for races; slow).
@@ -49,37 +57,43 @@ def _interpret_arg(interpret: InterpretMode):
     raise ValueError(f"unknown interpret mode {interpret!r}")
 
 
-def strided_roll(x: jax.Array, stride: int, *, emulate: bool = False) -> jax.Array:
-    """Rotate row i of a 2-D array right by ``i * stride`` lanes (``pltpu.roll`` semantics).
+def additive_matrix(bias_tables: jax.Array, geom: pc.Geometry) -> jax.Array:
+    """(heads or 1, Lp, Lp) float32 term added to the scores of query i and key j.
 
-    ``emulate`` computes the same permutation with one gather: the generic interpreter lowers
-    ``pltpu.roll`` with a stride to one roll per row, which makes CPU compiles take seconds.
+    Inside a window: ``table[h, i' - j' + w - 1]`` plus -100 between shifted regions that
+    differ; outside the query's window and on padding: MASKED. Shifted windows are expressed
+    here, through each position's place ``i'`` in the rolled sequence, so the kernel runs on q, k
+    and v as they are (no per-head rolls, which XLA compiles slowly and runs as copies). Layers
+    without bias, e.g. the encoder's global heads, get one matrix that every head shares.
+
+    Every index is computed from iotas rather than stored as a constant: XLA would otherwise
+    constant-fold (Lp, Lp) literals and a scatter-add through them in the backward, which costs
+    tens of seconds on every TPU compile.
     """
-    if not emulate:
-        return pltpu.roll(x, 0, 1, stride=stride, stride_axis=0)
-    rows, cols = x.shape
-    idx = (lax.broadcasted_iota(jnp.int32, x.shape, 1)
-           - stride * lax.broadcasted_iota(jnp.int32, x.shape, 0)) % cols
-    return jnp.take_along_axis(x, idx, axis=1)
+    n, lp = geom.length, geom.padded_length
+    heads = len(geom.window_sizes) if geom.has_bias else 1
+    shape = (heads, lp, lp)
+    w = jnp.asarray(geom.window_sizes[:heads], jnp.int32)[:, None, None]
+    s = jnp.asarray(geom.shifts[:heads], jnp.int32)[:, None, None]
 
+    def place(axis):
+        """Position in the rolled sequence, its window (-1: padding) and Swin region."""
+        p = lax.broadcasted_iota(jnp.int32, shape, axis)
+        real = p < n
+        rolled = jnp.where(real, (p - s) % n, p)
+        window = jnp.where(real, jnp.where(w > 0, rolled // jnp.maximum(w, 1), 0), -1)
+        region = jnp.where(s > 0, (rolled >= n - w).astype(jnp.int32) + (rolled >= n - s), 0)
+        return rolled, window, region
 
-def _emulate(interpret: InterpretMode) -> bool:
-    return interpret in (True, "generic")
-
-
-def _additive(cq, ck, vec, geom: pc.Geometry, emulate: bool):
-    """(Lp, Lp) float32 term added to the scores of every batch item of one head: relative
-    position bias, the shifted-window -100, and MASKED (which absorbs any score) outside the
-    query's window and on padding."""
-    lp = geom.padded_length
-    add = jnp.zeros((lp, lp), jnp.float32)
+    qi, q_window, q_region = place(1)
+    kj, k_window, k_region = place(2)
+    add = jnp.where(q_region != k_region, pc.SHIFT_MASK_VALUE, 0.0)
     if geom.has_bias:
-        n = geom.bias_width
-        toeplitz = strided_roll(jnp.broadcast_to(vec, (lp, n)), 1, emulate=emulate)
-        add = toeplitz if n == lp else toeplitz[:, :lp]
-    if geom.has_shift:
-        add = add + jnp.where((cq & 3) != (ck & 3), pc.SHIFT_MASK_VALUE, 0.0)
-    return jnp.where((cq >> 2) == (ck >> 2), add, pc.MASKED)
+        index = jnp.clip(qi - kj + w - 1, 0, bias_tables.shape[1] - 1)
+        tables = bias_tables.astype(jnp.float32)[:, None, :]
+        bias = jnp.take_along_axis(tables, index.reshape(heads, 1, lp * lp), axis=2)
+        add = add + jnp.where(w > 0, bias.reshape(shape), 0.0)
+    return jnp.where(q_window == k_window, add, pc.MASKED)
 
 
 def _probabilities(q, k, additive, scale: float):
@@ -89,146 +103,131 @@ def _probabilities(q, k, additive, scale: float):
     return p / jnp.sum(p, axis=1, keepdims=True)
 
 
-def _fwd_kernel(cq_ref, ck_ref, vec_ref, q_ref, k_ref, v_ref, o_ref, *, geom: pc.Geometry,
-                emulate: bool):
-    # Built once per grid step and shared by the step's batch items.
-    additive = _additive(cq_ref[...], ck_ref[...], vec_ref[...], geom, emulate)
+def _fwd_kernel(add_ref, q_ref, k_ref, v_ref, o_ref, *, scale: float):
+    additive = add_ref[...]
 
     def item(i, carry):
         v = v_ref[i]
         # Normalise before the cast, as the reference does, so bf16 results round the same way.
-        p = _probabilities(q_ref[i], k_ref[i], additive, geom.scale).astype(v.dtype)
+        p = _probabilities(q_ref[i], k_ref[i], additive, scale).astype(v.dtype)
         o_ref[i] = jnp.dot(p, v, preferred_element_type=jnp.float32).astype(o_ref.dtype)
         return carry
 
     lax.fori_loop(0, q_ref.shape[0], item, 0)
 
 
-def _bwd_kernel(cq_ref, ck_ref, vec_ref, q_ref, k_ref, v_ref, do_ref,
-                dq_ref, dk_ref, dv_ref, dvec_ref, ds_acc_ref, *, geom: pc.Geometry,
-                emulate: bool):
-    additive = _additive(cq_ref[...], ck_ref[...], vec_ref[...], geom, emulate)
-    contract_rows = (((0,), (0,)), ((), ()))
-    lp = geom.padded_length
+def _bwd_kernel(add_ref, q_ref, k_ref, v_ref, do_ref, dq_ref, dk_ref, dv_ref, *dadd_refs,
+                scale: float):
+    additive = add_ref[...]
+    if dadd_refs:
+        dadd_ref, = dadd_refs
 
-    ds_acc_ref[...] = jnp.zeros(ds_acc_ref.shape, ds_acc_ref.dtype)
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            dadd_ref[...] = jnp.zeros(dadd_ref.shape, dadd_ref.dtype)
 
     def item(i, carry):
         q, k, v, do = q_ref[i], k_ref[i], v_ref[i], do_ref[i]
-        p = _probabilities(q, k, additive, geom.scale)
-        dv = lax.dot_general(p.astype(do.dtype), do, contract_rows,
-                             preferred_element_type=jnp.float32)
+        p = _probabilities(q, k, additive, scale)
+        # Transposes spelled out: a matmul contracting the LHS's rows is not lowered everywhere.
+        pt = p.T.astype(do.dtype)
+        dv = jnp.dot(pt, do, preferred_element_type=jnp.float32)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = p * (dp - jnp.sum(p * dp, axis=1, keepdims=True))
         ds_lo = ds.astype(q.dtype)
-        dq = jnp.dot(ds_lo, k, preferred_element_type=jnp.float32) * geom.scale
-        dk = lax.dot_general(ds_lo, q, contract_rows,
-                             preferred_element_type=jnp.float32) * geom.scale
+        dq = jnp.dot(ds_lo, k, preferred_element_type=jnp.float32) * scale
+        dk = jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
         dq_ref[i] = dq.astype(dq_ref.dtype)
         dk_ref[i] = dk.astype(dk_ref.dtype)
         dv_ref[i] = dv.astype(dv_ref.dtype)
-        if geom.has_bias:
-            ds_acc_ref[...] += ds
+        if dadd_refs:
+            dadd_ref[...] += ds
         return carry
 
     lax.fori_loop(0, q_ref.shape[0], item, 0)
-    if geom.has_bias:
-        ds_total = ds_acc_ref[...]
-        # The diagonal sums are linear in dS: one rotation for the whole batch block.
-        n = geom.bias_width
-        if n > lp:
-            ds_total = jnp.concatenate([ds_total, jnp.zeros((lp, n - lp), jnp.float32)], axis=1)
-        # Row i rotated by -i (stride n - 1 == -1 mod n): column m then holds dS[i, i + m].
-        diagonals = strided_roll(ds_total, n - 1, emulate=emulate)
-        dvec_ref[...] = jnp.sum(diagonals, axis=0, keepdims=True)
-    else:
-        dvec_ref[...] = jnp.zeros(dvec_ref.shape, dvec_ref.dtype)
 
 
-def batch_block(batch: int, target: int = 8) -> int:
-    """Batch items per grid step: amortises the per-step overhead over several items."""
+def batch_block(batch: int, length: int, head_dim: int, itemsize: int) -> int:
+    """Batch items per grid step: amortises per-step overhead while the blocks stay small.
+
+    VMEM pads the head dimension to whole 128-lane rows, so that is what an item costs.
+    """
+    per_item = length * pc.round_up(head_dim, LANES) * itemsize
+    target = max(1, min(8, _BLOCK_BYTES // per_item))
     return max(d for d in range(1, min(batch, target) + 1) if batch % d == 0)
 
 
-def _specs(geom: pc.Geometry, head_dim: int, n_blocked: int, block_b: int):
-    lp, n = geom.padded_length, geom.bias_width
+def _specs(geom: pc.Geometry, shared_additive: bool, head_dim: int, n_blocked: int,
+           block_b: int):
+    lp = geom.padded_length
     sq = pl.squeezed
-    meta = [
-        pl.BlockSpec((sq, lp, 1), lambda b, h: (h, 0, 0)),
-        pl.BlockSpec((sq, 1, lp), lambda b, h: (h, 0, 0)),
-        pl.BlockSpec((sq, 1, n), lambda b, h: (h, 0, 0)),
-    ]
-    blocked = [pl.BlockSpec((block_b, sq, lp, head_dim), lambda b, h: (b, h, 0, 0))] * n_blocked
-    return meta, blocked
+    add_index = (lambda h, b: (0, 0, 0)) if shared_additive else (lambda h, b: (h, 0, 0))
+    additive = pl.BlockSpec((sq, lp, lp), add_index)
+    blocked = [pl.BlockSpec((block_b, sq, lp, head_dim), lambda h, b: (b, h, 0, 0))] * n_blocked
+    return additive, blocked
 
 
-def _codes(geom: pc.Geometry):
-    codes = jnp.asarray(geom.codes())
-    return codes[:, :, None], codes[:, None, :]
-
-
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-
-
-def _forward(geom: pc.Geometry, interpret: InterpretMode, q, k, v, vec):
+def _forward(geom: pc.Geometry, interpret: InterpretMode, q, k, v, additive):
     b, h, lp, d = q.shape
-    block_b = batch_block(b)
-    meta, blocked = _specs(geom, d, 3, block_b)
-    cq, ck = _codes(geom)
-    flops = 4 * b * h * lp * lp * d
+    block_b = batch_block(b, lp, d, q.dtype.itemsize)
+    add_spec, blocked = _specs(geom, additive.shape[0] == 1, d, 3, block_b)
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, geom=geom, emulate=_emulate(interpret)),
+        functools.partial(_fwd_kernel, scale=geom.scale),
         out_shape=jax.ShapeDtypeStruct(q.shape, v.dtype),
-        grid=(b // block_b, h),
-        in_specs=meta + blocked,
+        grid=(h, b // block_b),
+        in_specs=[add_spec] + blocked,
         out_specs=blocked[0],
-        compiler_params=_compiler_params(),
-        cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * lp * lp,
-                                      bytes_accessed=4 * q.size * q.dtype.itemsize),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=pl.CostEstimate(flops=4 * b * h * lp * lp * d,
+                                      transcendentals=b * h * lp * lp,
+                                      bytes_accessed=4 * q.size * q.dtype.itemsize
+                                      + additive.size * 4),
         interpret=_interpret_arg(interpret),
         name="multi_window_attention_fwd",
-    )(cq, ck, vec, q, k, v)
+    )(additive, q, k, v)
 
 
-def _backward(geom: pc.Geometry, interpret: InterpretMode, q, k, v, vec, do):
+def _backward(geom: pc.Geometry, interpret: InterpretMode, q, k, v, additive, do):
     b, h, lp, d = q.shape
-    n = geom.bias_width
-    block_b = batch_block(b)
-    meta, blocked = _specs(geom, d, 4, block_b)
-    cq, ck = _codes(geom)
-    dvec_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, 1, n), lambda b_, h_: (b_, h_, 0, 0))
-    flops = 10 * b * h * lp * lp * d
-    dq, dk, dv, dvec = pl.pallas_call(
-        functools.partial(_bwd_kernel, geom=geom, emulate=_emulate(interpret)),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype),
-                   jax.ShapeDtypeStruct((b // block_b, h, 1, n), jnp.float32)),
-        grid=(b // block_b, h),
-        in_specs=meta + blocked,
-        out_specs=(blocked[0], blocked[0], blocked[0], dvec_spec),
-        scratch_shapes=[pltpu.VMEM((lp, lp), jnp.float32)],
-        compiler_params=_compiler_params(),
-        cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * lp * lp,
-                                      bytes_accessed=7 * q.size * q.dtype.itemsize),
+    block_b = batch_block(b, lp, d, q.dtype.itemsize)
+    add_spec, blocked = _specs(geom, additive.shape[0] == 1, d, 4, block_b)
+    out_shape = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (q, k, v)]
+    out_specs = [blocked[0]] * 3
+    # Without bias tables the additive matrix is a constant: no gradient to sum.
+    if geom.has_bias:
+        out_shape.append(jax.ShapeDtypeStruct(additive.shape, jnp.float32))
+        out_specs.append(add_spec)
+    grads = pl.pallas_call(
+        functools.partial(_bwd_kernel, scale=geom.scale),
+        out_shape=tuple(out_shape),
+        grid=(h, b // block_b),
+        in_specs=[add_spec] + blocked,
+        out_specs=tuple(out_specs),
+        # The batch axis accumulates dS into each head's block, so it runs in order.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        cost_estimate=pl.CostEstimate(flops=10 * b * h * lp * lp * d,
+                                      transcendentals=b * h * lp * lp,
+                                      bytes_accessed=7 * q.size * q.dtype.itemsize
+                                      + 2 * additive.size * 4),
         interpret=_interpret_arg(interpret),
         name="multi_window_attention_bwd",
-    )(cq, ck, vec, q, k, v, do)
-    return dq, dk, dv, jnp.sum(dvec, axis=0)
+    )(additive, q, k, v, do)
+    dadd = grads[3] if geom.has_bias else jnp.zeros_like(additive)
+    return (*grads[:3], dadd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(geom, interpret, q, k, v, vec):
-    return _forward(geom, interpret, q, k, v, vec)
+def _attention(geom, interpret, q, k, v, additive):
+    return _forward(geom, interpret, q, k, v, additive)
 
 
-def _attention_fwd(geom, interpret, q, k, v, vec):
-    return _forward(geom, interpret, q, k, v, vec), (q, k, v, vec)
+def _attention_fwd(geom, interpret, q, k, v, additive):
+    return _forward(geom, interpret, q, k, v, additive), (q, k, v, additive)
 
 
 def _attention_bwd(geom, interpret, residuals, do):
-    q, k, v, vec = residuals
-    return _backward(geom, interpret, q, k, v, vec, do)
+    q, k, v, additive = residuals
+    return _backward(geom, interpret, q, k, v, additive, do)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -251,12 +250,10 @@ def multi_window_attention_tpu(
     """
     window_sizes = pc.validate(q, k, v, window_sizes, bias_tables)
     length, head_dim = q.shape[2], q.shape[3]
-    lp = pc.round_up(length, LANES)
     geom = pc.Geometry(
-        window_sizes=window_sizes, length=length, padded_length=lp, shift=bool(shift),
-        scale=pc.default_scale(head_dim, scale),
-        bias_width=pc.round_up(max(lp, 2 * max(window_sizes) - 1), LANES))
-    qp, kp, vp = pc.prepare(q, k, v, geom)
-    vec = pc.diagonal_bias(bias_tables, window_sizes, geom.bias_width)[:, None, :]
-    out = _attention(geom, interpret, qp, kp, vp, vec)
-    return pc.finish(out, geom, head_dim)
+        window_sizes=window_sizes, length=length, padded_length=pc.round_up(length, LANES),
+        shift=bool(shift), scale=pc.default_scale(head_dim, scale),
+        bias_width=bias_tables.shape[1])
+    qp, kp, vp = (pc.pad_length(t, geom.padded_length) for t in (q, k, v))
+    out = _attention(geom, interpret, qp, kp, vp, additive_matrix(bias_tables, geom))
+    return out[:, :, :length]
