@@ -17,9 +17,8 @@ agrees with the reference to float32 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import logging
+from collections.abc import Sequence
 
 import jax
 
@@ -40,8 +39,8 @@ IMPLEMENTATIONS = (
 # falls back to the reference (the model's sequences are 250 tokens).
 _MAX_KERNEL_LENGTH = 1024
 
-# TPU generations whose Mosaic cannot take the kernel (v2/v3 have no bfloat16 matmul operands in
-# Mosaic); "auto" uses the XLA attention there.
+# TPU generations whose Mosaic cannot take the kernel ("Unsupported matmul RHS type" for
+# bfloat16 operands on v3, the compute dtype of every real config); "auto" uses XLA there.
 _TPU_WITHOUT_KERNEL = ("TPU v2", "TPU v3")
 
 _warned: set[str] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -125,7 +126,12 @@ def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False) -> dict:
-    """Fresh parameters; ``boxed`` keeps the logical-axis metadata used for sharding."""
+    """Fresh parameters; ``boxed`` keeps the logical-axis metadata used for sharding.
+
+    Traced with the XLA attention: parameters do not depend on the implementation, and a fused
+    kernel under a mesh cannot take the batch of one the dummy inputs have.
+    """
+    config = dataclasses.replace(config, attention_impl="xla")
     variables = MaskedAutoencoder(config).init(rng, *_dummy_inputs(config))
     params = variables["params"]
     return params if boxed else nn.meta.unbox(params)

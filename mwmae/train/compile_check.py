@@ -1,10 +1,15 @@
-"""Ahead-of-time check: lower and compile the train step for a target without running it.
+"""Ahead-of-time check: lower and compile for a target without running anything.
 
   python -m mwmae.train.compile_check --config configs/mwmae_base_200_4x16.py --num_devices 8
-  python -m mwmae.train.compile_check --config ... --topology v4:2x2x2    (needs libtpu)
+  python -m mwmae.train.compile_check --config ... --topology v5p:2x2x1        (needs libtpu)
+  python -m mwmae.train.compile_check --config ... --topology v5e:2x2 --target embed
 
-Reports compile time, FLOPs and per-device memory (arguments, outputs, temporaries), so a config
-that does not fit is found before a pod is rented. ``--num_devices`` fakes that many CPU devices.
+``--target train`` (default) compiles the training step on the config's mesh; ``--target embed``
+compiles the encoder's forward as the HEAR module runs it (one device, ``--embed_batch`` chunks).
+Prints one JSON line: the attention implementation the target resolves to (decided by the
+target's devices, not this host's), lower and compile seconds, per-device memory, and XLA's own
+cost estimate (labelled ``estimated_``: a model, not a measurement). ``--num_devices`` fakes that
+many CPU devices.
 """
 
 from __future__ import annotations
@@ -19,60 +24,92 @@ if __name__ == "__main__":
     apply_num_devices_flag(sys.argv)
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mwmae.train.loop import Trainer  # noqa: E402
+from mwmae import aot  # noqa: E402
+from mwmae.kernels import resolve_implementation  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 flags.DEFINE_integer("num_devices", 0, "Fake this many CPU devices (0: the real ones).")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology, e.g. 'v4:2x2x2' (needs libtpu).")
+_TARGET = flags.DEFINE_enum("target", "train", ["train", "embed"],
+                            "What to compile: the train step or the HEAR embedding forward.")
+_EMBED_BATCH = flags.DEFINE_integer("embed_batch", 32, "Chunks per embedding batch (--target "
+                                    "embed; the HEAR module's largest bucket).")
 
 
 def target_devices(topology: str) -> list:
-    if not topology:
-        return jax.devices()
-    from jax.experimental import topologies
-
-    try:
-        return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
-    except Exception as e:  # noqa: BLE001 - which error depends on libtpu's presence
-        raise SystemExit(f"cannot describe TPU topology {topology!r} here ({e}); AOT compiles "
-                         "for TPU need libtpu (pip install 'jax[tpu]'); use --num_devices for "
-                         "a CPU check") from e
+    return aot.topology_devices(topology) if topology else jax.devices()
 
 
-def compile_report(config, devices) -> dict:
-    t = Trainer(config, "/tmp/unused", devices=devices)
+def _timed_compile(lower) -> tuple[object, dict]:
     t0 = time.perf_counter()
-    lowered = t.lower()
+    lowered = lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    from mwmae.train import perf
+    return compiled, {"lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2)}
 
-    report = {
-        "devices": len(devices), "device_kind": devices[0].device_kind,
+
+def compile_report(config, devices) -> dict:
+    """Compile the train step for ``devices`` (the config's mesh over them) and describe it."""
+    from mwmae.train.loop import Trainer
+
+    t = Trainer(config, "/tmp/unused", devices=devices)
+    compiled, times = _timed_compile(t.lower)
+    mc = t.model_config
+    return {
+        "target": "train", "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(t.mesh.shape), "batch_size": config.batch_size,
-        "dtype": t.model_config.dtype, "attention_impl": t.model_config.attention_impl,
-        "lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2),
-        "flops_per_device": perf.compiled_flops(compiled),
+        "grad_accum_steps": config.grad_accum_steps, "dtype": mc.dtype,
+        "attention_impl": mc.attention_impl,
+        "attention": resolve_implementation(mc.attention_impl, mc.num_patches, devices=devices),
+        **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
+        **aot.memory_report(compiled), **aot.cost_estimate(compiled),
     }
-    if mem is not None:
-        for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                  "alias_size_in_bytes", "generated_code_size_in_bytes"):
-            report[k.replace("_size_in_bytes", "_mib") if "code" not in k else "code_mib"] = (
-                round(getattr(mem, k, 0) / 2**20, 2))
-        report["peak_estimate_mib"] = round(
-            (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes) / 2**20, 2)
-    return report
+
+
+def embed_report(config, devices, batch: int) -> dict:
+    """Compile the encoder forward the HEAR module runs (one device) and describe it."""
+    from mwmae.api import Model
+    from mwmae.model import param_shapes
+    from mwmae.train.config import model_config_from
+
+    mc = model_config_from(config)
+    mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("device",))
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
+                          param_shapes(mc))
+    x = jax.ShapeDtypeStruct((batch, *mc.input_shape), np.float32, sharding=one)
+    fn = jax.jit(Model(mc, params).features_fn())
+
+    def lower():
+        with jax.set_mesh(mesh):  # the kernel is chosen for this device, not the host
+            return fn.lower(params, x)
+
+    compiled, times = _timed_compile(lower)
+    return {
+        "target": "embed", "devices": 1, "device_kind": devices[0].device_kind,
+        "batch_size": batch, "dtype": mc.dtype, "attention_impl": mc.attention_impl,
+        "attention": resolve_implementation(mc.attention_impl, mc.num_patches,
+                                            devices=devices[:1]),
+        **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
+        **aot.memory_report(compiled), **aot.cost_estimate(compiled),
+    }
 
 
 def main(argv: list[str]) -> None:
     del argv
-    print(json.dumps(compile_report(_CONFIG.value, target_devices(_TOPOLOGY.value))))
+    devices = target_devices(_TOPOLOGY.value)
+    if _TARGET.value == "embed":
+        report = embed_report(_CONFIG.value, devices, _EMBED_BATCH.value)
+    else:
+        report = compile_report(_CONFIG.value, devices)
+    if _TOPOLOGY.value:
+        report["topology"] = _TOPOLOGY.value
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
