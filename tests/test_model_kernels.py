@@ -38,3 +38,17 @@ def test_kernel_under_fsdp_tp_mesh_matches_single_device_reference(xla_losses):
     config.mesh.preset = "fsdp_tp"
     losses = run_steps(config, jax.devices()[:8], steps=2)
     np.testing.assert_allclose(losses, xla_losses, rtol=2e-5)
+
+
+def test_abstract_lowering_with_the_kernel_on_a_data_parallel_mesh():
+    """What compile_check does: lower the step from abstract state on a 4-way data mesh. The
+    parameters' shapes are traced at a batch of one, which the sharded kernel cannot split; they
+    are traced with the XLA attention, and the step itself calls the kernel per device."""
+    from mwmae.train.loop import Trainer
+
+    config = load_config("tiny")
+    config.model.attention_impl = "pallas_interpret"
+    config.batch_size = 8
+    config.mesh.preset = "dp"
+    lowered = Trainer(config, "/tmp/unused", devices=jax.devices()[:4]).lower()
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
