@@ -3,6 +3,8 @@
   scripts/install.sh .venv-tpu test,tpu
   .venv-tpu/bin/python benchmarks/tpu_compile.py --out benchmarks/results/tpu-compile
   .venv-tpu/bin/python benchmarks/tpu_compile.py --rows v5p-8 --attention auto   # one row
+  .venv-tpu/bin/python benchmarks/tpu_compile.py --rows v4-8 -- --config.grad_accum_steps=2
+  .venv-tpu/bin/python benchmarks/tpu_compile.py --table benchmarks/results/tpu-compile/rows.jsonl
 
 Each row runs ``python -m mwmae.train.compile_check`` in its own process (a compile of the base
 model takes minutes and GiBs of host memory) with the paper's global batch 1024 and prints one
@@ -58,18 +60,20 @@ def run_row(name: str, attention: str, batch: int, extra: list[str], timeout: in
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| slice | topology | mesh | attention | devices | batch/device | compile s | "
-           "peak GiB/device (estimate) | HBM GiB/device | fits |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    """Markdown, one line per compile."""
+    out = ["| slice | topology | mesh | attention | devices | batch/device | microbatches | "
+           "compile s | peak GiB/device (estimate) | HBM GiB/device | fits |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['slice']} | {r['topology']} | {r['preset']} | "
-                       f"{r['attention_impl']} | | | | | | error: {r['error']} |")
+                       f"{r['attention_impl']} | | | | | | | error: {r['error']} |")
             continue
         mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
         out.append(
             f"| {r['slice']} | {r['topology']} | {mesh} | {r['attention']} | {r['devices']} | "
-            f"{r['batch_size'] // r['devices']} | {r['compile_seconds']:.0f} | "
+            f"{r['batch_size'] // r['devices']} | {r['grad_accum_steps']} | "
+            f"{r['compile_seconds']:.0f} | "
             f"{r['peak_estimate_mib'] / 1024:.1f} | {r['hbm_per_device_gib']:.0f} | "
             f"{'yes' if r['fits'] else 'no'} |")
     return "\n".join(out)
@@ -82,8 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--table", type=pathlib.Path, help="only print the table of a rows.jsonl")
     p.add_argument("extra", nargs="*", help="more --config.x=y overrides for every row")
     args = p.parse_args(argv)
+    if args.table:
+        print(table([json.loads(ln) for ln in args.table.read_text().splitlines() if ln]))
+        return
     rows = []
     for name in args.rows:
         for attention in args.attention:
