@@ -15,6 +15,7 @@ a chance of about 2^-64.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,14 @@ def leaf_name(path: tuple) -> str:
     return "/".join(parts)
 
 
+@functools.cache
+def _jitted_sums():
+    import jax
+
+    # One function object, so jit's cache serves every save of the same state shapes.
+    return jax.jit(lambda xs: [_sums_jax(x) for x in xs])
+
+
 def tree_checksums(tree: Any) -> dict[str, str]:
     """{leaf name: checksum} of a tree of (possibly sharded, multi-host) jax arrays.
 
@@ -101,8 +110,7 @@ def tree_checksums(tree: Any) -> dict[str, str]:
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     names = [leaf_name(p) for p, _ in leaves]
-    sums = jax.jit(lambda xs: [_sums_jax(x) for x in xs])([x for _, x in leaves])
-    sums = jax.device_get(sums)
+    sums = jax.device_get(_jitted_sums()([x for _, x in leaves]))
     return {n: f"{int(s[0]):08x}{int(s[1]):08x}" for n, s in zip(names, sums)}
 
 

@@ -192,7 +192,11 @@ class Workdir:
 
         if options is None:
             options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
-        return ocp.CheckpointManager(self.checkpoints, item_names=ITEMS, options=options)
+        # Handlers named up front, so metadata reads work before any restore.
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        assert tuple(handlers) == ITEMS
+        return ocp.CheckpointManager(self.checkpoints, item_handlers=handlers, options=options)
 
     def steps(self) -> list[int]:
         """Finished checkpoint steps, ascending (in-progress and set-aside ones excluded)."""
@@ -302,7 +306,8 @@ class Workdir:
         given, is called after that so every process sees the same listing) and the previous one
         is tried.
         """
-        for step in sorted(manager.all_steps(read=True), reverse=True):
+        manager.reload()
+        for step in sorted(manager.all_steps(), reverse=True):
             try:
                 return self.restore_step(manager, step, abstract_state)
             except DamagedCheckpoint as e:

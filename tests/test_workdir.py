@@ -180,7 +180,7 @@ def test_a_flipped_bit_is_caught_set_aside_and_the_run_resumes_from_the_previous
     train(config, wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 4")
     assert (wd / "checkpoints" / "6.damaged").is_dir()
-    assert Workdir(wd).steps() == [2, 4, 6, 8]   # 6 rewritten by the resumed run
+    assert Workdir(wd).steps() == [4, 6, 8]   # 6 rewritten by the resumed run; keep_last 3
     rows = {r.name: r.status for r in Workdir(wd).inspect()}
     assert rows["6.damaged"] == "damaged" and rows["6"] == "complete"
 
