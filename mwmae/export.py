@@ -26,6 +26,7 @@ from typing import Any
 
 from etils import epath
 
+from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
 from mwmae.artifact import ArtifactError, save_artifact
 from mwmae.model.config import ModelConfig
 from mwmae.workdir import Workdir, WorkdirError
@@ -56,7 +57,7 @@ def export_workdir(workdir: str | epath.PathLike, out: str, *, step: int | None 
     config, params, info = load_training_checkpoint(workdir, step, with_decoder=with_decoder)
     save_artifact(out, config, params, source=f"{info['workdir']}@{info['step']}",
                   extra={"step": info["step"]}, encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: bool = False
@@ -76,7 +77,7 @@ def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: boo
     params = jax.device_get(init_params(config, jax.random.key(int(full_config["seed"]))))
     save_artifact(out, config, params, source=f"{wd}@initial",
                   extra={"step": 0}, encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def export_original(src: str, out: str, *, with_decoder: bool = False,
@@ -90,7 +91,7 @@ def export_original(src: str, out: str, *, with_decoder: bool = False,
     config, params = load_original(src, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     save_artifact(out, config, params, source=str(pathlib.Path(src).resolve()),
                   encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,14 +186,18 @@ class Workdir:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def manager(self, options: Any = None, *, read_only: bool = False) -> Any:
-        """An Orbax CheckpointManager over ``checkpoints/`` with this workdir's items."""
+    def manager(self, options: Any = None, *, read_only: bool = False,
+                partial_state: bool = False) -> Any:
+        """An Orbax CheckpointManager over ``checkpoints/`` with this workdir's items
+        (``partial_state``: the state item restores parts of the tree, for params-only reads)."""
         import orbax.checkpoint as ocp
 
         if options is None:
-            options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only)
+            options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
+                                                   save_interval_steps=0 if read_only else 1)
         # Handlers named up front, so metadata reads work before any restore.
-        handlers = {"state": ocp.StandardCheckpointHandler(),
+        state = ocp.PyTreeCheckpointHandler() if partial_state else ocp.StandardCheckpointHandler()
+        handlers = {"state": state,
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         assert tuple(handlers) == ITEMS
         return ocp.CheckpointManager(self.checkpoints, item_handlers=handlers, options=options)
@@ -346,7 +350,7 @@ class Workdir:
             raise WorkdirError(f"{self.checkpoints}: no checkpoint for step {step}; finished "
                                f"steps: {steps}")
         path = self.checkpoint_path(step)
-        manager = self.manager(read_only=True)
+        manager = self.manager(read_only=True, partial_state=True)
         try:
             tree = manager.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - any failure: the metadata is unreadable

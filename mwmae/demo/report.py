@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
 from mwmae.workdir import Workdir
 
 STAGES = ("corpus", "shards", "train", "export", "validate", "tasks", "evaluate", "report")
@@ -149,7 +150,7 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
     train_dir = Workdir(workdir / "train")
     steps, losses = loss_curve(pathlib.Path(str(train_dir.tensorboard)))
     checkpoints = train_dir.steps()
-    artifact = json.loads((workdir / "export" / "config.json").read_text())
+    artifact = json.loads((workdir / "export" / ARTIFACT_CONFIG).read_text())
     scores = downstream(workdir)
 
     clips = [sorted((workdir / "corpus" / kind).glob("*.wav"))[0] for kind in corpus]
