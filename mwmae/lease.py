@@ -113,22 +113,26 @@ class _GcsStore:
         return bytes(data), gen
 
     def swap(self, data: bytes | None, expected: Any) -> Any:
+        # A multipart upload (metadata + bytes): GCS honours ifGenerationMatch on every upload
+        # kind, the emulator only on this one, so this is the kind both run.
         try:
             if data is None:
                 self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.name,
                              ifGenerationMatch=expected)
                 return None
+            boundary = uuid.uuid4().hex
+            body = b"".join([
+                f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n".encode(),
+                json.dumps({"name": self.name}).encode(),
+                f"\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n".encode(),
+                data, f"\r\n--{boundary}--\r\n".encode()])
             out = self.fs.call(
                 "POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", self.bucket,
-                uploadType="media", name=self.name, data=data, json_out=True,
-                ifGenerationMatch=0 if expected is None else expected,
-                headers={"Content-Type": "application/json"})
-        except FileNotFoundError as e:
+                uploadType="multipart", ifGenerationMatch=0 if expected is None else expected,
+                data=body, json_out=True,
+                headers={"Content-Type": f"multipart/related; boundary={boundary}"})
+        except (FileExistsError, FileNotFoundError) as e:  # gcsfs: 412 and 404
             raise _Conflict from e
-        except Exception as e:  # gcsfs raises HttpError(412) for a failed precondition
-            if getattr(e, "code", None) in (409, 412):
-                raise _Conflict from e
-            raise
         return int(out["generation"])
 
 

@@ -233,7 +233,7 @@ def test_no_other_module_spells_the_workdir_layout():
     # Path pieces joined by hand (`/ "checkpoints"`, `"trace" /`), and Orbax's internal names.
     pieces = ["checkpoints", "tensorboard", "trace", "writer.lease", "config.json", "state",
               "meta", "metadata"]
-    joined = re.compile(r'/\s*f?"(?:%s)\b|f?"(?:%s)"\s*/' % ("|".join(map(re.escape, pieces)),
+    joined = re.compile(r'/\s*f?"(?:{})\b|f?"(?:{})"\s*/'.format("|".join(map(re.escape, pieces)),
                                                           "|".join(map(re.escape, pieces))))
     internals = ["commit_success", "_CHECKPOINT_METADATA", "orbax-checkpoint-tmp", ".damaged"]
     offenders = []
