@@ -145,3 +145,48 @@ def test_inspect_cli_lists_checkpoints(tmp_path, capsys):
     assert "4  complete" in out and "2  complete" in out
     assert "6.orbax-checkpoint-tmp-123  incomplete" in out
     assert "decoder_window_sizes" in out
+
+
+def test_ctrl_c_saves_at_the_end_of_the_step_and_reports_interrupted(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    original = SyntheticSource.next_local
+
+    def next_local(self):
+        if self.position == 3:
+            os.kill(os.getpid(), signal.SIGINT)   # as a terminal's Ctrl-C during step 4
+        return original(self)
+    monkeypatch.setattr(SyntheticSource, "next_local", next_local)
+    config = _config(steps=50, every=0)
+    lines = []
+    result = train(config, tmp_path, print_fn=lines.append)
+    assert result["status"] == "interrupted"
+    assert "interrupted: saving step 4 and stopping" in lines
+    assert Workdir(tmp_path).steps() == [4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+
+
+def test_checksums_detect_a_flipped_bit_on_gs(tmp_path):
+    import gcs_emulator
+    import gcsfs
+
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        config = _config(steps=2)
+        t = Trainer(config, "gs://ckpt-bucket/run")
+        wd = Workdir("gs://ckpt-bucket/run")
+        manager = ckpt.make_manager(wd, config)
+        for step in (1, 2):
+            ckpt.save_checkpoint(wd, manager, step, t.initial_state(), {"position": step},
+                                 {"step": step}, force=True)
+        manager.wait_until_finished()
+        fs = gcsfs.GCSFileSystem()
+        files = [f for f in fs.find("ckpt-bucket/run/checkpoints/2/state") if "/d/" in f]
+        target = max(files, key=lambda f: fs.size(f))
+        data = bytearray(fs.cat_file(target))
+        data[len(data) // 2] ^= 0x10
+        fs.pipe_file(target, bytes(data))
+        state, _, meta = ckpt.restore_latest(wd, ckpt.make_manager(wd, config),
+                                             t.abstract_state())
+        assert meta["step"] == 1 and wd.steps() == [1]
+        assert fs.isdir("ckpt-bucket/run/checkpoints/2.damaged")

@@ -82,6 +82,7 @@ def _wait_for(predicate, timeout, what):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_second_trainer_refused_while_the_first_runs_accepted_after_kill_9(tmp_path):
     wd = tmp_path / "wd"
     lease_file = wd / "writer.lease"

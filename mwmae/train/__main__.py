@@ -9,7 +9,9 @@ likewise), 2 for a config or workdir the run refuses (one line on stderr saying 
 anything else.
 """
 
+import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -60,10 +62,22 @@ def main(argv: list[str]) -> None:
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
     except REFUSALS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if not isinstance(e, FloatingPointError) else 1)
+        _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
+    except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _exit_with(f"error: {type(e).__name__}: {first}", 1)
     if result["status"] == "interrupted":
         sys.exit(130)
+
+
+def _exit_with(message: str, code: int) -> None:
+    """Print the error last and leave at once: train() has already waited for its saves and
+    closed its writers, and interpreter shutdown would only let library threads (Grain's
+    traceback notes, futures refused after shutdown) print after it."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
 
 
 def run() -> None:
