@@ -244,3 +244,21 @@ def test_no_other_module_spells_the_workdir_layout():
         offenders += [f"{path.relative_to(REPO)}: {m.group(0)}" for m in joined.finditer(code)]
         offenders += [f"{path.relative_to(REPO)}: {n}" for n in internals if n in code]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("entry", ["mwmae.train.loop", "mwmae.export", "mwmae.checkpoint",
+                                   "hear_mwmae"])
+def test_every_entry_point_uses_the_tested_gs_client(entry):
+    """Without EPATH_USE_TF in the environment (a real TPU VM), gs:// workdir paths still go
+    through fsspec/gcsfs, the client the emulator tests exercise, not TensorFlow's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EPATH_USE_TF"}
+    code = (f"import {entry}; from etils import epath; "
+            "print(type(epath.Path('gs://bucket/run')._backend).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "_FileSystemSpecBackend", r.stdout
