@@ -22,6 +22,7 @@ from train_step import load  # noqa: E402
 
 from mwmae.train import checkpoint as ckpt  # noqa: E402
 from mwmae.train.loop import Trainer, synthetic_source  # noqa: E402
+from mwmae.workdir import Workdir  # noqa: E402
 
 
 def main() -> None:
@@ -52,17 +53,18 @@ def main() -> None:
         for _ in range(a.steps):
             state, dt = run(state)
             plain.append(dt)
-        manager = ckpt.make_manager(pathlib.Path(tmp) / "checkpoints", config)
+        wd = Workdir(tmp)
+        manager = ckpt.make_manager(wd, config)
         t0 = time.perf_counter()
-        ckpt.save_checkpoint(manager, 1, state, {"position": 1}, {"step": 1}, force=True)
+        ckpt.save_checkpoint(wd, manager, 1, state, {"position": 1}, {"step": 1}, force=True)
         blocked = time.perf_counter() - t0     # the loop waits this long (device-to-host copy)
         state, with_save = run(state)          # a step running while the save writes
         manager.wait_until_finished()
         total = time.perf_counter() - t0
-        size = sum(f.stat().st_size for f in (pathlib.Path(tmp) / "checkpoints").rglob("*")
+        size = sum(f.stat().st_size for f in pathlib.Path(str(wd.checkpoints)).rglob("*")
                    if f.is_file())
         t0 = time.perf_counter()
-        restored = ckpt.restore_latest(manager, t.abstract_state())
+        restored = ckpt.restore_latest(wd, manager, t.abstract_state())
         jax.block_until_ready(restored[0])
         restore = time.perf_counter() - t0
         step_s = statistics.median(plain)

@@ -28,6 +28,7 @@ from mwmae.artifact import (
 )
 from mwmae.convert import _CKPT_RE, CheckpointError, load_original
 from mwmae.model import MaskedAutoencoder, ModelConfig, Reconstruction, param_shapes
+from mwmae.workdir import Workdir, WorkdirError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ def check_params(config: ModelConfig, params: Any, source: str, *,
 def load(path: str | os.PathLike, *, dtype: str | None = None,
          attention_impl: str | None = None) -> Model:
     """Load a model from an mwmae artifact, an original-format checkpoint directory, or a
-    training workdir (``config.json`` + ``checkpoints/<step>``; the latest step).
+    training workdir (see :mod:`mwmae.workdir`; its latest checkpoint).
 
     ``dtype`` / ``attention_impl`` override the compute dtype and attention backend. An
     encoder-only artifact loads with ``has_decoder`` False: features work, reconstruct raises.
@@ -159,16 +160,16 @@ def load(path: str | os.PathLike, *, dtype: str | None = None,
         check_params(config, params, str(path), encoder_only=bool(meta.get("encoder_only")))
     elif path.is_dir() and any(_CKPT_RE.match(p.name) for p in path.iterdir()):
         config, params = load_original(path)
-    elif path.is_dir() and (path / "checkpoints").is_dir():
-        from mwmae.export import load_training_checkpoint
-
-        config, params, _ = load_training_checkpoint(path, with_decoder=True)
+    elif path.is_dir() and Workdir.looks_like_one(path):
+        try:
+            config, params, _ = Workdir(path).read_params(with_decoder=True)
+        except WorkdirError as e:
+            raise CheckpointError(str(e)) from e
     else:
         raise CheckpointError(
             f"{path}: not a model: expected an mwmae artifact (config.json with format "
             "'mwmae-artifact' + params.msgpack), an original-format checkpoint directory "
-            "(checkpoint_<step> + config.json) or a training workdir (config.json + "
-            "checkpoints/<step>)")
+            "(checkpoint_<step> + config.json) or a training workdir (see mwmae.workdir)")
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
     if overrides:
         config = config.replace(**overrides)

@@ -2,49 +2,26 @@
 
   python -m mwmae.checkpoint inspect WORKDIR      (local or gs://)
 
-Lists every checkpoint with its step, size, completeness (a crash mid-write leaves a
-``<step>.orbax-checkpoint-tmp-*`` directory; restore ignores it) and counters, then the
-architecture of the run's config.
+Lists every checkpoint with its step, size and state: ``complete`` (finished; restore and
+export may use it), ``incomplete`` (a crash mid-write; restore ignores it) or ``damaged`` (it
+failed verification and was set aside; never used), with its counters, then the architecture
+of the run's config and who holds the workdir's writer lease.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from etils import epath
+from mwmae.lease import Lease
+from mwmae.workdir import CheckpointInfo, Workdir, WorkdirError
+
+_STATUS = {"complete": "complete", "incomplete": "incomplete (ignored on restore)",
+           "damaged": "damaged (set aside, never restored)"}
 
 
-def _size(path: epath.Path) -> int:
-    # A walk by hand: recursive globs are refused on gs:// paths.
-    if not path.is_dir():
-        return int(path.stat().length)
-    return sum(_size(p) for p in path.iterdir())
-
-
-def _complete(path: epath.Path) -> bool:
-    return "tmp" not in path.name and ((path / "commit_success.txt").exists()
-                                        or (path / "_CHECKPOINT_METADATA").exists())
-
-
-def inspect(workdir: str) -> list[dict]:
-    root = epath.Path(workdir)
-    ckpts = root / "checkpoints"
-    if not ckpts.exists():
-        raise FileNotFoundError(f"{ckpts}: no checkpoints directory (is {root} a workdir?)")
-    rows = []
-    for path in sorted(ckpts.iterdir(), key=lambda p: (len(p.name), p.name)):
-        if not path.is_dir():
-            continue
-        row = {"name": path.name, "complete": _complete(path), "bytes": _size(path)}
-        meta = path / "meta" / "metadata"
-        if row["complete"] and meta.exists():
-            m = json.loads(meta.read_text())
-            row.update({k: m.get(k) for k in ("step", "examples_seen", "skipped_steps",
-                                              "train_seconds")})
-        rows.append(row)
-    return rows
+def inspect(workdir: str) -> list[CheckpointInfo]:
+    return Workdir(workdir).inspect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,22 +29,30 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="verb", required=True)
     sub.add_parser("inspect", help="list checkpoints of a workdir").add_argument("workdir")
     a = p.parse_args(argv)
+    wd = Workdir(a.workdir)
     try:
-        rows = inspect(a.workdir)
-    except FileNotFoundError as e:
+        rows = wd.inspect()
+        config = wd.read_config()
+    except (FileNotFoundError, WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in rows:
-        status = "complete" if r["complete"] else "incomplete (ignored on restore)"
         extra = ""
-        if r.get("step") is not None:
-            extra = (f"  step {r['step']}  examples {r['examples_seen']}  "
-                     f"skipped {r['skipped_steps']}  {r['train_seconds']:.0f}s trained")
-        print(f"{r['name']}  {status}  {r['bytes'] / 2**20:.1f} MiB{extra}")
-    cfg = epath.Path(a.workdir) / "config.json"
-    if cfg.exists():
-        model = json.loads(cfg.read_text()).get("model", {})
+        m = r.meta or {}
+        if m.get("step") is not None:
+            extra = (f"  step {m['step']}  examples {m.get('examples_seen')}  "
+                     f"skipped {m.get('skipped_steps')}  {m.get('train_seconds', 0):.0f}s trained"
+                     f"{'  checksummed' if m.get('checksums') else ''}")
+        elif m.get("error"):
+            extra = f"  {m['error'][:200]}"
+        print(f"{r.name}  {_STATUS[r.status]}  {r.bytes / 2**20:.1f} MiB{extra}")
+    if config is not None:
+        model = config.get("model", {})
         print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()))
+    holder = Lease(wd.lease_path).holder()
+    if holder is not None:
+        state = "stale" if holder.is_stale() else "live"
+        print(f"writer lease ({state}): {holder.describe()}")
     return 0
 
 

@@ -4,12 +4,12 @@
     python -m mwmae.export --workdir WORKDIR --initial --out DIR
     python -m mwmae.export --from-original DIR --out DIR [--with_decoder]
 
-A training workdir is what :func:`mwmae.train.loop.train` writes: ``config.json`` (the whole
-training config; its ``model`` entry is the architecture) and ``checkpoints/<step>/state``, an
-Orbax checkpoint of ``TrainState{step, params, opt_state}`` whose arrays may be sharded over
-the devices of many hosts. Export runs as ONE process on any machine that can read the workdir
-(local path or ``gs://``): Orbax reads every host's shards and assembles whole arrays on the
-host, and only the parameters are read (the optimizer moments, twice their size, are skipped).
+A training workdir is what :func:`mwmae.train.loop.train` writes (its layout belongs to
+:mod:`mwmae.workdir`): the run's config and Orbax checkpoints of the TrainState, whose arrays
+may be sharded over the devices of many hosts. Export runs as ONE process on any machine that
+can read the workdir (local path or ``gs://``): Orbax reads every host's shards and assembles
+whole arrays on the host, and only the parameters are read (the optimizer moments, twice their
+size, are skipped).
 
 By default only the encoder (what embeddings need) is written; ``--with_decoder`` keeps the
 decoder for reconstructions. ``--initial`` writes the run's weights before its first step (the
@@ -22,56 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from etils import epath
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from mwmae.artifact import ENCODER_KEYS, ArtifactError, save_artifact
-from mwmae.data import storage
+from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
+from mwmae.artifact import ArtifactError, save_artifact
 from mwmae.model.config import ModelConfig
+from mwmae.workdir import Workdir, WorkdirError
 
 
 class ExportError(ValueError):
     """A workdir or checkpoint that cannot be exported; the message names the path."""
-
-
-def _read_training_config(workdir: epath.Path) -> tuple[ModelConfig, dict[str, Any]]:
-    cfg_path = workdir / "config.json"
-    try:
-        full = json.loads(cfg_path.read_text())
-    except FileNotFoundError as e:
-        raise ExportError(f"{cfg_path}: missing; a training workdir has the run's config.json "
-                          "beside checkpoints/") from e
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
-        raise ExportError(f"{cfg_path}: no 'model' entry; not a training config")
-    try:
-        return ModelConfig.from_dict(full["model"]), full
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{cfg_path}: bad model config: {e}") from e
-
-
-def checkpoint_steps(workdir: str | epath.PathLike) -> list[int]:
-    """Finished checkpoint steps under ``WORKDIR/checkpoints``, ascending."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if not ckpt_dir.exists():
-        return []
-    return sorted(int(s) for s in ocp.utils.checkpoint_steps(ckpt_dir))
-
-
-def _tree_metadata(state_dir: epath.Path) -> Mapping[str, Any]:
-    import orbax.checkpoint as ocp
-
-    meta = ocp.PyTreeCheckpointer().metadata(state_dir)
-    # Orbax returns a step-metadata wrapper in newer releases and the bare tree in older ones.
-    item = getattr(meta, "item_metadata", meta)
-    return getattr(item, "tree", item)
 
 
 def load_training_checkpoint(workdir: str | epath.PathLike, step: int | None = None, *,
@@ -79,60 +41,14 @@ def load_training_checkpoint(workdir: str | epath.PathLike, step: int | None = N
                              ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """(config, params as numpy, info) from a training workdir; the latest step by default.
 
-    Only the encoder's parameters are read unless ``with_decoder``. Shapes are checked against
-    the architecture in ``config.json`` before anything is read.
+    Only the encoder's parameters are read unless ``with_decoder``; shapes are checked against
+    the architecture in the workdir's config before anything is read, and the arrays against
+    the checksums recorded at save (see :meth:`mwmae.workdir.Workdir.read_params`).
     """
-    import orbax.checkpoint as ocp
-
-    from mwmae.model import param_shapes
-
-    workdir = epath.Path(storage.absolute(workdir))
-    config, full_config = _read_training_config(workdir)
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise ExportError(f"{workdir / 'checkpoints'}: no finished checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"{workdir / 'checkpoints'}: no checkpoint for step {step}; "
-                          f"finished steps: {steps}")
-    state_dir = workdir / "checkpoints" / str(step) / "state"
-    if not state_dir.exists():
-        raise ExportError(f"{state_dir}: missing; expected the TrainState item of an Orbax "
-                          "CheckpointManager Composite checkpoint")
     try:
-        tree = _tree_metadata(state_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ExportError(f"{state_dir}: unreadable checkpoint metadata ({e})") from e
-    if tree is None or "params" not in tree:
-        raise ExportError(f"{state_dir}: no 'params' in the checkpoint (top-level entries: "
-                          f"{sorted(tree or ())})")
-
-    want = param_shapes(config)
-    if not with_decoder:
-        want = {k: v for k, v in want.items() if k in ENCODER_KEYS}
-    want_flat = flatten_dict(want)
-    got_flat = flatten_dict(tree["params"])
-    problems = [f"missing {'/'.join(k)} {v.shape}" for k, v in want_flat.items()
-                if k not in got_flat]
-    problems += [f"{'/'.join(k)}: shape {tuple(got_flat[k].shape)}, config implies {v.shape}"
-                 for k, v in want_flat.items()
-                 if k in got_flat and tuple(got_flat[k].shape) != tuple(v.shape)]
-    if problems:
-        raise ExportError(f"{state_dir}: the checkpoint does not match the model in "
-                          f"{workdir / 'config.json'}:\n  " + "\n  ".join(problems[:20]))
-
-    # Whole numpy arrays on the host, whatever mesh wrote them; only the leaves asked for.
-    item = {"params": unflatten_dict(
-        {k: np.zeros(v.shape, v.dtype) for k, v in want_flat.items()})}
-    restore_args = {"params": unflatten_dict(
-        {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in want_flat})}
-    restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                               partial_restore=True))
-    params = {k: np.asarray(v, np.float32) for k, v in flatten_dict(restored["params"]).items()}
-    info = {"workdir": str(workdir), "step": int(step), "seed": full_config.get("seed")}
-    return config, unflatten_dict(params), info
+        return Workdir(workdir).read_params(step, with_decoder=with_decoder)
+    except WorkdirError as e:
+        raise ExportError(str(e)) from e
 
 
 def export_workdir(workdir: str | epath.PathLike, out: str, *, step: int | None = None,
@@ -141,7 +57,7 @@ def export_workdir(workdir: str | epath.PathLike, out: str, *, step: int | None 
     config, params, info = load_training_checkpoint(workdir, step, with_decoder=with_decoder)
     save_artifact(out, config, params, source=f"{info['workdir']}@{info['step']}",
                   extra={"step": info["step"]}, encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: bool = False
@@ -151,15 +67,17 @@ def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: boo
 
     from mwmae.model import init_params
 
-    workdir = epath.Path(workdir)
-    config, full_config = _read_training_config(workdir)
+    wd = Workdir(workdir)
+    try:
+        config, full_config = wd.model_config()
+    except WorkdirError as e:
+        raise ExportError(str(e)) from e
     if "seed" not in full_config:
-        raise ExportError(f"{workdir / 'config.json'}: no 'seed'; cannot recreate the initial "
-                          "weights")
+        raise ExportError(f"{wd.config_path}: no 'seed'; cannot recreate the initial weights")
     params = jax.device_get(init_params(config, jax.random.key(int(full_config["seed"]))))
-    save_artifact(out, config, params, source=f"{workdir}@initial",
+    save_artifact(out, config, params, source=f"{wd}@initial",
                   extra={"step": 0}, encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def export_original(src: str, out: str, *, with_decoder: bool = False,
@@ -173,7 +91,7 @@ def export_original(src: str, out: str, *, with_decoder: bool = False,
     config, params = load_original(src, num_heads=num_heads, decoder_num_heads=decoder_num_heads)
     save_artifact(out, config, params, source=str(pathlib.Path(src).resolve()),
                   encoder_only=not with_decoder)
-    return json.loads((epath.Path(out) / "config.json").read_text())
+    return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

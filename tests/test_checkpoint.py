@@ -10,6 +10,7 @@ from train_helpers import load_config
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import SyntheticSource, Trainer, train
+from mwmae.workdir import Workdir
 
 
 def _config(steps=6, every=2):
@@ -37,18 +38,20 @@ def test_checkpoint_holds_state_input_position_and_counters(tmp_path):
                   if p.name.isdigit()) == [2, 4, 6]
 
 
-def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+def test_damaged_checkpoint_is_set_aside_with_a_warning(tmp_path, caplog):
     train(_config(), tmp_path, print_fn=lambda _: None)
     # truncate the newest checkpoint's array data, as a crash during a copy would
     for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and "d" == f.parent.name:
             f.write_bytes(f.read_bytes()[:10])
     t = Trainer(_config(), tmp_path)
+    wd = Workdir(tmp_path)
     with caplog.at_level("WARNING"):
-        state, data, meta = ckpt.restore_latest(
-            ckpt.make_manager(tmp_path / "checkpoints", t.config), t.abstract_state())
+        state, data, meta = ckpt.restore_latest(wd, ckpt.make_manager(wd, t.config),
+                                                t.abstract_state())
     assert int(state.step) == 4 and meta["step"] == 4 and data == {"position": 4}
-    assert any("checkpoints/6 is damaged or incomplete" in r.message for r in caplog.records)
+    assert any("checkpoints/6: unreadable" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "checkpoints" / "6.damaged").is_dir() and wd.steps() == [2, 4]
 
 
 def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):
@@ -56,14 +59,15 @@ def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):
     config.mesh.preset = "fsdp_tp"
     t8 = Trainer(config, tmp_path, devices=jax.devices()[:8])
     state = t8.initial_state()
-    manager = ckpt.make_manager(tmp_path / "checkpoints", config)
-    ckpt.save_checkpoint(manager, 1, state, {"position": 1}, {"step": 1}, force=True)
+    wd = Workdir(tmp_path)
+    manager = ckpt.make_manager(wd, config)
+    ckpt.save_checkpoint(wd, manager, 1, state, {"position": 1}, {"step": 1}, force=True)
     manager.wait_until_finished()
 
     other = _config(steps=2)
     other.mesh.preset = "dp"
     t4 = Trainer(other, tmp_path, devices=jax.devices()[:4])
-    restored, _, _ = ckpt.restore_latest(ckpt.make_manager(tmp_path / "checkpoints", other),
+    restored, _, _ = ckpt.restore_latest(wd, ckpt.make_manager(wd, other),
                                          t4.abstract_state())
     _params_equal(restored.params, state.params)
     kernel = restored.params["encoder"]["layers"]["block_0"]["mlp"]["fc1"]["kernel"]
@@ -87,14 +91,15 @@ def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
         config = _config(steps=2)
         t = Trainer(config, "gs://ckpt-bucket/run")
         state = t.initial_state()
-        manager = ckpt.make_manager("gs://ckpt-bucket/run/checkpoints", config)
-        ckpt.save_checkpoint(manager, 2, state, {"position": 2}, {"step": 2}, force=True)
+        wd = Workdir("gs://ckpt-bucket/run")
+        manager = ckpt.make_manager(wd, config)
+        ckpt.save_checkpoint(wd, manager, 2, state, {"position": 2}, {"step": 2}, force=True)
         manager.wait_until_finished()
-        assert manager.all_steps() == [2]
-        again = ckpt.make_manager("gs://ckpt-bucket/run/checkpoints", config)
-        restored, data, meta = ckpt.restore_latest(again, t.abstract_state())
+        assert manager.all_steps() == [2] and wd.steps() == [2]
+        again = ckpt.make_manager(wd, config)
+        restored, data, meta = ckpt.restore_latest(wd, again, t.abstract_state())
         _params_equal(restored.params, state.params)
-        assert data == {"position": 2} and meta == {"step": 2}
+        assert data == {"position": 2} and meta["step"] == 2 and meta["checksums"]
 
 
 def _nan_at(step_with_nan: int):
@@ -124,7 +129,7 @@ def test_nonfinite_step_stops_naming_the_step_and_last_good_checkpoint(tmp_path,
     monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
     config = _config(steps=6)
     config.log_every_steps = 1
-    with pytest.raises(FloatingPointError, match=r"at step 3 .*Last good checkpoint: .*"
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*Last verified checkpoint: .*"
                                                  r"checkpoints/2"):
         train(config, tmp_path, print_fn=lambda _: None)
 
@@ -140,3 +145,48 @@ def test_inspect_cli_lists_checkpoints(tmp_path, capsys):
     assert "4  complete" in out and "2  complete" in out
     assert "6.orbax-checkpoint-tmp-123  incomplete" in out
     assert "decoder_window_sizes" in out
+
+
+def test_ctrl_c_saves_at_the_end_of_the_step_and_reports_interrupted(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    original = SyntheticSource.next_local
+
+    def next_local(self):
+        if self.position == 3:
+            os.kill(os.getpid(), signal.SIGINT)   # as a terminal's Ctrl-C during step 4
+        return original(self)
+    monkeypatch.setattr(SyntheticSource, "next_local", next_local)
+    config = _config(steps=50, every=0)
+    lines = []
+    result = train(config, tmp_path, print_fn=lines.append)
+    assert result["status"] == "interrupted"
+    assert "interrupted: saving step 4 and stopping" in lines
+    assert Workdir(tmp_path).steps() == [4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+
+
+def test_checksums_detect_a_flipped_bit_on_gs(tmp_path):
+    import gcs_emulator
+    import gcsfs
+
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        config = _config(steps=2)
+        t = Trainer(config, "gs://ckpt-bucket/run")
+        wd = Workdir("gs://ckpt-bucket/run")
+        manager = ckpt.make_manager(wd, config)
+        for step in (1, 2):
+            ckpt.save_checkpoint(wd, manager, step, t.initial_state(), {"position": step},
+                                 {"step": step}, force=True)
+        manager.wait_until_finished()
+        fs = gcsfs.GCSFileSystem()
+        files = [f for f in fs.find("ckpt-bucket/run/checkpoints/2/state") if "/d/" in f]
+        target = max(files, key=lambda f: fs.size(f))
+        data = bytearray(fs.cat_file(target))
+        data[len(data) // 2] ^= 0x10
+        fs.pipe_file(target, bytes(data))
+        state, _, meta = ckpt.restore_latest(wd, ckpt.make_manager(wd, config),
+                                             t.abstract_state())
+        assert meta["step"] == 1 and wd.steps() == [1]
+        assert fs.isdir("ckpt-bucket/run/checkpoints/2.damaged")

@@ -42,7 +42,8 @@ def _wait_for(predicate, procs, timeout=240):
 
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards, uninterrupted):
     workdir = tmp_path / "run"
-    args = COMMON + [f"--config.data.train_shards={shards}"]
+    # A short lease, so the restart can take over the killed run's lease soon.
+    args = COMMON + [f"--config.data.train_shards={shards}", "--config.lease_seconds=2"]
     kill_at = random.Random().randint(5, 10)
     procs = launch(workdir, args)
     _wait_for(lambda: (workdir / "checkpoints" / "4" / "commit_success.txt").exists()
@@ -52,6 +53,7 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards, uninterrupted
     wait_all(procs)
     assert max(read_trace(workdir, 0)) < STEPS, "the run finished before it was killed"
 
+    time.sleep(2.5)   # the killed run's writer lease goes stale
     assert wait_all(launch(workdir, args)) == [0, 0]
     for host in (0, 1):
         resumed, reference = read_trace(workdir, host), uninterrupted[host]

@@ -201,6 +201,34 @@ def test_missing_shard_and_too_few_shards(tmp_path):
         iterator(manifest, config())
 
 
+def test_missing_shard_is_an_error_at_the_start_even_with_skip(tmp_path):
+    """As the README says: a shard missing when the run starts is a listing error, whatever
+    on_error; one that vanishes during the run is skipped and counted under skip."""
+    manifest = write_dataset(tmp_path, num_shards=3, per_shard=4)
+    gone = shards.resolve(manifest)[1].path
+    it = iterator(manifest, config(train=False, on_error="skip", global_batch_size=1))
+    os.remove(gone)   # after the listing: vanished mid-run
+    seen = ids(list(it))
+    assert sorted(seen) == [k for k in range(12) if k not in range(4, 8)]
+    assert len(it.errors) == 1 and it.errors.skipped_records == 4   # the manifest's count
+    with pytest.raises(FileNotFoundError, match=f"shard missing: {gone}"):
+        iterator(manifest, config(on_error="skip"))
+
+
+def test_record_count_is_checked_against_the_manifest(tmp_path):
+    manifest = write_dataset(tmp_path, num_shards=2, per_shard=4)
+    text = open(manifest).read().replace(",4\n", ",6\n", 1)   # first shard: listed 6, has 4
+    with open(manifest, "w") as f:
+        f.write(text)
+    first = shards.resolve(manifest)[0].path
+    with pytest.raises(RecordError, match=f"{os.path.basename(first)}: 4 records, the "
+                                          "manifest lists 6"):
+        list(iterator(manifest, config(train=False, global_batch_size=1)))
+    it = iterator(manifest, config(train=False, on_error="skip", global_batch_size=1))
+    assert sorted(ids(list(it))) == list(range(8))
+    assert len(it.errors) == 1 and it.errors.skipped_records == 2
+
+
 def test_global_batch_is_sharded_over_the_batch_axes(dataset):
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
     mesh = jax.sharding.Mesh(devices, ("data", "model"),

@@ -21,6 +21,7 @@ from mwmae.artifact import ENCODER_KEYS, ArtifactError, load_artifact
 from mwmae.model import init_params
 from mwmae.train.config import model_config_from
 from mwmae.train.loop import train
+from mwmae.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_export_with_decoder_reconstructs(original_checkpoint, tmp_path, fixture
 # ---- training workdirs -----------------------------------------------------------------------
 
 def test_export_latest_and_chosen_step(workdir, tmp_path):
-    assert export.checkpoint_steps(workdir) == [2, 4]
+    assert Workdir(workdir).steps() == [2, 4]
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "latest")]) == 0
     assert export.main(["--workdir", str(workdir), "--step", "2",
                         "--out", str(tmp_path / "s2")]) == 0

@@ -48,3 +48,26 @@ def test_training_reads_shards_and_resumes_their_position(tmp_path):
     more = []
     train(config, tmp_path / "run", print_fn=more.append)
     assert more[0].startswith("resumed from step 6")
+
+
+def test_skipped_records_are_counted_in_the_metrics_and_checkpoints(tmp_path):
+    from mwmae.workdir import Workdir
+
+    manifest = write_id_shards(tmp_path / "shards", clips=64, per_shard=16)
+    # Every shard listed one record longer than it is: each end of a shard counts one skip.
+    text = (tmp_path / "shards" / "manifest.csv").read_text().replace(",16\n", ",17\n")
+    (tmp_path / "shards" / "manifest.csv").write_text(text)
+    config = load_config("tiny")
+    config.data.source = "shards"
+    config.data.train_shards = manifest
+    config.data.on_error = "skip"
+    config.data.shuffle_buffer = 1
+    config.data.cycle_length = 1
+    config.num_train_steps = 4
+    config.checkpoint.every_steps = 4
+    config.image_every_steps = 0
+    config.checkpoint.asynchronous = False
+    metrics = train(config, tmp_path / "run", print_fn=lambda _: None)
+    assert metrics["skipped_records"] >= 1
+    meta = Workdir(tmp_path / "run").read_meta(4)
+    assert meta["skipped_records"] >= 1   # saved with the checkpoint, so a resume goes on counting

@@ -88,16 +88,23 @@ class PipelineConfig:
 
 
 class ErrorLog:
-    """Records skipped under ``on_error="skip"``; shared by the reader threads."""
+    """Records skipped under ``on_error="skip"``; shared by the reader threads.
+
+    ``skipped_records`` counts the records lost: one per damaged record; for a shard whose
+    stream breaks off (or that vanished) the rest of it, when a manifest gives its length, else
+    one.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self.entries: list[tuple[str, int, str]] = []
+        self.skipped_records = 0
 
-    def add(self, path: str, record: int, reason: str) -> None:
+    def add(self, path: str, record: int, reason: str, records: int = 1) -> None:
         log.warning("skipping %s record %d: %s", path, record, reason)
         with self._lock:
             self.entries.append((path, record, reason))
+            self.skipped_records += records
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -122,13 +129,22 @@ class _ShardIterator(grain.DatasetIterator):
         self._done = False
         self._reader = None
 
-    def _fail(self, index: int, error: Exception) -> None:
+    def _fail(self, index: int, error: Exception, records: int = 1) -> None:
         if self._config.on_error == "raise":
             message = str(error)
             if self._shard.path not in message:
                 message = f"{self._shard.path}: record {index}: {message}"
             raise RecordError(message) from error
-        self._errors.add(self._shard.path, index, str(error))
+        self._errors.add(self._shard.path, index, str(error), records)
+
+    def _check_count(self) -> None:
+        # A shard cut at a record boundary reads cleanly: only the manifest's count shows it.
+        listed = self._shard.num_records
+        if listed is None or self._next == listed:
+            return
+        error = RecordError(f"{self._shard.path}: {self._next} records, the manifest lists "
+                            f"{listed}")
+        self._fail(self._next, error, records=max(0, listed - self._next))
 
     def __next__(self) -> dict[str, np.ndarray]:
         while not self._done:
@@ -141,12 +157,14 @@ class _ShardIterator(grain.DatasetIterator):
                 raw = next(self._reader)
             except StopIteration:
                 self._done = True
+                self._check_count()
                 break
             except (RecordError, OSError) as e:
                 # The stream itself is damaged or gone: nothing after this point is readable.
                 self._done = True
                 self._close_reader()
-                self._fail(index, e)
+                listed = self._shard.num_records
+                self._fail(index, e, records=max(1, listed - index) if listed else 1)
                 break
             self._next += 1
             try:

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
+from mwmae.workdir import Workdir
+
 STAGES = ("corpus", "shards", "train", "export", "validate", "tasks", "evaluate", "report")
 
 
@@ -144,10 +147,10 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
     corpus = {kind.name: len(list(kind.glob("*.wav")))
               for kind in sorted((workdir / "corpus").iterdir()) if kind.is_dir()}
     shard_info = shard_summary(workdir / "shards" / "data-manifest.csv")
-    steps, losses = loss_curve(workdir / "train" / "tensorboard")
-    checkpoints = sorted(int(p.name) for p in (workdir / "train" / "checkpoints").iterdir()
-                         if p.name.isdigit())
-    artifact = json.loads((workdir / "export" / "config.json").read_text())
+    train_dir = Workdir(workdir / "train")
+    steps, losses = loss_curve(pathlib.Path(str(train_dir.tensorboard)))
+    checkpoints = train_dir.steps()
+    artifact = json.loads((workdir / "export" / ARTIFACT_CONFIG).read_text())
     scores = downstream(workdir)
 
     clips = [sorted((workdir / "corpus" / kind).glob("*.wav"))[0] for kind in corpus]

@@ -3,13 +3,24 @@
 Multi-host: on TPU VMs pass ``--multihost`` (JAX finds the coordinator itself); elsewhere (GPU
 hosts, several processes on one machine) give ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` on every process.
+
+Exit status: 0 done or preempted (SIGTERM; a checkpoint was saved), 130 after Ctrl-C (saved
+likewise), 2 for a config or workdir the run refuses (one line on stderr saying why), 1 for
+anything else.
 """
+
+import os
+import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mwmae.lease import LeaseHeld, LeaseLost
+from mwmae.train.config import ConfigError, all_keys, default_config, unknown_key_message
 from mwmae.train.loop import train
+from mwmae.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (local or gs://).")
@@ -19,6 +30,23 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# What the run refuses for a reason the user can fix; printed as one line, not a traceback.
+REFUSALS = (ConfigError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The message for the first ``--config.x=...`` whose key the schema lacks (ml_collections
+    would fail on it with a traceback), or None."""
+    known = set(all_keys(default_config()))
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                return unknown_key_message(key)
+    return None
 
 
 def main(argv: list[str]) -> None:
@@ -31,8 +59,34 @@ def main(argv: list[str]) -> None:
                                    process_id=_PROCESS_ID.value)
     elif _MULTIHOST.value:
         jax.distributed.initialize()
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except REFUSALS as e:
+        _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
+    except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _exit_with(f"error: {type(e).__name__}: {first}", 1)
+    if result["status"] == "interrupted":
+        sys.exit(130)
+
+
+def _exit_with(message: str, code: int) -> None:
+    """Print the error last and leave at once: train() has already waited for its saves and
+    closed its writers, and interpreter shutdown would only let library threads (Grain's
+    traceback notes, futures refused after shutdown) print after it."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def run() -> None:
+    message = unknown_override(sys.argv)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    app.run(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -1,22 +1,20 @@
-"""Orbax checkpoints of a run: state, input position, counters; policies; preemption.
+"""Checkpoint policies, preemption and interruption, for the trainer.
 
-One checkpoint (``WORKDIR/checkpoints/<step>/``) holds three items:
-  * ``state``: the TrainState as sharded arrays (every host writes its own shards, OCDBT);
-  * ``data``: the input pipeline's position (JSON), so a resume neither repeats nor skips data;
-  * ``meta``: counters (step, examples seen, wall time, skipped steps) and the config (JSON).
-The mask RNG is derived from (seed, step), so the step restores it.
-
-Saves are asynchronous: the step after a save blocks only for the device-to-host copy. Orbax
-writes each checkpoint under a temporary name and renames it when every host has committed, so
-a crash mid-write leaves no directory that looks complete; a finished one damaged later is
-skipped on restore, with a warning naming it, in favour of the previous one.
+What a checkpoint holds, where it lives and how it is verified belong to
+:class:`mwmae.workdir.Workdir`; this module decides *when* to save (policies from the config),
+keeps every host's input position, and turns SIGTERM / SIGINT into "save at the end of this
+step". Saves are asynchronous: the step after a save blocks only for the device-to-host copy.
+Orbax writes each checkpoint under a temporary name and renames it when every host has
+committed, so a crash mid-write leaves no directory that looks complete.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -25,40 +23,64 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save
 
-log = logging.getLogger(__name__)
+from mwmae.workdir import Workdir
 
-ITEMS = ("state", "data", "meta")
+log = logging.getLogger(__name__)
 
 
 class PreemptionWatch:
-    """True once SIGTERM (what TPU VMs and GKE send before eviction) has arrived.
+    """Notes SIGTERM (what TPU VMs and GKE send before eviction) and Ctrl-C (SIGINT): the loop
+    saves at the end of the step and stops. A second Ctrl-C exits at once, without saving.
 
-    Multi-host runs use JAX's preemption sync point instead: its coordination service catches
-    the signal and tells every host the same step at which to save.
+    Multi-host runs use JAX's preemption sync point for SIGTERM instead: its coordination
+    service catches the signal and tells every host the same step at which to save. SIGINT
+    keeps its default there (one host cannot decide a step for all).
     """
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.signal: int | None = None
         self._multihost = jax.process_count() > 1
-        if not self._multihost and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            wanted = [signal.SIGINT] if self._multihost else [signal.SIGTERM, signal.SIGINT]
+            for sig in wanted:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        if signum == signal.SIGINT and self._multihost:
+            raise KeyboardInterrupt
+        if self._event.is_set() and signum == signal.SIGINT:
+            sys.stderr.write("\nsecond Ctrl-C: stopping now, without saving\n")
+            sys.stderr.flush()
+            os._exit(130)
+        self.signal = signum
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        log.warning("%s received: saving a checkpoint at the end of this step "
+                    "(Ctrl-C again to stop at once)", name)
         self._event.set()
 
+    @property
+    def interrupted(self) -> bool:
+        """True when the stop came from Ctrl-C (the process should exit 130)."""
+        return self.signal == signal.SIGINT
+
     def reached(self, step: int, manager: ocp.CheckpointManager) -> bool:
-        if self._multihost:
-            return manager.reached_preemption(step)
-        return self._event.is_set()
+        if self._event.is_set():
+            return True
+        return self._multihost and manager.reached_preemption(step)
+
+    def restore(self) -> None:
+        """Put the previous handlers back (the run is over)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
-def make_manager(directory: str | epath.Path, config: ml_collections.ConfigDict
-                 ) -> ocp.CheckpointManager:
+def make_manager(workdir: Workdir, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     c = config.checkpoint
     policies: list[Any] = [save.PreemptionCheckpointingPolicy()]
     if c.every_steps > 0:
@@ -74,7 +96,7 @@ def make_manager(directory: str | epath.Path, config: ml_collections.ConfigDict
         save_decision_policy=save.AnySavePolicy(policies),
         preservation_policy=keep.AnyPreservationPolicy(keepers),
         enable_async_checkpointing=c.asynchronous, cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(epath.Path(directory), item_names=ITEMS, options=options)
+    return workdir.manager(options)
 
 
 def gather_host_states(local: dict) -> list[dict]:
@@ -92,14 +114,13 @@ def gather_host_states(local: dict) -> list[dict]:
     return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(every, sizes.reshape(-1))]
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, data: dict,
-                    meta: dict, *, force: bool = False) -> bool:
+def save_checkpoint(workdir: Workdir, manager: ocp.CheckpointManager, step: int, state: Any,
+                    data: dict, meta: dict, *, force: bool = False) -> bool:
     """Save (if the policies or ``force`` say so; all hosts call it) and return whether a save
     started. ``data`` is this host's input position; the checkpoint keeps every host's."""
-    hosts = gather_host_states(data)
-    return manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": hosts}),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    if not force and not manager.should_save(step):
+        return False
+    return workdir.save(manager, step, state, gather_host_states(data), meta, force=True)
 
 
 def host_data_state(data: dict, where: str) -> dict:
@@ -109,30 +130,32 @@ def host_data_state(data: dict, where: str) -> dict:
         raise ValueError(f"{where} was written by {len(hosts)} hosts; this run has "
                          f"{jax.process_count()}. The input position is per host, so resume "
                          "with the same number of hosts (the model state alone restores on any "
-                         "mesh: see mwmae.train.checkpoint.restore_latest)")
+                         "mesh: see mwmae.workdir.Workdir.restore_latest)")
     return hosts[jax.process_index()]
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_latest(workdir: Workdir, manager: ocp.CheckpointManager, abstract_state: Any
                    ) -> tuple[Any, dict, dict] | None:
-    """(state, data, meta) of the newest checkpoint that restores, onto ``abstract_state``'s
-    shardings (any mesh). Damaged checkpoints are reported and skipped; None if there is none."""
-    for step in sorted(manager.all_steps(), reverse=True):
-        path = manager.directory / str(step)
-        try:
-            r = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-            log.warning("checkpoint %s is damaged or incomplete, skipping it: %s: %s",
-                        path, type(e).__name__, str(e).splitlines()[0][:300])
-            continue
-        return r.state, host_data_state(r.data, str(path)), r.meta
-    return None
+    """(state, this host's data position, meta) of the newest verified checkpoint; damaged ones
+    are set aside. None if there is none."""
+    r = workdir.restore_latest(manager, abstract_state, is_primary=jax.process_index() == 0,
+                               sync=lambda: _sync("mwmae-set-aside"))
+    if r is None:
+        return None
+    state, data, meta = r
+    return state, host_data_state(data, str(workdir.checkpoint_path(int(state.step)))), meta
 
 
 def counters(step: int, examples: int, started: float, previous_seconds: float, skipped: int,
-             config: ml_collections.ConfigDict) -> dict:
+             config: ml_collections.ConfigDict, skipped_records: int = 0) -> dict:
     return {"step": step, "examples_seen": examples, "skipped_steps": skipped,
+            "skipped_records": skipped_records,
             "train_seconds": previous_seconds + time.time() - started,
             "config": json.loads(config.to_json_best_effort())}

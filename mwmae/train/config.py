@@ -6,6 +6,9 @@ defaults).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 import ml_collections
 
 from mwmae.model.config import ModelConfig
@@ -64,21 +67,126 @@ def default_config() -> ml_collections.ConfigDict:
     c.nonfinite_policy = "stop"    # a non-finite loss/grad: "stop" (after dropping the update)
                                    # or "skip" (drop the update, count it, go on)
     c.trace_batches = False        # write WORKDIR/trace/<host>.jsonl: per-step loss and clip ids
+    # The workdir's writer lease goes stale this long after its holder last refreshed it (every
+    # quarter of it): how long a successor of a killed run waits before it may take over.
+    c.lease_seconds = 120.0
     return c
+
+
+# What a resumed run may set differently from the run its workdir holds: length, cadences,
+# where data and logs come from, how the same math is laid out on devices. Everything else
+# (architecture, optimizer, seed, batch, the input pipeline's shape) fixes the run; a rerun that
+# changes it is refused.
+MAY_CHANGE_ON_RESUME = (
+    "num_train_steps", "num_epochs", "steps_per_epoch", "data.num_train_examples",
+    "data.train_shards", "data.on_error",
+    "log_every_steps", "progress_bar", "image_every_steps", "num_images", "profile_steps",
+    "trace_batches", "nonfinite_policy", "lease_seconds",
+    "checkpoint.*", "mesh.*", "model.attention_impl", "model.scan_unroll",
+)
+
+SOURCES = ("synthetic", "shards")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A config value or key the trainer cannot run with; one line, naming the key."""
+
+
+def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config."""
+    out = []
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out += all_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def nearest_keys(key: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """The known dotted keys closest to ``key`` (for 'did you mean' messages)."""
+    known = list(known)
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=n, cutoff=0.6)
+    by_leaf = [k for k in known
+               if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+    return list(dict.fromkeys(close + by_leaf))[:n]
+
+
+def unknown_key_message(key: str) -> str:
+    near = nearest_keys(key, all_keys(default_config()))
+    hint = f"; nearest valid: {', '.join(near)}" if near else ""
+    return f"unknown config key {key!r}{hint}"
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
+def _check_values(c: ml_collections.ConfigDict) -> list[str]:
+    problems = []
+
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            value = c
+            for part in key.split("."):
+                value = value[part]
+            problems.append(f"{key}={value!r}: {rule}")
+
+    def one_of(key: str, allowed: tuple[str, ...]) -> None:
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        need(value in allowed, key, f"must be one of {', '.join(map(repr, allowed))}")
+
+    need(c.batch_size >= 1, "batch_size", "must be >= 1")
+    need(c.num_train_steps == -1 or c.num_train_steps >= 1, "num_train_steps",
+         "must be >= 1, or -1 to train num_epochs epochs")
+    need(c.num_train_steps >= 1 or c.num_epochs >= 1, "num_epochs",
+         "must be >= 1 (or set num_train_steps)")
+    need(c.steps_per_epoch == -1 or c.steps_per_epoch >= 1, "steps_per_epoch",
+         "must be >= 1, or -1 for data.num_train_examples // batch_size")
+    need(c.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    need(c.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+    need(c.image_every_steps >= 0, "image_every_steps", "must be >= 0 (0: off)")
+    need(c.num_images >= 1, "num_images", "must be >= 1")
+    need(c.profile_steps >= 0, "profile_steps", "must be >= 0 (0: off)")
+    need(c.lease_seconds > 0, "lease_seconds", "must be > 0")
+    need(c.checkpoint.keep_last >= 1, "checkpoint.keep_last",
+         "must be >= 1 (a run must keep at least its newest checkpoint)")
+    need(c.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
+    need(c.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0: off)")
+    need(c.checkpoint.keep_every_steps >= 0, "checkpoint.keep_every_steps",
+         "must be >= 0 (0: off)")
+    need(c.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    need(c.data.cycle_length >= 1, "data.cycle_length", "must be >= 1")
+    need(c.data.num_train_examples >= 1, "data.num_train_examples", "must be >= 1")
+    one_of("data.source", SOURCES)
+    from mwmae.data.pipeline import ON_ERROR
+
+    one_of("data.on_error", ON_ERROR)
+    one_of("nonfinite_policy", NONFINITE_POLICIES)
+    return problems
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fail before any compilation on keys the schema does not know."""
+    """Fail before any compilation on keys the schema does not know and values out of range;
+    the error is one line naming the key."""
     def walk(ref, got, prefix):
         for k in got.keys():
             if k not in ref:
-                raise ValueError(f"unknown config key {prefix}{k}; known keys here: "
-                                 f"{sorted(ref.keys())}")
+                raise ConfigError(unknown_key_message(f"{prefix}{k}"))
             if isinstance(ref[k], ml_collections.ConfigDict) and k != "model":
                 walk(ref[k], got[k], f"{prefix}{k}.")
     walk(default_config(), config, "")
-    model_config_from(config)  # validates the architecture (window sizes, dims)
+    try:
+        problems = _check_values(config)
+    except TypeError as e:  # e.g. a string where a number belongs
+        raise ConfigError(f"config value of the wrong type: {e}") from e
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))
+    try:
+        model_config_from(config)  # validates the architecture (window sizes, dims)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad model config: {e}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -13,13 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
-from etils import epath
 
-from mwmae.data import storage
+from mwmae import workdir as workdir_lib
+from mwmae.lease import Lease, LeaseHeld
 from mwmae.model import MaskedAutoencoder
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import perf, sharding
-from mwmae.train.config import check_config, model_config_from
+from mwmae.train.config import MAY_CHANGE_ON_RESUME, check_config, model_config_from
 from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
 from mwmae.train.step import init_state, make_train_step
@@ -82,6 +83,12 @@ class SyntheticSource:
     def get_state(self) -> dict:
         return {"position": self.position}
 
+    def skipped_records(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
     def set_state(self, state: dict) -> None:
         self.position = int(state["position"])
         self._it = synthetic_source(self.config, self.position)
@@ -115,6 +122,13 @@ class ShardSource:
     def set_state(self, state: dict) -> None:
         self._it.set_state(state)
 
+    def skipped_records(self) -> int:
+        """Records skipped on this host under ``data.on_error="skip"`` since it started."""
+        return self._it.errors.skipped_records
+
+    def close(self) -> None:
+        self._it.close()
+
 
 def make_source(config: ml_collections.ConfigDict) -> SyntheticSource | ShardSource:
     if config.data.source == "synthetic":
@@ -136,7 +150,7 @@ class Trainer:
         check_batch(config, self.mesh)
         self.steps_per_epoch, self.total_steps = schedule_lengths(config)
         self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
-        self.workdir = epath.Path(storage.absolute(workdir))  # local paths or gs:// alike
+        self.workdir = workdir_lib.Workdir(workdir)  # local paths or gs:// alike
 
         # Shardings come from the logical axis names on the (abstract) boxed state.
         abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
@@ -207,8 +221,8 @@ class _Trace:
     """Per-host JSON lines of every step's loss and clip ids (config.trace_batches): the audit
     trail that shows a resumed run saw exactly the data and numbers of an uninterrupted one."""
 
-    def __init__(self, workdir: epath.Path, enabled: bool):
-        self.path = workdir / "trace" / f"host{jax.process_index()}.jsonl" if enabled else None
+    def __init__(self, workdir: workdir_lib.Workdir, enabled: bool):
+        self.path = workdir.trace_file(jax.process_index()) if enabled else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -220,37 +234,102 @@ class _Trace:
                 f.write(line + "\n")
 
 
+def _global_sum(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) -> Lease | None:
+    """The workdir's writer lease, held by process 0; every process raises LeaseHeld if it is
+    taken (the holder named on process 0)."""
+    lease, error = None, ""
+    if jax.process_index() == 0:
+        lease = Lease(workdir.lease_path, stale_after_s=config.lease_seconds)
+        try:
+            lease.acquire()
+        except LeaseHeld as e:
+            lease, error = None, str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(np.int32(lease is not None or error == ""))
+        if not ok and not error:
+            error = f"{workdir.lease_path}: process 0 found the workdir held by another trainer"
+    if error:
+        raise LeaseHeld(error)
+    if lease is not None:
+        lease.start_refreshing()
+    return lease
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pretrain until ``num_train_steps``, resuming from the newest good checkpoint.
+    """Pretrain until ``num_train_steps``, resuming from the newest verified checkpoint.
 
-    Returns the last logged metrics plus ``status``: "done" or "preempted" (a SIGTERM or a
-    multi-host preemption notice arrived; a checkpoint of the current step was committed).
+    Before anything is written the config is validated and compared with the workdir's
+    (:data:`MAY_CHANGE_ON_RESUME`), and the workdir's writer lease is taken.
+
+    Returns the last logged metrics plus ``status``: "done", "preempted" (SIGTERM or a
+    multi-host preemption notice; a checkpoint of the current step was committed) or
+    "interrupted" (Ctrl-C; saved likewise).
     """
+    check_config(config)
+    wd = workdir_lib.Workdir(workdir)
+    wd.check_resume(json.loads(config.to_json_best_effort()), MAY_CHANGE_ON_RESUME)
     t = Trainer(config, workdir)
-    workdir = t.workdir
+    lease = take_lease(wd, config)
+    closers: list[Callable[[], None]] = []
+    try:
+        return _run(t, wd, config, print_fn, lease, closers)
+    finally:
+        # Wind down what runs in the background (async saves, the metric writer, reader
+        # threads, the lease refresher) before the error, if any, reaches the user, so that it
+        # is the last thing printed.
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the first error is the one to report
+                logging.getLogger(__name__).warning("while shutting down: %s: %s",
+                                                    type(e).__name__, e)
+        if lease is not None:
+            lease.release()
+
+
+def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
+         print_fn: Callable[[str], None], lease: Lease | None,
+         closers: list[Callable[[], None]]) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if is_main:
         # The run's whole config beside its checkpoints: export and inspection read it back.
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
+        wd.write_config(config.to_json_best_effort(indent=1))
+    writer = metric_writers.create_default_writer(str(wd.tensorboard),
                                                   just_logging=not is_main, asynchronous=True)
-    manager = ckpt.make_manager(workdir / "checkpoints", config)
+    closers.append(writer.close)
+    manager = ckpt.make_manager(wd, config)
+    closers.append(manager.close)
+    closers.append(manager.wait_until_finished)
     watch = ckpt.PreemptionWatch()
-    trace = _Trace(workdir, config.trace_batches)
+    closers.append(watch.restore)
+    trace = _Trace(wd, config.trace_batches)
 
     source = make_source(config)
-    restored = ckpt.restore_latest(manager, t.abstract_state())
-    previous_seconds = 0.0
+    closers.append(source.close)
+    restored = ckpt.restore_latest(wd, manager, t.abstract_state())
+    previous_seconds, previous_skipped_records = 0.0, 0
     if restored is None:
         state = t.initial_state()
     else:
         state, data_state, meta = restored
         source.set_state(data_state)
         previous_seconds = float(meta.get("train_seconds", 0.0))
-        print_fn(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}")
+        previous_skipped_records = int(meta.get("skipped_records", 0))
+        print_fn(f"resumed from step {int(state.step)} in {wd.checkpoints}")
     start = int(state.step)
+    verified = start if restored is not None else None  # the newest checkpoint known good
+    skipped_at_start = int(state.skipped_steps)
     started = time.time()
 
     t0 = time.perf_counter()
@@ -264,21 +343,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if config.profile_steps > 0 and is_main:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                               first_profile=start + 10,
-                                              logdir=str(workdir / "tensorboard")))
+                                              logdir=str(wd.tensorboard)))
 
-    def save(step: int, force: bool = False) -> bool:
+    def skipped_records() -> int:
+        return previous_skipped_records + _global_sum(source.skipped_records())
+
+    saved: list[int] = []
+
+    def save(step: int) -> None:
         meta = ckpt.counters(step, step * config.batch_size, started, previous_seconds,
-                             int(state.skipped_steps), config)
-        return ckpt.save_checkpoint(manager, step, state, source.get_state(), meta, force=force)
+                             int(state.skipped_steps), config, skipped_records())
+        if ckpt.save_checkpoint(wd, manager, step, state, source.get_state(), meta,
+                                force=True):
+            saved.append(step)
 
     def check_finite(step: int) -> None:
-        if config.nonfinite_policy == "stop" and int(state.skipped_steps) > 0:
+        if config.nonfinite_policy == "stop" and int(state.skipped_steps) > skipped_at_start:
             manager.wait_until_finished()
-            good = manager.latest_step()
+            # Saves of this run were checksummed from the state in memory; the restored one
+            # was verified on restore.
+            good = max([s for s in saved if s in manager.all_steps()]
+                       + ([verified] if verified is not None else []), default=None)
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {int(state.last_skipped_step)} (its update "
-                f"was dropped; checked at step {step}). Last good checkpoint: "
-                f"{workdir / 'checkpoints' / str(good) if good is not None else 'none'}. "
+                f"was dropped; checked at step {step}). Last verified checkpoint: "
+                f"{wd.checkpoint_path(good) if good is not None else 'none'}. "
                 "Set nonfinite_policy='skip' to drop such steps and continue.")
 
     bar = None
@@ -287,12 +376,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
         bar = tqdm(total=t.total_steps, initial=start, desc="train", unit="step",
                    dynamic_ncols=True)
+        closers.append(bar.close)
         if print_fn is print:
             print_fn = bar.write  # log lines above the bar, not through it
     metrics: dict[str, Any] = {}
     status = "done"
     last_t, last_step = time.perf_counter(), start
     for step in range(start, t.total_steps):
+        if lease is not None and lease.lost:
+            raise LeaseHeld(f"{wd.lease_path}: another trainer took over this workdir while "
+                            "this one ran (its lease had gone stale); stopping without saving")
         audio, ids = source.next_local()
         state, m = compiled(state, t.global_batch(audio))
         done = step + 1 == t.total_steps
@@ -308,7 +401,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             last_t, last_step = now, step + 1
             metrics.update({"steps_per_sec": 1 / dt, "examples_per_sec": config.batch_size / dt,
                             "examples_per_sec_per_device": config.batch_size / dt / n_dev,
-                            "mfu": flops / dt / peak})
+                            "mfu": flops / dt / peak,
+                            "skipped_records": float(skipped_records())})
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
@@ -326,17 +420,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         preempted = watch.reached(step + 1, manager)
         if preempted or done or manager.should_save(step + 1):
             check_finite(step + 1)
-            save(step + 1, force=True)
+            save(step + 1)
         if preempted:
-            status = "preempted"
-            print_fn(f"preempted: saving step {step + 1} and stopping")
+            status = "interrupted" if watch.interrupted else "preempted"
+            print_fn(f"{'interrupted' if watch.interrupted else 'preempted'}: saving step "
+                     f"{step + 1} and stopping")
             break
     if bar is not None:
         bar.close()
     manager.wait_until_finished()
     writer.flush()
-    writer.close()
-    if manager.latest_step() is not None:
-        print_fn(f"checkpoint: {workdir / 'checkpoints' / str(manager.latest_step())}")
-    manager.close()
+    latest = manager.latest_step()
+    if latest is not None:
+        print_fn(f"checkpoint: {wd.checkpoint_path(latest)}")
     return {**metrics, "status": status}

@@ -1,0 +1,440 @@
+"""The training workdir: the one module that knows its layout (local or gs://).
+
+    WORKDIR/
+      config.json            the run's whole training config (its ``model`` entry: the architecture)
+      writer.lease           who is writing this workdir now (see :mod:`mwmae.lease`)
+      checkpoints/<step>/    Orbax checkpoints, items ``state``, ``data``, ``meta``
+      checkpoints/<step>.damaged   a checkpoint that failed verification, set aside
+      tensorboard/           metrics and images
+      trace/host<i>.jsonl    per-step loss and clip ids, when ``trace_batches``
+
+A checkpoint's three items: ``state`` (the TrainState as sharded arrays; every host writes its
+own shards), ``data`` (every host's input-pipeline position) and ``meta`` (counters, the config,
+and a content checksum of every array of ``state``; see :mod:`mwmae.checksum`).
+
+The trainer, :func:`mwmae.load`, export and ``python -m mwmae.checkpoint inspect`` all read and
+write workdirs through :class:`Workdir`; steps, completeness and metadata come from Orbax's own
+utilities, never from its file names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from mwmae import checksum
+from mwmae.data import storage
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+LEASE_FILE = "writer.lease"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+TRACE = "trace"
+DAMAGED_SUFFIX = ".damaged"
+ITEMS = ("state", "data", "meta")
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked; the message names the path and what to do."""
+
+
+class ConfigMismatch(WorkdirError):
+    """The new config changes what the workdir's checkpoints are (architecture, optimizer...)."""
+
+
+class DamagedCheckpoint(WorkdirError):
+    """A checkpoint whose files are missing, unreadable or fail their checksum."""
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _may_change(key: str, patterns: Iterable[str]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       may_change: Iterable[str]) -> list[str]:
+    """'key: old -> new' for every key in both configs whose value differs and that is not
+    allowed to change. Keys the old config lacks (written by an older version) are not
+    compared."""
+    a, b = _flatten(old), _flatten(new)
+    may_change = tuple(may_change)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys())
+            if a[k] != b[k] and not _may_change(k, may_change)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One entry of ``checkpoints/`` as :meth:`Workdir.inspect` reports it."""
+
+    name: str
+    status: str          # "complete", "incomplete" (crash mid-write) or "damaged" (set aside)
+    bytes: int
+    meta: dict[str, Any] | None = None
+
+    @property
+    def step(self) -> int | None:
+        return int(self.name) if self.name.isdigit() else None
+
+
+class Workdir:
+    """A training workdir, local or gs://."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(storage.absolute(path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def config_path(self) -> epath.Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def tensorboard(self) -> epath.Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def lease_path(self) -> str:
+        return str(self.path / LEASE_FILE)
+
+    def trace_file(self, host: int) -> epath.Path:
+        return self.path / TRACE / f"host{host}.jsonl"
+
+    def checkpoint_path(self, step: int) -> epath.Path:
+        return self.checkpoints / str(step)
+
+    @classmethod
+    def looks_like_one(cls, path: str | os.PathLike) -> bool:
+        """True when ``path`` has a checkpoints folder (what :func:`mwmae.load` checks)."""
+        return (epath.Path(storage.absolute(path)) / CHECKPOINTS).is_dir()
+
+    # ------------------------------------------------------------------ config.json
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The run's config as written, or None if there is none yet."""
+        try:
+            text = self.config_path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WorkdirError(f"{self.config_path}: not valid JSON ({e})") from e
+        if not isinstance(config, dict):
+            raise WorkdirError(f"{self.config_path}: not a training config (a JSON object)")
+        return config
+
+    def model_config(self) -> tuple[Any, dict[str, Any]]:
+        """(ModelConfig, the whole config dict) from config.json."""
+        from mwmae.model.config import ModelConfig
+
+        full = self.read_config()
+        if full is None:
+            raise WorkdirError(f"{self.config_path}: missing; a training workdir has the run's "
+                               f"{CONFIG_FILE} beside {CHECKPOINTS}/")
+        if not isinstance(full.get("model"), dict):
+            raise WorkdirError(f"{self.config_path}: no 'model' entry; not a training config")
+        try:
+            return ModelConfig.from_dict(full["model"]), full
+        except (TypeError, ValueError) as e:
+            raise WorkdirError(f"{self.config_path}: bad model config: {e}") from e
+
+    def check_resume(self, new: Mapping[str, Any], may_change: Iterable[str]) -> None:
+        """Refuse (before anything is written) a config that changes what the workdir holds.
+
+        ``new`` is the config as a JSON-like dict; ``may_change`` lists the keys (``a.b`` or
+        ``a.*``) a resumed run may set differently.
+        """
+        old = self.read_config()
+        if old is None:
+            return
+        diffs = config_differences(old, new, may_change)
+        if diffs:
+            raise ConfigMismatch(
+                f"{self.config_path}: this workdir holds a run with another configuration; "
+                f"resuming it with these changes would mix two runs: {'; '.join(diffs)}. "
+                "Nothing was written. Use a new --workdir for the new configuration, or rerun "
+                "with the workdir's values.")
+
+    def write_config(self, config_json: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        storage.write_text(str(self.config_path), config_json)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def manager(self, options: Any = None, *, read_only: bool = False,
+                partial_state: bool = False) -> Any:
+        """An Orbax CheckpointManager over ``checkpoints/`` with this workdir's items
+        (``partial_state``: the state item restores parts of the tree, for params-only reads)."""
+        import orbax.checkpoint as ocp
+
+        if options is None:
+            options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
+                                                   save_interval_steps=0 if read_only else 1)
+        # Handlers named up front, so metadata reads work before any restore.
+        state = ocp.PyTreeCheckpointHandler() if partial_state else ocp.StandardCheckpointHandler()
+        handlers = {"state": state,
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        assert tuple(handlers) == ITEMS
+        return ocp.CheckpointManager(self.checkpoints, item_handlers=handlers, options=options)
+
+    def steps(self) -> list[int]:
+        """Finished checkpoint steps, ascending (in-progress and set-aside ones excluded)."""
+        import orbax.checkpoint as ocp
+
+        if not self.checkpoints.exists():
+            return []
+        return sorted(int(s) for s in ocp.utils.checkpoint_steps(self.checkpoints))
+
+    def save(self, manager: Any, step: int, state: Any, hosts: list[dict], meta: dict, *,
+             force: bool = False) -> bool:
+        """Save (all hosts call it) if the policies or ``force`` say so; whether a save started.
+
+        ``hosts`` is every host's input position; ``meta`` gets the state's checksums.
+        """
+        import orbax.checkpoint as ocp
+
+        if not force and not manager.should_save(step):
+            return False
+        meta = {**meta, "checksums": checksum.tree_checksums(state)}
+        return manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": hosts}),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int, manager: Any = None) -> dict[str, Any]:
+        """A checkpoint's ``meta`` item (counters, config, checksums)."""
+        import orbax.checkpoint as ocp
+
+        manager = manager or self.manager(read_only=True)
+        return dict(manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+
+    def _check_structure(self, manager: Any, step: int, abstract_state: Any) -> None:
+        """Raise ConfigMismatch if the checkpoint's arrays are not the shapes of the state
+        (another architecture), which is not damage."""
+        import jax
+
+        try:
+            tree = manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata is damage; restore will say so
+            return
+        if tree is None:
+            return
+        tree = getattr(tree, "tree", tree)
+        want = {checksum.leaf_name(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        got = {checksum.leaf_name(p): tuple(getattr(x, "shape", ()) or ())
+               for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        problems = [f"{k}: stored {got[k]}, this config {want[k]}"
+                    for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+        missing = sorted(want.keys() - got.keys())
+        if missing and len(missing) < len(want):
+            problems += [f"{k}: not in the checkpoint" for k in missing[:5]]
+        if problems:
+            raise ConfigMismatch(
+                f"{self.checkpoint_path(step)}: the checkpoint holds another model or optimizer "
+                f"than this config builds ({'; '.join(problems[:5])}). Nothing was changed. Use "
+                "a new --workdir, or rerun with the config this workdir was trained with.")
+
+    def restore_step(self, manager: Any, step: int, abstract_state: Any
+                     ) -> tuple[Any, dict, dict]:
+        """(state, data, meta) of one checkpoint, verified against its checksums.
+
+        Raises DamagedCheckpoint for missing/unreadable files or a failed checksum, and
+        ConfigMismatch for a checkpoint of another architecture.
+        """
+        import orbax.checkpoint as ocp
+
+        path = self.checkpoint_path(step)
+        self._check_structure(manager, step, abstract_state)
+        try:
+            r = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - structure was checked: this is damage
+            raise DamagedCheckpoint(f"{path}: unreadable: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        recorded = (r.meta or {}).get("checksums")
+        if recorded is None:
+            log.warning("%s has no checksums (written by an older version): not verified", path)
+        else:
+            bad = checksum.differing(recorded, checksum.tree_checksums(r.state))
+            if bad:
+                raise DamagedCheckpoint(
+                    f"{path}: {len(bad)} array(s) fail their checksum (e.g. {bad[0]}): the "
+                    "files changed after the save")
+        return r.state, dict(r.data), dict(r.meta)
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Move a damaged checkpoint to ``<step>.damaged`` (kept for inspection, never restored,
+        never listed as a step). Call from one process."""
+        src = self.checkpoint_path(step)
+        dst = self.checkpoints / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.checkpoints / f"{step}{DAMAGED_SUFFIX}{n}"
+        src.rename(dst)
+        return dst
+
+    def restore_latest(self, manager: Any, abstract_state: Any, *, is_primary: bool = True,
+                       sync: Any = None) -> tuple[Any, dict, dict] | None:
+        """(state, data, meta) of the newest checkpoint that restores and verifies, onto
+        ``abstract_state``'s shardings (any mesh); None if there is none.
+
+        A damaged checkpoint is reported, moved aside by the primary process (``sync``, if
+        given, is called after that so every process sees the same listing) and the previous one
+        is tried.
+        """
+        manager.reload()
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return self.restore_step(manager, step, abstract_state)
+            except DamagedCheckpoint as e:
+                log.warning("%s", e)
+                if is_primary:
+                    moved = self.set_aside(step)
+                    log.warning("set aside as %s; trying the previous checkpoint", moved)
+                if sync is not None:
+                    sync()
+                manager.reload()
+        return None
+
+    # ------------------------------------------------------------------ params only
+
+    def read_params(self, step: int | None = None, *, with_decoder: bool = False
+                    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(ModelConfig, params as numpy, info) of one checkpoint, latest by default.
+
+        Only the encoder's parameters are read unless ``with_decoder`` (the optimizer moments,
+        twice the parameters' size, never are); whole arrays on the host whatever mesh wrote
+        them, verified against the checkpoint's checksums.
+        """
+        import orbax.checkpoint as ocp
+        from flax.traverse_util import flatten_dict, unflatten_dict
+
+        from mwmae.artifact import ENCODER_KEYS
+        from mwmae.model import param_shapes
+
+        config, full_config = self.model_config()
+        steps = self.steps()
+        if not steps:
+            raise WorkdirError(f"{self.checkpoints}: no finished checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise WorkdirError(f"{self.checkpoints}: no checkpoint for step {step}; finished "
+                               f"steps: {steps}")
+        path = self.checkpoint_path(step)
+        manager = self.manager(read_only=True, partial_state=True)
+        try:
+            tree = manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - any failure: the metadata is unreadable
+            raise DamagedCheckpoint(f"{path}: unreadable checkpoint metadata ({e})") from e
+        tree = getattr(tree, "tree", tree)
+        if tree is None or "params" not in tree:
+            raise WorkdirError(f"{path}: no 'params' in the checkpoint's state (entries: "
+                               f"{sorted(tree or ())})")
+        want = param_shapes(config)
+        if not with_decoder:
+            want = {k: v for k, v in want.items() if k in ENCODER_KEYS}
+        want_flat = flatten_dict(want)
+        got_flat = flatten_dict(tree["params"])
+        problems = [f"missing {'/'.join(k)} {v.shape}" for k, v in want_flat.items()
+                    if k not in got_flat]
+        problems += [f"{'/'.join(k)}: shape {tuple(got_flat[k].shape)}, config implies {v.shape}"
+                     for k, v in want_flat.items()
+                     if k in got_flat and tuple(got_flat[k].shape) != tuple(v.shape)]
+        if problems:
+            raise WorkdirError(f"{path}: the checkpoint does not match the model in "
+                               f"{self.config_path}:\n  " + "\n  ".join(problems[:20]))
+
+        item = {"params": unflatten_dict(
+            {k: np.zeros(v.shape, v.dtype) for k, v in want_flat.items()})}
+        restore_args = {"params": unflatten_dict(
+            {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in want_flat})}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                             partial_restore=True),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - shapes matched: this is damage
+            raise DamagedCheckpoint(f"{path}: unreadable: {type(e).__name__}: {e}") from e
+        flat = {k: np.asarray(v) for k, v in flatten_dict(restored.state["params"]).items()}
+        recorded = (restored.meta or {}).get("checksums")
+        if recorded is not None:
+            actual = {"params/" + "/".join(map(str, k)): checksum.array_checksum_np(v)
+                      for k, v in flat.items()}
+            bad = checksum.differing({k: v for k, v in recorded.items() if k in actual}, actual)
+            if bad:
+                raise DamagedCheckpoint(f"{path}: {len(bad)} parameter array(s) fail their "
+                                        f"checksum (e.g. {bad[0]}): the files changed after "
+                                        "the save")
+        params = unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()})
+        info = {"workdir": str(self.path), "step": int(step), "seed": full_config.get("seed"),
+                "verified": recorded is not None}
+        return config, params, info
+
+    # ------------------------------------------------------------------ inspect
+
+    def inspect(self) -> list[CheckpointInfo]:
+        """Every entry of ``checkpoints/``: finished, in progress (or abandoned), set aside."""
+        from orbax.checkpoint import path as ocp_path
+
+        if not self.checkpoints.exists():
+            raise FileNotFoundError(f"{self.checkpoints}: no {CHECKPOINTS} directory (is "
+                                    f"{self.path} a workdir?)")
+        finished = set(self.steps())
+        manager = self.manager(read_only=True) if finished else None
+        rows = []
+        for p in sorted(self.checkpoints.iterdir(), key=lambda p: (len(p.name), p.name)):
+            if not p.is_dir():
+                continue
+            if DAMAGED_SUFFIX in p.name:
+                status = "damaged"
+            elif p.name.isdigit() and int(p.name) in finished:
+                status = "complete"
+            elif ocp_path.step.is_tmp_checkpoint(p) or p.name.isdigit():
+                status = "incomplete"
+            else:
+                continue
+            meta = None
+            if status == "complete":
+                try:
+                    meta = self.read_meta(int(p.name), manager)
+                except Exception as e:  # noqa: BLE001 - report it, list the rest
+                    status, meta = "damaged", {"error": f"{type(e).__name__}: {e}"}
+            rows.append(CheckpointInfo(p.name, status, _size(p), meta))
+        return rows
+
+
+def _size(path: epath.Path) -> int:
+    # A walk by hand: recursive globs are refused on gs:// paths.
+    if not path.is_dir():
+        return int(path.stat().length)
+    return sum(_size(p) for p in path.iterdir())
+
