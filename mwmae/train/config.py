@@ -45,10 +45,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"    # "synthetic" | "shards"
     c.data.train_shards = ""       # manifest CSV, glob or path of shards; local or gs://
-    c.data.shuffle_buffer = 1024   # clips per shuffle window, per host
-    c.data.cycle_length = 4        # shards read at once per host
+    # Shuffle window per host, in clips (TFRecord shards; ArrayRecord shuffles over all clips).
+    # The original shuffled over ~512k clips; that many 200x80 float32 crops are 32 GB, beyond
+    # a host's spare memory. 16,384 clips = 1 GB per host, and the shard order (reshuffled
+    # every epoch) plus cycle_length shards interleaved do the rest of the mixing.
+    c.data.shuffle_buffer = 16_384
+    # TFRecord shards read at once per worker (each by a thread), ArrayRecord reader threads
+    # per worker. With 8 or more workers that is 32+ shards in flight per host: clips of ~32
+    # shards per window, as the original's interleave over many files. Read buffers cost
+    # ~1 MB per open shard.
+    c.data.cycle_length = 4
+    # Processes that parse, normalise and crop (0: threads of the training process; the GIL
+    # then caps a host near one core's worth of clips). -1: one per core less one, at most 32.
+    c.data.num_workers = -1
     c.data.on_error = "raise"      # "raise" | "skip" (and count) damaged records/shards
-    c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
+    # Examples per epoch for the lr schedule; -1: the sum of the manifest's record counts
+    # (AUDIOSET_CLIPS for synthetic data). A value > 0 overrides.
+    c.data.num_train_examples = -1
 
     c.log_every_steps = 100
     c.progress_bar = False         # a terminal progress bar (primary host) instead of log lines
@@ -65,6 +78,31 @@ def default_config() -> ml_collections.ConfigDict:
                                    # or "skip" (drop the update, count it, go on)
     c.trace_batches = False        # write WORKDIR/trace/<host>.jsonl: per-step loss and clip ids
     return c
+
+
+AUDIOSET_CLIPS = 2_032_320   # AudioSet unbalanced + balanced, as the paper
+
+
+def train_examples(config: ml_collections.ConfigDict) -> int:
+    """Examples per epoch: ``data.num_train_examples`` if set, else counted from the shards."""
+    if config.data.num_train_examples > 0:
+        return config.data.num_train_examples
+    if config.data.source != "shards":
+        return AUDIOSET_CLIPS
+    from mwmae.data import shards
+
+    total = 0
+    for shard in shards.resolve(config.data.train_shards):
+        if shard.num_records is not None:
+            total += shard.num_records
+        elif shard.format == shards.ARRAY_RECORD:
+            total += shards.count_records(shard)  # read from the file's index: cheap
+        else:
+            raise ValueError(
+                f"data.num_train_examples is -1 (count the shards) but {shard.path} is a "
+                "TFRecord shard without a manifest; pass the manifest CSV that "
+                "tfrecord_tools.build writes, or set data.num_train_examples")
+    return total
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -19,7 +19,7 @@ from mwmae.data import storage
 from mwmae.model import MaskedAutoencoder
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import perf, sharding
-from mwmae.train.config import check_config, model_config_from
+from mwmae.train.config import check_config, model_config_from, train_examples
 from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
 from mwmae.train.step import init_state, make_train_step
@@ -28,11 +28,12 @@ from mwmae.train.synthetic import synthetic_batch
 
 def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(steps per epoch, total steps) from the config."""
-    steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
-                       else config.data.num_train_examples // config.batch_size)
+    examples = None if config.steps_per_epoch > 0 else train_examples(config)
+    steps_per_epoch = (config.steps_per_epoch if examples is None
+                       else examples // config.batch_size)
     if steps_per_epoch <= 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the "
-                         f"{config.data.num_train_examples} training examples")
+                         f"{examples} training examples")
     total = (config.num_train_steps if config.num_train_steps > 0
              else steps_per_epoch * config.num_epochs)
     return steps_per_epoch, total
@@ -79,6 +80,8 @@ class SyntheticSource:
         self.position += 1
         return next(self._it), np.arange(first, first + n_local)
 
+    skipped_records = 0
+
     def get_state(self) -> dict:
         return {"position": self.position}
 
@@ -86,12 +89,16 @@ class SyntheticSource:
         self.position = int(state["position"])
         self._it = synthetic_source(self.config, self.position)
 
+    def close(self) -> None:
+        """Nothing to release (the shard source stops its worker processes here)."""
+
 
 class ShardSource:
     """Log-mel shards through mwmae.data; its position restores exactly (see mwmae.data)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         from mwmae.data import PipelineConfig, make_input_iterator
+        from mwmae.data.workers import default_num_workers
 
         d = config.data
         if not d.train_shards:
@@ -102,7 +109,16 @@ class ShardSource:
                 global_batch_size=config.batch_size, seed=config.seed,
                 crop_frames=config.model.img_size[0], n_mels=config.model.img_size[1],
                 shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
+                num_workers=default_num_workers() if d.num_workers < 0 else d.num_workers,
                 on_error=d.on_error), as_numpy=True)
+
+    @property
+    def skipped_records(self) -> int:
+        """Records skipped (on_error="skip") by all of this host's workers so far."""
+        return self._it.errors.count
+
+    def close(self) -> None:
+        self._it.close()
 
     def next_local(self) -> tuple[np.ndarray, np.ndarray]:
         """(this host's audio, its clips' labels: -1 padded ids)."""
@@ -292,8 +308,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     metrics: dict[str, Any] = {}
     status = "done"
     last_t, last_step = time.perf_counter(), start
+    input_wait = 0.0  # seconds the step loop waited for input since the last log line
     for step in range(start, t.total_steps):
+        wait_start = time.perf_counter()
         audio, ids = source.next_local()
+        input_wait += time.perf_counter() - wait_start
         state, m = compiled(state, t.global_batch(audio))
         done = step + 1 == t.total_steps
         if config.trace_batches:
@@ -304,17 +323,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             check_finite(step + 1)
             now = time.perf_counter()
-            dt = (now - last_t) / max(1, step + 1 - last_step)
+            steps = max(1, step + 1 - last_step)
+            dt = (now - last_t) / steps
             last_t, last_step = now, step + 1
             metrics.update({"steps_per_sec": 1 / dt, "examples_per_sec": config.batch_size / dt,
                             "examples_per_sec_per_device": config.batch_size / dt / n_dev,
-                            "mfu": flops / dt / peak})
+                            "mfu": flops / dt / peak,
+                            "input_wait_ms_per_step": 1e3 * input_wait / steps,
+                            "input_wait_fraction": input_wait / steps / dt,
+                            "skipped_records": source.skipped_records})
+            input_wait = 0.0
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
             print_fn(f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                     f"{metrics['examples_per_sec']:.1f} ex/s")
+                     f"{metrics['examples_per_sec']:.1f} ex/s  "
+                     f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step")
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 ex_s=f"{metrics['examples_per_sec']:.0f}")
@@ -333,6 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             break
     if bar is not None:
         bar.close()
+    source.close()
     manager.wait_until_finished()
     writer.flush()
     writer.close()

@@ -1,0 +1,208 @@
+"""Shards read front to back (TFRecord): a stream of (epoch, shard) -> interleave -> window shuffle.
+
+The host's shards, put in an order drawn from ``(seed, epoch, host)`` for every epoch, form one
+endless :class:`ShardSchedule` (a Grain ``MapDataset`` whose element ``i`` is epoch
+``i // num_shards``). ``InterleaveIterDataset`` reads ``cycle_length`` of them at a time, record
+by record; when a shard ends, its slot takes the next one in the schedule, which near an epoch's
+end is already a shard of the next epoch. So no reader slot idles at epoch boundaries, and each
+clip is still read exactly once per epoch.
+
+Worker processes (``mp_prefetch``) slice the schedule: worker ``w`` of ``N`` reads schedule
+elements ``w, w + N, ...``. Every shard of every epoch is read by exactly one worker, and the
+batches that come out depend only on (seed, hosts, workers).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import grain
+import numpy as np
+
+from mwmae.data import clips, shards
+from mwmae.data.errors import ErrorLog
+from mwmae.data.records import RecordError, decode_example
+
+
+def seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class Preparer:
+    """Serialized Example -> model input; training crops keyed by (seed, epoch, shard, record),
+    so they do not depend on thread timing, worker count or read order."""
+
+    def __init__(self, config: Any):
+        self._config = config
+
+    def __call__(self, raw: bytes, epoch: int, key: int, index: int) -> dict[str, np.ndarray]:
+        cfg = self._config
+        logmel, labels = decode_example(raw)
+        rng = np.random.default_rng([cfg.seed, epoch, key, index]) if cfg.train else None
+        return {
+            "audio": clips.prepare_audio(logmel, crop_frames=cfg.crop_frames, n_mels=cfg.n_mels,
+                                         rng=rng),
+            "label": clips.format_labels(labels, max_labels=cfg.max_labels,
+                                         num_classes=cfg.num_classes),
+        }
+
+
+class _EmptyGuard:
+    """Endless training over shards that yield nothing would spin forever: count shards that
+    end without a clip, in a row, in this process."""
+
+    def __init__(self, limit: int):
+        self._limit, self._streak = limit, 0
+        self._lock = threading.Lock()
+
+    def shard_ended(self, path: str, yielded: int) -> None:
+        with self._lock:
+            self._streak = 0 if yielded else self._streak + 1
+            if self._streak >= self._limit:
+                raise RuntimeError(
+                    f"{self._streak} shards in a row produced no clips (the last: {path}): the "
+                    "host's shards are empty or every record was skipped as unreadable")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self._limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])
+
+
+class _ShardIterator(grain.DatasetIterator):
+    """Records of one shard, decoded and prepared; the state is the next record's index."""
+
+    def __init__(self, shard: shards.Shard, key: int, epoch: int, config: Any,
+                 errors: ErrorLog, guard: _EmptyGuard):
+        super().__init__()
+        self._shard, self._key, self._epoch = shard, key, epoch
+        self._config, self._errors, self._guard = config, errors, guard
+        self._prepare = Preparer(config)
+        self._next = 0
+        self._yielded = 0
+        self._done = False
+        self._reader = None
+
+    def _fail(self, index: int, error: Exception) -> None:
+        if self._config.on_error == "raise":
+            message = str(error)
+            if self._shard.path not in message:
+                message = f"{self._shard.path}: record {index}: {message}"
+            raise RecordError(message) from error
+        self._errors.add(self._shard.path, index, str(error))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while not self._done:
+            if self._reader is None:
+                self._reader = shards.iter_records(
+                    self._shard, start=self._next, compression=self._config.tfrecord_compression
+                )
+            index = self._next
+            try:
+                raw = next(self._reader)
+            except StopIteration:
+                self._done = True
+                break
+            except (RecordError, OSError) as e:
+                # The stream itself is damaged or gone: nothing after this point is readable.
+                self._done = True
+                self._close_reader()
+                self._fail(index, e)
+                break
+            self._next += 1
+            try:
+                element = self._prepare(raw, self._epoch, self._key, index)
+            except (RecordError, ValueError) as e:
+                self._fail(index, e)
+                continue
+            self._yielded += 1
+            return element
+        self._close_reader()
+        if self._config.train:
+            self._guard.shard_ended(self._shard.path, self._yielded)
+            self._yielded = 1  # count an ended shard once, however often it is asked
+        raise StopIteration
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def get_state(self) -> dict[str, int]:
+        return {"record": self._next, "done": int(self._done)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._close_reader()
+        self._next = int(state["record"])
+        self._done = bool(state["done"])
+        self._yielded = int(self._next > 0)
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
+
+
+class _ShardDataset(grain.IterDataset):
+    def __init__(self, *args: Any):
+        super().__init__()
+        self._args = args
+
+    def __iter__(self) -> _ShardIterator:
+        return _ShardIterator(*self._args)
+
+    def __str__(self) -> str:
+        return f"_ShardDataset({self._args[0].path}, epoch {self._args[2]})"
+
+
+class ShardSchedule(grain.MapDataset):
+    """Element ``i``: shard ``order(epoch)[i % n]`` of epoch ``i // n``, as a dataset of its clips.
+
+    Endless when ``epochs`` is None (its length is then ``sys.maxsize``).
+    """
+
+    def __init__(self, host_shards: list[tuple[int, shards.Shard]], config: Any,
+                 process_index: int, errors: ErrorLog, epochs: int | None):
+        super().__init__()
+        self._shards, self._config, self._host = list(host_shards), config, process_index
+        self._errors, self._epochs = errors, epochs
+        self._guard = _EmptyGuard(max(8, 2 * len(self._shards)))
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        n = len(self._shards)
+        return sys.maxsize if self._epochs is None else n * self._epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self._config.train:
+            return np.arange(len(self._shards))
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng(seed_of(self._config.seed, epoch, self._host, 1))
+            cached = self._cached = (epoch, rng.permutation(len(self._shards)))
+        return cached[1]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(int(index), len(self._shards))
+        key, shard = self._shards[int(self.order(epoch)[position])]
+        return _ShardDataset(shard, key, epoch, self._config, self._errors, self._guard)
+
+    def __str__(self) -> str:
+        return f"ShardSchedule({len(self._shards)} shards, epochs={self._epochs})"
+
+
+def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
+                process_index: int, errors: ErrorLog, epochs: int | None,
+                window: int) -> grain.IterDataset:
+    """Prepared clips of one host (or, once sliced, one worker), epoch after epoch."""
+    schedule = ShardSchedule(host_shards, config, process_index, errors, epochs)
+    ds: grain.IterDataset = grain.experimental.InterleaveIterDataset(
+        schedule, cycle_length=config.cycle_length, iter_buffer_size=2)
+    if config.train and window > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(
+            ds, window_size=window, seed=seed_of(config.seed, process_index, 2) % (1 << 31))
+    return ds

@@ -1,0 +1,58 @@
+"""Worker processes that parse, normalise and crop clips outside the training process.
+
+Python threads share one interpreter lock, so clips parsed on threads of the training process
+cap a host at about one core's worth, however many it has. ``mp_prefetch`` runs the per-clip
+work in ``num_workers`` processes, each on its slice of the host's stream, and hands finished
+elements to the training process through shared memory, taking them from the workers in a fixed
+round-robin order (so the output is deterministic for a given number of workers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+
+# Past this, one more process buys little: a host's input rarely needs more cores than this,
+# and each worker holds its own shuffle window and read buffers.
+MAX_DEFAULT_WORKERS = 32
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cores: int | None = None) -> int:
+    """Workers for a host with ``cores`` cores: one per core, less one for the training process
+    (which feeds the accelerators and runs the step), at most ``MAX_DEFAULT_WORKERS``; 0 (parse
+    in process) on a single core, where a worker could only take turns with the trainer."""
+    cores = available_cores() if cores is None else cores
+    return max(0, min(cores - 1, MAX_DEFAULT_WORKERS))
+
+
+def in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: int = 2) -> grain.IterDataset:
+    """``ds`` run in ``num_workers`` processes (0: unchanged, in this process)."""
+    if num_workers <= 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # Grain reads its own absl flags when it starts workers; a program that is not an
+        # absl app (a notebook, a test, a benchmark) has never parsed any: use the defaults.
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                       per_worker_buffer_size=buffer_size))
+
+
+def explain_worker_death(error: BaseException, sources: str) -> BaseException | None:
+    """A clearer error for a worker killed from outside (out of memory, a signal), or None."""
+    message = str(error)
+    if isinstance(error, RuntimeError) and "Worker process was terminated" in message:
+        return RuntimeError(
+            f"an input worker process died ({message.split('. ')[0].lower()}) while reading "
+            f"{sources}; the usual cause is the kernel's out-of-memory killer: lower "
+            "data.num_workers or data.shuffle_buffer. Training resumes from the last checkpoint.")
+    return None
