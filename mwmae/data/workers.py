@@ -44,15 +44,24 @@ def in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: int = 2) ->
         # absl app (a notebook, a test, a benchmark) has never parsed any: use the defaults.
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                       per_worker_buffer_size=buffer_size))
+                                                       per_worker_buffer_size=buffer_size),
+                          worker_init_fn=_die_with_parent)
 
 
-def explain_worker_death(error: BaseException, sources: str) -> BaseException | None:
-    """A clearer error for a worker killed from outside (out of memory, a signal), or None."""
-    message = str(error)
-    if isinstance(error, RuntimeError) and "Worker process was terminated" in message:
-        return RuntimeError(
-            f"an input worker process died ({message.split('. ')[0].lower()}) while reading "
-            f"{sources}; the usual cause is the kernel's out-of-memory killer: lower "
-            "data.num_workers or data.shuffle_buffer. Training resumes from the last checkpoint.")
-    return None
+def _die_with_parent(worker_index: int, num_workers: int) -> None:
+    """A training process killed with SIGKILL (preemption, OOM, kill -9) cannot stop its
+    workers; without this they would wait forever on a queue nobody reads. (The kernel's
+    parent-death signal is no help: it follows the thread that started the worker, one of
+    Grain's pool threads, not the process.)"""
+    del worker_index, num_workers
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()

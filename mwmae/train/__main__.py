@@ -5,11 +5,11 @@ hosts, several processes on one machine) give ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` on every process.
 """
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mwmae.train.loop import train
+# jax and the trainer are imported in main(): input worker processes start by importing this
+# module (Python's "spawn"), and need neither.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (local or gs://).")
@@ -23,6 +23,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
+    import jax
+
+    from mwmae.train.loop import train
+
     # Orbax and JAX log every save at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
     if _COORDINATOR.value:
