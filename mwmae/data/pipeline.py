@@ -128,7 +128,8 @@ def host_dataset(
         # The shuffle memory is per host: each worker keeps its share of the window.
         window = config.shuffle_buffer // max(1, workers)
         ds = sequential.clip_stream(host_shards, config, process_index=process_index,
-                                    errors=errors, epochs=config.epochs, window=window)
+                                    errors=errors, epochs=config.epochs, window=window,
+                                    workers=workers)
     if config.epochs is None:
         # Endless: workers batch (one transfer per batch, not per clip).
         ds = ds.batch(local_batch_size, drop_remainder=True)

@@ -5,7 +5,8 @@ endless :class:`ShardSchedule` (a Grain ``MapDataset`` whose element ``i`` is ep
 ``i // num_shards``). ``InterleaveIterDataset`` reads ``cycle_length`` of them at a time, record
 by record; when a shard ends, its slot takes the next one in the schedule, which near an epoch's
 end is already a shard of the next epoch. So no reader slot idles at epoch boundaries, and each
-clip is still read exactly once per epoch.
+clip is still read exactly once per epoch. (A worker reads at most as many shards at once as it
+gets per epoch, so a shard is never read beside its own next-epoch pass.)
 
 Worker processes (``mp_prefetch``) slice the schedule: worker ``w`` of ``N`` reads schedule
 elements ``w, w + N, ...``. Every shard of every epoch is read by exactly one worker, and the
@@ -197,11 +198,16 @@ class ShardSchedule(grain.MapDataset):
 
 def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
                 process_index: int, errors: ErrorLog, epochs: int | None,
-                window: int) -> grain.IterDataset:
-    """Prepared clips of one host (or, once sliced, one worker), epoch after epoch."""
+                window: int, workers: int) -> grain.IterDataset:
+    """Prepared clips of one host (or, once sliced, one of ``workers`` workers), epoch after
+    epoch."""
     schedule = ShardSchedule(host_shards, config, process_index, errors, epochs)
+    # A worker never reads more shards at once than it gets per epoch: otherwise it would
+    # read a shard of epoch e beside the same shard of epoch e + 1 (the same clips in one
+    # window). So epochs overlap only where one shard's tail meets the next epoch's first.
+    per_worker = max(1, len(host_shards) // max(1, workers))
     ds: grain.IterDataset = grain.experimental.InterleaveIterDataset(
-        schedule, cycle_length=config.cycle_length, iter_buffer_size=2)
+        schedule, cycle_length=min(config.cycle_length, per_worker), iter_buffer_size=2)
     if config.train and window > 1:
         ds = grain.experimental.WindowShuffleIterDataset(
             ds, window_size=window, seed=seed_of(config.seed, process_index, 2) % (1 << 31))
