@@ -6,12 +6,13 @@ Per host (``process_index`` of ``process_count``):
 2. the host's clips, epoch after epoch:
    * TFRecord (:mod:`mwmae.data.sequential`): each epoch the host's shards in an order drawn
      from ``(seed, epoch, host)``, read ``cycle_length`` at a time and interleaved record by
-     record, then a window shuffle of ``shuffle_buffer`` clips (Grain's
-     ``WindowShuffleIterDataset``: each window is filled, permuted with a seed of its own and
-     drained, which lets a checkpoint rebuild a half-drained window exactly by re-reading it);
+     record, then a window shuffle of ``shuffle_buffer`` clips
+     (:class:`mwmae.data.sequential.WindowShuffle`: each window is filled, permuted with a seed
+     of its own and drained, which lets a checkpoint rebuild a half-drained window exactly by
+     re-reading it);
    * ArrayRecord (:mod:`mwmae.data.random_access`): every clip of the host read by index in a
      permutation drawn from ``(seed, host, epoch)``: a shuffle over all of them;
-3. training: a random 200-frame crop whose randomness is keyed by (seed, epoch, shard, record),
+3. training: a random 200-frame crop whose start is a hash of (seed, epoch, shard, record),
    so it does not depend on thread timing, worker count or read order; evaluation: the centre
    crop;
 4. parsing, normalising and cropping run in ``num_workers`` worker processes
