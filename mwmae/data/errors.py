@@ -91,6 +91,13 @@ class CountErrorsIterDataset(grain.IterDataset):
     def __iter__(self) -> _CountErrorsIterator:
         return _CountErrorsIterator(self._parent.__iter__(), self._errors)
 
+    def enable_shared_memory_output(self) -> None:
+        """Called in a worker process: a batching parent then stacks its batch straight into
+        the shared memory that carries it to the training process (one copy fewer)."""
+        enable = getattr(self._parent, "enable_shared_memory_output", None)
+        if enable is not None:
+            enable()
+
     def __str__(self) -> str:
         return "CountErrorsIterDataset"
 

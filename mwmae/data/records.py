@@ -305,58 +305,72 @@ class TFRecordWriter:
 
 
 class _ByteStream:
-    """Exact-length reads from a (possibly zlib-compressed) binary stream, chunk by chunk."""
+    """Exact-length reads from a (possibly zlib-compressed) binary stream, chunk by chunk.
+
+    The decompressed stream is held as immutable pieces: a read inside the current piece is a
+    single slice (one copy), and only a read that crosses into the next piece joins the rest
+    of this one with it.
+    """
 
     def __init__(self, fileobj: IO[bytes], compression: str | None, name: str):
         self._file = fileobj
         self._name = name
         self._zlib = zlib.decompressobj(15) if compression == "zlib" else None
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
         self._eof = False
 
-    def _fill(self, need: int) -> None:
-        while len(self._buf) - self._pos < need and not self._eof:
+    def _more(self) -> bytes:
+        """The next piece of the (decompressed) stream; b"" at its end."""
+        while True:
             chunk = self._file.read(_READ_CHUNK)
-            if self._pos > _READ_CHUNK:  # drop consumed bytes now and then, not every read
-                del self._buf[: self._pos]
-                self._pos = 0
             if not chunk:
                 self._eof = True
                 if self._zlib is not None and not self._zlib.eof:
                     # A finished writer always ends the stream; a missing end means the file
                     # was cut short (an interrupted copy or write).
                     raise RecordError(f"{self._name}: zlib stream is truncated")
-                break
+                return b""
             if self._zlib is None:
-                self._buf += chunk
-                continue
+                return chunk
             try:
-                self._buf += self._zlib.decompress(chunk)
+                piece = self._zlib.decompress(chunk)
                 # Concatenated zlib streams (appended files) continue as a new stream.
                 while self._zlib.eof and self._zlib.unused_data:
                     rest = self._zlib.unused_data
                     self._zlib = zlib.decompressobj(15)
-                    self._buf += self._zlib.decompress(rest)
+                    piece += self._zlib.decompress(rest)
             except zlib.error as e:
                 raise RecordError(f"{self._name}: corrupt zlib data ({e})") from e
+            if piece:
+                return piece
+
+    def _fill(self, need: int) -> None:
+        have = len(self._buf) - self._pos
+        pieces = [self._buf[self._pos :]] if have else []
+        while have < need and not self._eof:
+            piece = self._more()
+            pieces.append(piece)
+            have += len(piece)
+        self._buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pos = 0
 
     def read(self, n: int) -> bytes | None:
         """Exactly ``n`` bytes, or None at a clean end of stream."""
         if n == 0:
             return b""
-        self._fill(n)
-        available = len(self._buf) - self._pos
+        if len(self._buf) - self._pos < n:
+            self._fill(n)
+        pos = self._pos
+        available = len(self._buf) - pos
         if available == 0 and self._eof:
             return None
         if available < n:
             raise RecordError(
                 f"{self._name}: file ends inside a record ({available} of {n} bytes present)"
             )
-        # A copy, not a view: a live view would pin the buffer and block the next refill.
-        out = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        return out
+        self._pos = pos + n
+        return self._buf[pos : pos + n]
 
 
 def iter_tfrecord(
