@@ -19,6 +19,15 @@ boundaries count):
 All use a 512-clip shuffle. Printed (JSON): clips/s (median over rounds, and each round),
 CPU-seconds per 1,000 clips (the process and its worker processes, measured over the timed
 batches only) and the load average before and after.
+
+Unless ``--no-read-build``, also (under ``read_and_build``, ~1 min):
+
+* ``read_local`` / ``read_gcs_emulator``: clips/s and MB/s (of serialized records) of the
+  in-process pipeline (``num_workers=0``) with 1 and 2 reader threads (``cycle_length``) on
+  10 s AudioSet-like clips (1001 x 80 float32), from local disk and from a local GCS emulator
+  through the same gs:// code path a TPU VM uses;
+* ``build``: shard-building clips/s (decode 44.1 kHz flac + resample to 16 kHz + log-mel +
+  write) with one worker process and with one per core.
 """
 
 from __future__ import annotations
@@ -143,6 +152,110 @@ def export_ref(ref: str, folder: str) -> str:
     return folder
 
 
+# ------------------------------------------------------------------ 10 s clips, GCS, build
+
+
+def _write_record_shards(folder: str, clips: int, frames: int, per_shard: int):
+    """Shards of random log-mels; returns (manifest path, bytes of serialized records)."""
+    import numpy as np
+
+    from mwmae.data import records
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows, total = ["shard,num_records"], 0
+    num_shards = -(-clips // per_shard)
+    for s in range(num_shards):
+        name = f"bench-{s:05d}-of-{num_shards:05d}.tfrecord"
+        n = min(per_shard, clips - s * per_shard)
+        with open(os.path.join(folder, name), "wb") as f:
+            writer = records.TFRecordWriter(f)
+            for _ in range(n):
+                logmel = (rng.standard_normal((frames, 80)) - 6).astype(np.float32)
+                record = records.encode_example(logmel, [int(rng.integers(527))])
+                total += len(record)
+                writer.write(record)
+            writer.close()
+        rows.append(f"{name},{n}")
+    manifest = os.path.join(folder, "bench-manifest.csv")
+    with open(manifest, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return manifest, total
+
+
+def _measure_read(manifest: str, clips: int, record_bytes: float, threads: int) -> dict:
+    from mwmae.data import PipelineConfig, make_input_iterator
+
+    batch = 32
+    cfg = PipelineConfig(global_batch_size=batch, seed=0, shuffle_buffer=256,
+                         cycle_length=threads, prefetch_batches=2, num_workers=0)
+    it = make_input_iterator(manifest, cfg, process_index=0, process_count=1, as_numpy=True)
+    next(it)  # open files, start threads (and fill the 256-clip shuffle window)
+    steps = max(1, 2 * clips // batch)  # two passes: the pre-filled window is a small part
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    seconds = time.perf_counter() - start
+    it.close()
+    rate = steps * batch / seconds
+    return {"threads": threads, "clips_per_s": round(rate, 1),
+            "MB_per_s": round(rate * record_bytes / 1e6, 1)}
+
+
+def _measure_build(folder: str, clips: int, seconds: float, workers: int) -> dict:
+    import numpy as np
+
+    from tfrecord_tools import build as build_lib
+    from tfrecord_tools import sources
+
+    audio = os.path.join(folder, "audio")
+    if not os.path.isdir(audio):
+        import soundfile
+
+        os.makedirs(audio)
+        rng = np.random.default_rng(1)
+        t = np.arange(int(seconds * 44100)) / 44100
+        for i in range(clips):
+            x = 0.3 * np.sin(2 * np.pi * (100 + 7 * i) * t) + 0.05 * rng.standard_normal(t.size)
+            soundfile.write(os.path.join(audio, f"clip{i:05d}.flac"), x.astype(np.float32), 44100)
+    summary = build_lib.build(sources.from_folder(audio), build_lib.BuildOptions(
+        output=os.path.join(folder, f"shards-{workers}"), shard_size=max(1, clips // 8),
+        workers=workers, progress=False))
+    return {"workers": summary["workers"], "clips": summary["records"],
+            "clips_per_s": summary["clips_per_second"]}
+
+
+def read_and_build(folder: str, *, gcs: bool, clips: int = 512, build_clips: int = 96,
+                   seconds: float = 10.0) -> dict:
+    """The 10 s-clip read figures (local disk, GCS emulator) and the shard-building rate."""
+    sys.path.insert(0, REPO)
+    frames = 1 + int(seconds * 16000) // 160
+    cores = os.cpu_count() or 1
+    out: dict = {"clip_seconds": seconds, "frames": frames,
+                 "load_average_before": os.getloadavg()}
+    manifest, total = _write_record_shards(os.path.join(folder, "records"), clips, frames,
+                                           per_shard=max(1, clips // 8))
+    record_bytes = total / clips
+    out["record_bytes"] = int(record_bytes)
+    out["read_local"] = [_measure_read(manifest, clips, record_bytes, t) for t in (1, 2)]
+    if gcs:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        import gcs_emulator
+
+        from mwmae.data import storage
+
+        with gcs_emulator.emulated_gcs():
+            bucket = "gs://test-bucket/bench"
+            for name in os.listdir(os.path.join(folder, "records")):
+                storage.put_file(os.path.join(folder, "records", name), f"{bucket}/{name}")
+            out["read_gcs_emulator"] = [
+                _measure_read(f"{bucket}/bench-manifest.csv", clips, record_bytes, t)
+                for t in (1, 2)]
+    out["build"] = [_measure_build(folder, build_clips, seconds, w) for w in sorted({1, cores})]
+    out["load_average_after"] = os.getloadavg()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +267,9 @@ def main() -> None:
     p.add_argument("--today-ref", default="", help="git ref of the pipeline to compare with "
                    "in process (empty: skip)")
     p.add_argument("--no-tf", action="store_true", help="skip the tf.data baseline")
+    p.add_argument("--no-read-build", action="store_true",
+                   help="skip the 10 s-clip read (local, GCS emulator) and shard-build figures")
+    p.add_argument("--no-gcs", action="store_true", help="skip the GCS emulator read")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--code-root", default=REPO, help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -200,6 +316,8 @@ def main() -> None:
                 "cpu_s_per_1000_clips": statistics.median(x["cpu_s_per_1000_clips"]
                                                           for x in runs)}
         out["median"] = summary
+        if not args.no_read_build:
+            out["read_and_build"] = read_and_build(os.path.join(tmp, "rb"), gcs=not args.no_gcs)
         if "tf.data" in summary:
             best = max((v["clips_per_s"], k) for k, v in summary.items() if k.startswith("mwmae"))
             out["best_mwmae"] = best[1]
