@@ -204,7 +204,8 @@ class InputIterator:
             raise StopIteration
         try:
             batch = next(self._it)
-        except RuntimeError as e:
+        except Exception as e:
+            workers_lib.drop_grain_notes(e)  # so the error itself is the last line printed
             clearer = workers_lib.explain_worker_death(
                 e, f"{len(self.host_shards)} shard(s) such as {self.host_shards[0].path}")
             if clearer is None:

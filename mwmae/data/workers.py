@@ -33,6 +33,27 @@ def default_num_workers(cores: int | None = None) -> int:
     return max(0, min(cores - 1, MAX_DEFAULT_WORKERS))
 
 
+def resolve_num_workers(value: int, cores: int | None = None) -> int:
+    """The config's ``data.num_workers``: -1 means :func:`default_num_workers`; other negative
+    values are an error; more workers than cores is allowed, with a warning (they only take
+    turns, each holding its own shuffle window and read buffers)."""
+    cores = available_cores() if cores is None else cores
+    if value == -1:
+        return default_num_workers(cores)
+    if value < 0:
+        raise ValueError(f"data.num_workers={value}: use -1 (one per core less one, here "
+                         f"{default_num_workers(cores)}), 0 (parse in the training process) "
+                         "or a positive count")
+    if value > cores:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "data.num_workers=%d on a host with %d cores: the workers take turns on the cores "
+            "and each holds its own shuffle window and read buffers; -1 picks %d", value, cores,
+            default_num_workers(cores))
+    return value
+
+
 def in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: int = 2) -> grain.IterDataset:
     """``ds`` run in ``num_workers`` processes (0: unchanged, in this process)."""
     if num_workers <= 0:
@@ -65,3 +86,48 @@ def _die_with_parent(worker_index: int, num_workers: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def explain_worker_death(error: BaseException, reading: str) -> RuntimeError | None:
+    """A clearer error for Grain's "Worker process was terminated unexpectedly" (None for any
+    other error): which signal, its usual cause, what the worker was reading, what to change."""
+    import re
+    import signal
+
+    match = re.search(r"terminated unexpectedly with exit code (-?\d+)", str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    if code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+        if code == -signal.SIGKILL:
+            how += " (most often the kernel's out-of-memory killer: see dmesg)"
+    else:
+        how = f"exited with code {code}"
+    return RuntimeError(
+        f"an input worker process {how} while reading {reading}. Each worker holds its share "
+        "of the shuffle window and its open shards: lower data.num_workers or "
+        "data.shuffle_buffer, or set data.num_workers=0 to parse in the training process and "
+        "see the error there")
+
+
+_GRAIN_NOTE = "Grain has removed its internal frames"
+
+
+def drop_grain_notes(error: BaseException) -> None:
+    """Removes Grain's "internal frames removed" notes from ``error`` and its chain: Python
+    prints notes after the message, so they would bury the real error under a banner."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        notes = getattr(error, "__notes__", None)
+        if notes:
+            kept = [n for n in notes if _GRAIN_NOTE not in n]
+            if kept:
+                error.__notes__ = kept
+            else:
+                del error.__notes__
+        error = error.__cause__ or error.__context__

@@ -98,7 +98,7 @@ class ShardSource:
 
     def __init__(self, config: ml_collections.ConfigDict):
         from mwmae.data import PipelineConfig, make_input_iterator
-        from mwmae.data.workers import default_num_workers
+        from mwmae.data.workers import resolve_num_workers
 
         d = config.data
         if not d.train_shards:
@@ -109,7 +109,7 @@ class ShardSource:
                 global_batch_size=config.batch_size, seed=config.seed,
                 crop_frames=config.model.img_size[0], n_mels=config.model.img_size[1],
                 shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
-                num_workers=default_num_workers() if d.num_workers < 0 else d.num_workers,
+                num_workers=resolve_num_workers(d.num_workers),
                 on_error=d.on_error), as_numpy=True)
 
     @property
