@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import json
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -189,6 +190,10 @@ class InputIterator:
             errors=self._errors,
         )
         self._it = iter(self._dataset)
+        # Also at interpreter exit (Ctrl-C, an error in the step loop): stops the worker
+        # processes and frees the shared memory of batches in flight, which would otherwise be
+        # reported as leaked after the error that ended the run.
+        self._closer = weakref.finalize(self, _close_quietly, self._it)
 
     @property
     def errors(self) -> ErrorReport:
@@ -253,7 +258,14 @@ class InputIterator:
         self._batches = int(state["batches"])
 
     def close(self) -> None:
-        self._it.close()
+        self._closer()
+
+
+def _close_quietly(it: Any) -> None:
+    try:
+        it.close()
+    except Exception:  # noqa: BLE001 - at exit, after the error that matters
+        log.debug("closing the input iterator failed", exc_info=True)
 
 
 def batch_sharding(sharding: Any = None, *, mesh: Any = None,

@@ -10,12 +10,14 @@ round-robin order (so the output is deterministic for a given number of workers)
 from __future__ import annotations
 
 import os
+import sys
 
 import grain
 
 # Past this, one more process buys little: a host's input rarely needs more cores than this,
 # and each worker holds its own shuffle window and read buffers.
 MAX_DEFAULT_WORKERS = 32
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 def available_cores() -> int:
@@ -60,6 +62,12 @@ def in_workers(ds: grain.IterDataset, num_workers: int, buffer_size: int = 2) ->
         return ds
     from absl import flags
 
+    # Batches still in flight when a run ends on an error or Ctrl-C are unlinked by
+    # multiprocessing's resource tracker, which then warns of "leaked shared_memory objects"
+    # after the error that ended the run. The tracker (started with the workers) inherits
+    # this interpreter's warning options.
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     if not flags.FLAGS.is_parsed():
         # Grain reads its own absl flags when it starts workers; a program that is not an
         # absl app (a notebook, a test, a benchmark) has never parsed any: use the defaults.
