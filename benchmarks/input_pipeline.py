@@ -306,6 +306,7 @@ def main() -> None:
                 if done.returncode:
                     raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
+                result["load_average_1min_after"] = round(os.getloadavg()[0], 2)
                 out["results"].setdefault(name, []).append(result)
                 print(f"round {r + 1}: {name}: {result}", file=sys.stderr)
         out["load_average_after"] = os.getloadavg()
