@@ -26,7 +26,7 @@ compute. Check the memory first: ``python -m mwmae.train.compile_check --config
 configs/fsd50k_mwmae_base.py --topology v4:2x2x1`` (needs libtpu); if it does not fit, add
 ``--config.grad_accum_steps=2`` (same batch, same lr) or ``--config.mesh.preset=fsdp``. On a pod
 slice (several hosts) it runs unchanged; shard with ``--shard-size 256`` so every host gets
-``cycle_length`` shards or more.
+``num_workers`` shards or more.
 
 Model: the paper's MW-MAE-B-4x16, identical to ``mwmae_base_200_4x16.py``: ViT-B encoder (12 x 768,
 12 global heads), decoder 4 x 384 with 8 heads of windows (2, 5, 10, 25, 50, 125, 0, 0); 92,814,576
@@ -74,7 +74,8 @@ def get_config():
     c.data.source = "shards"
     c.data.train_shards = "gs://YOUR_BUCKET/fsd50k/dev/data-manifest.csv"   # override this
     c.data.num_train_examples = FSD50K_DEV_CLIPS
-    c.data.cycle_length = 16       # reader threads per host: ~700-1,000 clips/s each
+    c.data.cycle_length = 4        # shards read at once per worker process
+    c.data.num_workers = -1        # one per core less one: thread-parsing caps near one core
     c.data.shuffle_buffer = 4096   # clips per host; 4096 x 64 KB = 256 MB
 
     c.log_every_steps = 200

@@ -50,7 +50,7 @@ def launch(workdir: pathlib.Path, overrides: list[str], num_processes: int = 2,
     return procs
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 

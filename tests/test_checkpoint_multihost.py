@@ -1,4 +1,5 @@
-"""Two hosts x four devices: kill -9 and SIGTERM in the middle of a run, then resume."""
+"""One and two hosts x four devices, input worker processes on: kill -9 and SIGTERM in the
+middle of a run, then resume."""
 
 import random
 import signal
@@ -11,7 +12,8 @@ STEPS = 12
 COMMON = [f"--config.num_train_steps={STEPS}", "--config.checkpoint.every_steps=4",
           "--config.trace_batches=True", "--config.image_every_steps=0",
           "--config.log_every_steps=1", "--config.data.source=shards",
-          "--config.data.shuffle_buffer=16", "--config.data.cycle_length=2"]
+          "--config.data.shuffle_buffer=16", "--config.data.cycle_length=2",
+          "--config.data.num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +22,17 @@ def shards(tmp_path_factory):
     return write_id_shards(tmp_path_factory.mktemp("shards") / "s", clips=64, per_shard=16)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, shards):
-    workdir = tmp_path_factory.mktemp("a") / "run"
-    assert wait_all(launch(workdir, COMMON + [f"--config.data.train_shards={shards}"])) == [0, 0]
-    traces = [read_trace(workdir, h) for h in (0, 1)]
+def _run_uninterrupted(workdir, shards, hosts):
+    assert wait_all(launch(workdir, COMMON + [f"--config.data.train_shards={shards}"],
+                           num_processes=hosts)) == [0] * hosts
+    traces = [read_trace(workdir, h) for h in range(hosts)]
     assert all(sorted(t) == list(range(1, STEPS + 1)) for t in traces)
     return traces
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shards):
+    return _run_uninterrupted(tmp_path_factory.mktemp("a") / "run", shards, 2)
 
 
 def _wait_for(predicate, procs, timeout=240):
@@ -40,12 +46,11 @@ def _wait_for(predicate, procs, timeout=240):
     raise AssertionError("timed out")
 
 
-def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards, uninterrupted):
-    workdir = tmp_path / "run"
+def _kill_9_and_resume(workdir, shards, reference, hosts):
     # A short lease, so the restart can take over the killed run's lease soon.
     args = COMMON + [f"--config.data.train_shards={shards}", "--config.lease_seconds=2"]
     kill_at = random.Random().randint(5, 10)
-    procs = launch(workdir, args)
+    procs = launch(workdir, args, num_processes=hosts)
     _wait_for(lambda: (workdir / "checkpoints" / "4" / "commit_success.txt").exists()
               and len(read_trace(workdir, 0)) >= kill_at, procs)
     for p in procs:
@@ -54,17 +59,26 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards, uninterrupted
     assert max(read_trace(workdir, 0)) < STEPS, "the run finished before it was killed"
 
     time.sleep(2.5)   # the killed run's writer lease goes stale
-    assert wait_all(launch(workdir, args)) == [0, 0]
-    for host in (0, 1):
-        resumed, reference = read_trace(workdir, host), uninterrupted[host]
+    assert wait_all(launch(workdir, args, num_processes=hosts)) == [0] * hosts
+    for host in range(hosts):
+        resumed = read_trace(workdir, host)
         assert sorted(resumed) == list(range(1, STEPS + 1))
         for step in range(1, STEPS + 1):
             # float32 losses compared as exact hex; clip ids identical
-            assert resumed[step] == reference[step], (host, step, kill_at)
-    # one epoch (steps 1-8) covers each of the 64 clips exactly once across both hosts
-    seen = [i for h in (0, 1) for s in range(1, 9) for i in
+            assert resumed[step] == reference[host][step], (host, step, kill_at)
+    # one epoch (steps 1-8) covers each of the 64 clips exactly once across the hosts
+    seen = [i for h in range(hosts) for s in range(1, 9) for i in
             (row[0] for row in read_trace(workdir, h)[s]["ids"])]
     assert sorted(seen) == list(range(64))
+
+
+def test_kill_9_then_resume_is_bitwise_identical(tmp_path, shards, uninterrupted):
+    _kill_9_and_resume(tmp_path / "run", shards, uninterrupted, hosts=2)
+
+
+def test_kill_9_then_resume_single_host_with_workers(tmp_path, shards):
+    reference = _run_uninterrupted(tmp_path / "reference", shards, 1)
+    _kill_9_and_resume(tmp_path / "run", shards, reference, hosts=1)
 
 
 def test_sigterm_saves_the_current_step_on_both_hosts_and_exits_0(tmp_path, shards,

@@ -142,12 +142,45 @@ def test_multi_hot_labels(dataset):
     assert (batch["label"].sum(axis=1) == 1).all()
 
 
-def test_array_record_reads_like_tfrecord(tmp_path, dataset):
-    manifest = write_dataset(tmp_path, num_shards=4, per_shard=6, fmt="array_record")
-    a = take(iterator(manifest, config()), 4)
-    b = take(iterator(dataset, config()), 4)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["audio"], y["audio"])
+@pytest.fixture(scope="module")
+def array_records(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("ar"), num_shards=4, per_shard=6,
+                         fmt="array_record")
+
+
+def by_label(batches):
+    return {int(k): row for b in batches for k, row in zip(b["label"][:, 0], b["audio"],
+                                                            strict=True)}
+
+
+def test_array_record_epoch_is_a_shuffle_over_all_clips(array_records, dataset):
+    it = iterator(array_records, config())
+    first, second = take(it, 6), take(it, 6)
+    it.close()
+    for epoch in (first, second):
+        assert sorted(ids(epoch)) == list(range(24))  # every clip exactly once
+    # Not the file order, and not shard by shard: clips of one shard end up spread out.
+    assert ids(first) != list(range(24)) and ids(first) != ids(second)
+    assert len({k // 6 for k in ids(first)[:6]}) >= 3
+    # A clip's crop depends on (seed, epoch, shard, record), not on the format.
+    tf_epoch = by_label(take(iterator(dataset, config()), 6))
+    for k, row in by_label(first).items():
+        np.testing.assert_array_equal(row, tf_epoch[k])
+
+
+@pytest.mark.parametrize("stop_at", [2, 8])
+def test_array_record_resume_mid_epoch_continues_the_order(array_records, stop_at):
+    reference = ids(take(iterator(array_records, config()), 12))
+    run = iterator(array_records, config())
+    take(run, stop_at)
+    state = json.loads(json.dumps(run.get_state()))
+    run.close()
+    # The position is a handful of integers, however many clips there are.
+    assert len(json.dumps(state["grain"])) < 400, state
+    resumed = iterator(array_records, config())
+    resumed.set_state(state)
+    assert ids(take(resumed, 12 - stop_at)) == reference[stop_at * 4:]
+    resumed.close()
 
 
 def _damage(manifest, shard_index, how):
@@ -262,3 +295,67 @@ def test_large_records_span_read_chunks(tmp_path):
         np.testing.assert_array_equal(a, c)
     resumed = [records.decode_example(r)[1].tolist() for r in shards.iter_records(shard, start=2)]
     assert resumed == [[2], [3]]
+
+
+def test_num_train_examples_defaults_to_the_manifest_sum(tmp_path, dataset, array_records):
+    from mwmae.train import config as train_config
+    from mwmae.train.loop import schedule_lengths
+
+    c = train_config.default_config()
+    assert c.data.num_train_examples == -1  # the default: count, don't assume AudioSet
+    c.data.source, c.data.train_shards, c.batch_size = "shards", dataset, 4
+    c.steps_per_epoch, c.num_train_steps, c.num_epochs = -1, -1, 2
+    assert train_config.train_examples(c) == 24  # 4 shards x 6 in the manifest
+    assert schedule_lengths(c) == (6, 12)
+    # The manifest's counts are what is summed (not the files): edit one and the sum follows.
+    edited = tmp_path / "edited-manifest.csv"
+    rows = open(dataset).read().splitlines()
+    rows[1] = rows[1].rsplit(",", 1)[0] + ",10"
+    edited.write_text("\n".join(rows) + "\n")
+    for row in rows[1:]:  # shard paths in a manifest are relative to it
+        os.symlink(os.path.join(os.path.dirname(dataset), row.split(",")[0]),
+                   tmp_path / row.split(",")[0])
+    c.data.train_shards = str(edited)
+    assert train_config.train_examples(c) == 28
+    # ArrayRecord shards named without a manifest: counted from the files' own index.
+    c.data.train_shards = os.path.join(os.path.dirname(array_records), "*.array_record")
+    assert train_config.train_examples(c) == 24
+    # TFRecord shards without a manifest cannot be counted cheaply: a clear error.
+    c.data.train_shards = os.path.join(os.path.dirname(dataset), "*.tfrecord")
+    with pytest.raises(ValueError, match="manifest"):
+        train_config.train_examples(c)
+    # A value > 0 overrides.
+    c.data.num_train_examples = 1000
+    assert train_config.train_examples(c) == 1000 and schedule_lengths(c) == (250, 500)
+
+
+def test_training_crop_starts_cover_every_offset_evenly():
+    from mwmae.data import clips
+
+    # 300 frames, crop 200: 101 possible starts; 30,300 keyed crops, ~300 each.
+    starts = np.bincount([clips.crop_start(300, 200, clips.crop_key(3, e, s, r))
+                          for e in range(3) for s in range(10) for r in range(1010)],
+                         minlength=101)
+    assert starts.size == 101 and starts.min() > 200 and starts.max() < 400
+    assert clips.crop_start(300, 200, None) == 50 and clips.crop_start(150, 200, 123) == 0
+    # Different keys, different crops: the key is not ignored.
+    assert len({clips.crop_key(0, 0, 0, r) % 101 for r in range(20)}) > 10
+
+
+def test_prepare_audio_is_normalise_then_crop_bit_for_bit():
+    from mwmae.data import clips
+
+    rng = np.random.default_rng(7)
+    for frames in (1, 57, 200, 201, 260, 999):
+        x = (rng.standard_normal((frames, 80)) * rng.uniform(0.1, 20) - 40).astype(np.float32)
+        key = int(rng.integers(0, 1 << 62))
+        got = clips.prepare_audio(x, crop_frames=200, n_mels=80, crop=key)
+        full = audio_lib.normalize_for_pretraining(x)
+        start = clips.crop_start(frames, 200, key)
+        want = np.zeros((200, 80, 1), np.float32)
+        want[: min(200, frames), :, 0] = full[start : start + 200]
+        np.testing.assert_array_equal(got, want)
+    bad = np.zeros((250, 80), np.float32)
+    bad[3, 4] = np.nan
+    with pytest.raises(RecordError, match="NaN"):
+        clips.prepare_audio(bad, crop_frames=200, n_mels=80, crop=None)

@@ -304,7 +304,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="processes (0: one per CPU core; 1: no subprocesses)")
     common.add_argument("--compression", choices=("zlib", "none"), default="zlib",
                         help="TFRecord compression (the original used zlib)")
-    common.add_argument("--array-record-options", default=DEFAULT_ARRAY_RECORD_OPTIONS)
+    common.add_argument(
+        "--array-record-options", default=DEFAULT_ARRAY_RECORD_OPTIONS,
+        help="ArrayRecord writer options (default %(default)s). The trainer reads ArrayRecord "
+             "by index, in a shuffle over all clips; a read decompresses the whole chunk that "
+             "holds the record, so with group_size:G each clip read costs G clips of "
+             "decompression and I/O. Float32 log-mels compress little anyway, so one record "
+             "per chunk is the layout that fits that read.")
     common.add_argument("--max-seconds", type=float, default=None,
                         help="keep at most this much of each file")
     common.add_argument("--no-progress", action="store_true")

@@ -3,14 +3,21 @@
 Per host (``process_index`` of ``process_count``):
 
 1. the sorted shard list is dealt round-robin to hosts (whole shards; at least one per host);
-2. each epoch the host's shards are put in an order drawn from ``(seed, epoch, host)`` and
-   read ``cycle_length`` at a time, interleaved record by record, each shard on its own thread
-   (parse, normalise and crop happen on those threads);
-3. training: a random 200-frame crop whose randomness is keyed by (seed, epoch, shard,
-   record), so it does not depend on thread timing; evaluation: the centre crop;
-4. training: a window shuffle of ``shuffle_buffer`` clips (Grain's ``WindowShuffleIterDataset``:
-   each window is filled, permuted with a seed of its own and drained, which lets a checkpoint
-   rebuild a half-drained window exactly by re-reading it);
+2. the host's clips, epoch after epoch:
+   * TFRecord (:mod:`mwmae.data.sequential`): each epoch the host's shards in an order drawn
+     from ``(seed, epoch, host)``, read ``cycle_length`` at a time and interleaved record by
+     record, then a window shuffle of ``shuffle_buffer`` clips
+     (:class:`mwmae.data.sequential.WindowShuffle`: each window is filled, permuted with a seed
+     of its own and drained, which lets a checkpoint rebuild a half-drained window exactly by
+     re-reading it);
+   * ArrayRecord (:mod:`mwmae.data.random_access`): every clip of the host read by index in a
+     permutation drawn from ``(seed, host, epoch)``: a shuffle over all of them;
+3. training: a random 200-frame crop whose start is a hash of (seed, epoch, shard, record),
+   so it does not depend on thread timing, worker count or read order; evaluation: the centre
+   crop;
+4. parsing, normalising and cropping run in ``num_workers`` worker processes
+   (:mod:`mwmae.data.workers`), each on its slice of step 2's stream, or on threads of this
+   process when ``num_workers`` is 0;
 5. batches of ``global_batch_size / process_count`` clips, remainder dropped, prefetched on a
    background thread;
 6. ``jax.make_array_from_process_local_data`` into a global array sharded over the batch axes.
@@ -19,9 +26,11 @@ Training streams run epoch after epoch (a batch may straddle two); evaluation ma
 cut to the same number of batches on every host (so no host waits in a collective for a batch
 another host never makes).
 
-The whole position is ``get_state()``: epoch, per-shard record offsets, the shuffle window's
-start and progress. Restoring it with ``set_state()`` on a freshly built iterator (same shards,
-config and host layout) continues with exactly the batches an uninterrupted run would produce.
+The whole position is ``get_state()``: per worker, the next shard of the schedule and the
+per-shard record offsets plus the shuffle window's start and progress (TFRecord) or the next
+index (ArrayRecord), and its count of skipped records. Restoring it with ``set_state()`` on a
+freshly built iterator (same shards, config, host layout and number of workers) continues with
+exactly the batches an uninterrupted run would produce.
 """
 
 from __future__ import annotations
@@ -30,19 +39,20 @@ import copy
 import dataclasses
 import json
 import logging
-import threading
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from mwmae.data import clips, shards
-from mwmae.data.records import RecordError, decode_example
+from mwmae.data import random_access, sequential, shards
+from mwmae.data import workers as workers_lib
+from mwmae.data.errors import CountErrorsIterDataset, ErrorLog, ErrorReport, summarize
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 ON_ERROR = ("raise", "skip")
 
 
@@ -55,10 +65,15 @@ class PipelineConfig:
     seed: int = 0
     crop_frames: int = 200
     n_mels: int = 80
-    # Clips per shuffle window (per host). Memory: window x 64 KB for 200x80 crops.
+    # Clips per shuffle window per host (TFRecord; split evenly over the workers). Memory:
+    # window x 64 KB for 200x80 crops. ArrayRecord shuffles over every clip and ignores it.
     shuffle_buffer: int = 1024
-    # Shards read at once per host, each by its own thread.
+    # Per worker (or per host when num_workers is 0): TFRecord shards read at once, each by
+    # its own thread; ArrayRecord reader threads.
     cycle_length: int = 4
+    # Processes that parse, normalise and crop; 0: threads of this process. The batches come
+    # out the same for the same (seed, hosts, workers); a different count gives other batches.
+    num_workers: int = 0
     # None: endless when training, one pass when evaluating.
     num_epochs: int | None = None
     prefetch_batches: int = 2
@@ -77,6 +92,8 @@ class PipelineConfig:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.cycle_length < 1 or self.prefetch_batches < 0 or self.crop_frames < 1:
             raise ValueError("cycle_length >= 1, prefetch_batches >= 0 and crop_frames >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError("num_epochs must be >= 1 or None")
 
@@ -85,203 +102,6 @@ class PipelineConfig:
         if self.num_epochs is not None:
             return self.num_epochs
         return None if self.train else 1
-
-
-class ErrorLog:
-    """Records skipped under ``on_error="skip"``; shared by the reader threads.
-
-    ``skipped_records`` counts the records lost: one per damaged record; for a shard whose
-    stream breaks off (or that vanished) the rest of it, when a manifest gives its length, else
-    one.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.entries: list[tuple[str, int, str]] = []
-        self.skipped_records = 0
-
-    def add(self, path: str, record: int, reason: str, records: int = 1) -> None:
-        log.warning("skipping %s record %d: %s", path, record, reason)
-        with self._lock:
-            self.entries.append((path, record, reason))
-            self.skipped_records += records
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------- grain pieces
-
-
-class _ShardIterator(grain.DatasetIterator):
-    """Records of one shard, decoded and prepared; the state is the next record's index."""
-
-    def __init__(self, shard: shards.Shard, key: int, epoch: int, config: PipelineConfig,
-                 errors: ErrorLog):
-        super().__init__()
-        self._shard, self._key, self._epoch = shard, key, epoch
-        self._config, self._errors = config, errors
-        self._next = 0
-        self._done = False
-        self._reader = None
-
-    def _fail(self, index: int, error: Exception, records: int = 1) -> None:
-        if self._config.on_error == "raise":
-            message = str(error)
-            if self._shard.path not in message:
-                message = f"{self._shard.path}: record {index}: {message}"
-            raise RecordError(message) from error
-        self._errors.add(self._shard.path, index, str(error), records)
-
-    def _check_count(self) -> None:
-        # A shard cut at a record boundary reads cleanly: only the manifest's count shows it.
-        listed = self._shard.num_records
-        if listed is None or self._next == listed:
-            return
-        error = RecordError(f"{self._shard.path}: {self._next} records, the manifest lists "
-                            f"{listed}")
-        self._fail(self._next, error, records=max(0, listed - self._next))
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        while not self._done:
-            if self._reader is None:
-                self._reader = shards.iter_records(
-                    self._shard, start=self._next, compression=self._config.tfrecord_compression
-                )
-            index = self._next
-            try:
-                raw = next(self._reader)
-            except StopIteration:
-                self._done = True
-                self._check_count()
-                break
-            except (RecordError, OSError) as e:
-                # The stream itself is damaged or gone: nothing after this point is readable.
-                self._done = True
-                self._close_reader()
-                listed = self._shard.num_records
-                self._fail(index, e, records=max(1, listed - index) if listed else 1)
-                break
-            self._next += 1
-            try:
-                return self._prepare(raw, index)
-            except (RecordError, ValueError) as e:
-                self._fail(index, e)
-        raise StopIteration
-
-    def _prepare(self, raw: bytes, index: int) -> dict[str, np.ndarray]:
-        cfg = self._config
-        logmel, labels = decode_example(raw)
-        rng = None
-        if cfg.train:
-            rng = np.random.default_rng([cfg.seed, self._epoch, self._key, index])
-        return {
-            "audio": clips.prepare_audio(logmel, crop_frames=cfg.crop_frames, n_mels=cfg.n_mels,
-                                         rng=rng),
-            "label": clips.format_labels(labels, max_labels=cfg.max_labels,
-                                         num_classes=cfg.num_classes),
-        }
-
-    def _close_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-    def get_state(self) -> dict[str, int]:
-        return {"record": self._next, "done": int(self._done)}
-
-    def set_state(self, state: dict[str, int]) -> None:
-        self._close_reader()
-        self._next = int(state["record"])
-        self._done = bool(state["done"])
-
-    def close(self) -> None:
-        self._close_reader()
-        super().close()
-
-
-class _ShardDataset(grain.IterDataset):
-    def __init__(self, shard: shards.Shard, key: int, epoch: int, config: PipelineConfig,
-                 errors: ErrorLog):
-        super().__init__()
-        self._args = (shard, key, epoch, config, errors)
-
-    def __iter__(self) -> _ShardIterator:
-        return _ShardIterator(*self._args)
-
-    def __str__(self) -> str:
-        return f"_ShardDataset({self._args[0].path})"
-
-
-class _EpochsIterator(grain.DatasetIterator):
-    """Epoch after epoch of a per-epoch dataset; the state is (epoch, that epoch's state)."""
-
-    def __init__(self, make_epoch: Callable[[int], grain.IterDataset], epochs: int | None):
-        super().__init__()
-        self._make_epoch, self._epochs = make_epoch, epochs
-        self._epoch = 0
-        self._inner: grain.DatasetIterator | None = None
-        self._yielded_in_epoch = 0
-
-    def __next__(self):
-        while self._epochs is None or self._epoch < self._epochs:
-            if self._inner is None:
-                self._inner = iter(self._make_epoch(self._epoch))
-                self._yielded_in_epoch = 0
-            try:
-                element = next(self._inner)
-            except StopIteration:
-                empty = self._yielded_in_epoch == 0
-                self._inner.close()
-                self._inner = None
-                if empty:
-                    # Endless training over nothing would spin forever.
-                    raise RuntimeError(
-                        f"epoch {self._epoch} produced no clips: every shard of this host is "
-                        "empty or was skipped as unreadable"
-                    ) from None
-                self._epoch += 1
-                continue
-            self._yielded_in_epoch += 1
-            return element
-        raise StopIteration
-
-    def get_state(self) -> dict[str, Any]:
-        inner = None if self._inner is None else self._inner.get_state()
-        return {"epoch": self._epoch, "epoch_state": inner,
-                "yielded_in_epoch": self._yielded_in_epoch}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        if self._inner is not None:
-            self._inner.close()
-            self._inner = None
-        self._epoch = int(state["epoch"])
-        self._yielded_in_epoch = int(state.get("yielded_in_epoch", 0))
-        if state["epoch_state"] is not None:
-            self._inner = iter(self._make_epoch(self._epoch))
-            self._inner.set_state(copy.deepcopy(state["epoch_state"]))
-
-    def close(self) -> None:
-        if self._inner is not None:
-            self._inner.close()
-            self._inner = None
-        super().close()
-
-
-class _EpochsDataset(grain.IterDataset):
-    def __init__(self, make_epoch: Callable[[int], grain.IterDataset], epochs: int | None):
-        super().__init__()
-        self._make_epoch, self._epochs = make_epoch, epochs
-
-    def __iter__(self) -> _EpochsIterator:
-        return _EpochsIterator(self._make_epoch, self._epochs)
-
-
-# ----------------------------------------------------------------------------- host pipeline
 
 
 def host_dataset(
@@ -295,31 +115,32 @@ def host_dataset(
     """The Grain dataset of one host: batches of ``local_batch_size`` prepared clips.
 
     ``host_shards`` pairs each shard with a key that is stable across hosts (its index in the
-    global sorted list), which seeds its crops.
+    global sorted list), which seeds its crops. ArrayRecord shards are read by index with a
+    shuffle over all the host's clips (:mod:`mwmae.data.random_access`); TFRecord shards (or a
+    mix) front to back, interleaved (:mod:`mwmae.data.sequential`).
     """
     errors = errors if errors is not None else ErrorLog()
     host_shards = list(host_shards)
-
-    def make_epoch(epoch: int) -> grain.IterDataset:
-        order = list(host_shards)
-        if config.train:
-            perm = np.random.default_rng(_seed(config.seed, epoch, process_index, 1)).permutation(
-                len(order)
-            )
-            order = [order[i] for i in perm]
-        datasets = [_ShardDataset(shard, key, epoch, config, errors) for key, shard in order]
-        ds: grain.IterDataset = grain.experimental.InterleaveIterDataset(
-            datasets, cycle_length=min(config.cycle_length, len(datasets)), iter_buffer_size=2
-        )
-        if config.train and config.shuffle_buffer > 1:
-            ds = grain.experimental.WindowShuffleIterDataset(
-                ds, window_size=config.shuffle_buffer,
-                seed=_seed(config.seed, epoch, process_index, 2) % (1 << 31),
-            )
-        return ds
-
-    ds: grain.IterDataset = _EpochsDataset(make_epoch, config.epochs)
-    ds = ds.batch(local_batch_size, drop_remainder=True)
+    workers = config.num_workers
+    if all(s.format == shards.ARRAY_RECORD for _, s in host_shards):
+        ds = random_access.clip_stream(host_shards, config, process_index=process_index,
+                                       errors=errors, epochs=config.epochs,
+                                       read_threads=config.cycle_length)
+    else:
+        # The shuffle memory is per host: each worker keeps its share of the window.
+        window = config.shuffle_buffer // max(1, workers)
+        ds = sequential.clip_stream(host_shards, config, process_index=process_index,
+                                    errors=errors, epochs=config.epochs, window=window,
+                                    workers=workers)
+    if config.epochs is None:
+        # Endless: workers batch (one transfer per batch, not per clip).
+        ds = ds.batch(local_batch_size, drop_remainder=True)
+        ds = workers_lib.in_workers(CountErrorsIterDataset(ds, errors), workers)
+    else:
+        # A finite pass: batch once, after the workers, so only one remainder is dropped and
+        # every host can count its batches from the record counts alone.
+        ds = workers_lib.in_workers(CountErrorsIterDataset(ds, errors), workers)
+        ds = ds.batch(local_batch_size, drop_remainder=True)
     if config.prefetch_batches > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(
             ds, prefetch_buffer_size=config.prefetch_batches
@@ -359,16 +180,25 @@ class InputIterator:
         self.shards = list(all_shards)
         keyed = list(enumerate(self.shards))
         self.host_shards = [s for _, s in shards.for_host(keyed, process_index, process_count)]
-        self.errors = ErrorLog()
+        self._errors = ErrorLog()
         self._sharding = sharding
         self.max_batches = max_batches
         self._batches = 0
         self._dataset = host_dataset(
             shards.for_host(keyed, process_index, process_count), config,
             local_batch_size=self.local_batch_size, process_index=process_index,
-            errors=self.errors,
+            errors=self._errors,
         )
         self._it = iter(self._dataset)
+        # Also at interpreter exit (Ctrl-C, an error in the step loop): stops the worker
+        # processes and frees the shared memory of batches in flight, which would otherwise be
+        # reported as leaked after the error that ended the run.
+        self._closer = weakref.finalize(self, _close_quietly, self._it)
+
+    @property
+    def errors(self) -> ErrorReport:
+        """Records skipped so far (``on_error="skip"``), summed over this host's workers."""
+        return summarize(self._it.get_state())
 
     def __iter__(self) -> InputIterator:
         return self
@@ -377,7 +207,15 @@ class InputIterator:
         """This host's part of the next batch, as numpy (no device transfer)."""
         if self.max_batches is not None and self._batches >= self.max_batches:
             raise StopIteration
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except Exception as e:
+            workers_lib.drop_grain_notes(e)  # so the error itself is the last line printed
+            clearer = workers_lib.explain_worker_death(
+                e, f"{len(self.host_shards)} shard(s) such as {self.host_shards[0].path}")
+            if clearer is None:
+                raise
+            raise clearer from e
         self._batches += 1
         return batch
 
@@ -394,13 +232,21 @@ class InputIterator:
             "process_index": self.process_index,
             "process_count": self.process_count,
             "num_shards": len(self.shards),
+            "num_workers": self.config.num_workers,
             "batches": self._batches,
             "grain": self._it.get_state(),
         })
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"input state version {state.get('version')} != {STATE_VERSION}")
+            raise ValueError(f"input state version {state.get('version')} != {STATE_VERSION}: "
+                             "it was saved by another version of the input pipeline")
+        if state["num_workers"] != self.config.num_workers:
+            raise ValueError(
+                f"input state was saved with data.num_workers={state['num_workers']}, this "
+                f"iterator has {self.config.num_workers}: each worker reads its own slice, so "
+                f"the position only restores with the same count (set "
+                f"--config.data.num_workers={state['num_workers']})")
         expected = (self.process_index, self.process_count, len(self.shards))
         got = (state["process_index"], state["process_count"], state["num_shards"])
         if got != expected:
@@ -412,7 +258,14 @@ class InputIterator:
         self._batches = int(state["batches"])
 
     def close(self) -> None:
-        self._it.close()
+        self._closer()
+
+
+def _close_quietly(it: Any) -> None:
+    try:
+        it.close()
+    except Exception:  # noqa: BLE001 - at exit, after the error that matters
+        log.debug("closing the input iterator failed", exc_info=True)
 
 
 def batch_sharding(sharding: Any = None, *, mesh: Any = None,

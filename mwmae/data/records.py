@@ -59,11 +59,12 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(buf: bytes, pos: int, end: int | None = None) -> tuple[int, int]:
+    end = len(buf) if end is None else end
     result = 0
     shift = 0
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise RecordError("truncated varint")
         byte = buf[pos]
         pos += 1
@@ -75,23 +76,39 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise RecordError("varint longer than 10 bytes")
 
 
-def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    """Yields (field number, wire type, value) of one message; unknown fields pass through."""
-    pos = 0
-    end = len(buf)
+def _fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int, int]]:
+    """The fields of the message ``buf[pos:end]`` as ``(number, wire type, a, b)``: for a varint
+    ``a`` is its value; for a length-delimited field ``buf[a:b]`` is its payload. Unknown
+    fields pass through.
+
+    Offsets into one buffer, not views or copies, and one-byte varints (nearly all keys and
+    lengths here but the audio's) read inline: this runs once per clip, on the input path.
+    """
+    out = []
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos, end)
         number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-            yield number, wire, value
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            if pos + length > end:
+        if wire == 0 or wire == 2:
+            if pos >= end:
+                raise RecordError("truncated varint")
+            value = buf[pos]
+            if value < 0x80:
+                pos += 1
+            else:
+                value, pos = _read_varint(buf, pos, end)
+            if wire == 0:
+                out.append((number, 0, value, 0))
+                continue
+            if pos + value > end:
                 raise RecordError("length-delimited field runs past the end of its message")
-            yield number, wire, buf[pos : pos + length]
-            pos += length
-        elif wire == 1:
+            out.append((number, 2, pos, pos + value))
+            pos += value
+            continue
+        if wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
@@ -99,10 +116,18 @@ def _iter_fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]
             raise RecordError(f"unsupported protobuf wire type {wire}")
         if pos > end:
             raise RecordError("field runs past the end of its message")
+    return out
 
 
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _floats(buf: bytes, start: int, end: int) -> np.ndarray:
+    """Little-endian float32 values of ``buf[start:end]``, a read-only view (no copy)."""
+    if (end - start) % 4:
+        raise RecordError(f"float payload of {end - start} bytes is not a whole number of floats")
+    return np.frombuffer(buf, "<f4", count=(end - start) // 4, offset=start)
 
 
 # ----------------------------------------------------------------------------- tensor + example
@@ -118,34 +143,33 @@ def serialize_tensor(array: np.ndarray) -> bytes:
     return out
 
 
-def parse_tensor(data: bytes | memoryview) -> np.ndarray:
-    """Inverse of :func:`serialize_tensor` (float32 ``TensorProto`` with ``tensor_content``)."""
+def _parse_tensor(buf: bytes, start: int, end: int) -> np.ndarray:
     dtype = 0
     shape: list[int] = []
-    content: memoryview | None = None
-    float_val: list[float] = []
-    for number, wire, value in _iter_fields(memoryview(data)):
+    content: np.ndarray | None = None
+    float_val: list[np.ndarray] = []
+    for number, wire, a, b in _fields(buf, start, end):
         if number == 1 and wire == 0:
-            dtype = value
+            dtype = a
         elif number == 2 and wire == 2:
-            for dim_number, dim_wire, dim in _iter_fields(value):
+            for dim_number, dim_wire, da, db in _fields(buf, a, b):
                 if dim_number == 2 and dim_wire == 2:
                     size = 0
-                    for n, w, v in _iter_fields(dim):
+                    for n, w, v, _ in _fields(buf, da, db):
                         if n == 1 and w == 0:
                             size = _signed64(v)
                     shape.append(size)
         elif number == 4 and wire == 2:
-            content = value
+            content = _floats(buf, a, b)
         elif number == 5 and wire == 2:  # packed float_val, written by some older producers
-            float_val.extend(np.frombuffer(value, "<f4").tolist())
+            float_val.append(_floats(buf, a, b))
     if dtype != _DT_FLOAT:
         raise RecordError(f"audio tensor has dtype enum {dtype}, expected DT_FLOAT (1)")
     count = int(np.prod(shape)) if shape else 1
     if content is not None:
-        flat = np.frombuffer(content, dtype="<f4")
+        flat = content
     elif float_val:
-        flat = np.array(float_val, np.float32)
+        flat = np.concatenate(float_val).astype(np.float32)
         if flat.size == 1:
             flat = np.full(count, flat[0], np.float32)
     else:
@@ -153,6 +177,19 @@ def parse_tensor(data: bytes | memoryview) -> np.ndarray:
     if flat.size != count:
         raise RecordError(f"audio tensor holds {flat.size} values for shape {shape}")
     return flat.reshape(shape).astype(np.float32, copy=False)
+
+
+def _as_bytes(data: bytes | memoryview) -> bytes:
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+def parse_tensor(data: bytes | memoryview) -> np.ndarray:
+    """Inverse of :func:`serialize_tensor` (float32 ``TensorProto`` with ``tensor_content``).
+
+    The array is a read-only view of ``data`` when it holds ``tensor_content``.
+    """
+    buf = _as_bytes(data)
+    return _parse_tensor(buf, 0, len(buf))
 
 
 def encode_example(audio: np.ndarray, labels: Sequence[int] = ()) -> bytes:
@@ -165,27 +202,28 @@ def encode_example(audio: np.ndarray, labels: Sequence[int] = ()) -> bytes:
     return _field(1, entries)
 
 
-def _parse_feature(feature: memoryview) -> tuple[str, list]:
-    for number, wire, value in _iter_fields(feature):
+def _parse_feature(buf: bytes, start: int, end: int) -> tuple[str, list]:
+    """``(kind, values)`` of a ``Feature``; bytes values as ``(start, end)`` offsets."""
+    for number, wire, a, b in _fields(buf, start, end):
         if wire != 2:
             continue
         if number == 1:
-            return "bytes", [bytes(v) for n, w, v in _iter_fields(value) if n == 1 and w == 2]
+            return "bytes", [(va, vb) for n, w, va, vb in _fields(buf, a, b) if n == 1 and w == 2]
         if number == 3:
             ints: list[int] = []
-            for n, w, v in _iter_fields(value):
+            for n, w, va, vb in _fields(buf, a, b):
                 if n != 1:
                     continue
                 if w == 0:  # unpacked element
-                    ints.append(_signed64(v))
+                    ints.append(_signed64(va))
                 elif w == 2:  # packed run
-                    pos = 0
-                    while pos < len(v):
-                        item, pos = _read_varint(v, pos)
+                    pos = va
+                    while pos < vb:
+                        item, pos = _read_varint(buf, pos, vb)
                         ints.append(_signed64(item))
             return "int64", ints
         if number == 2:
-            floats = [np.frombuffer(v, "<f4") for n, w, v in _iter_fields(value) if w == 2]
+            floats = [_floats(buf, va, vb) for n, w, va, vb in _fields(buf, a, b) if w == 2]
             return "float", np.concatenate(floats).tolist() if floats else []
     return "empty", []
 
@@ -193,28 +231,30 @@ def _parse_feature(feature: memoryview) -> tuple[str, list]:
 def decode_example(data: bytes | memoryview) -> tuple[np.ndarray, np.ndarray]:
     """``(audio float32 [frames, 80], labels int64 [n])`` from a serialized Example.
 
-    Raises :class:`RecordError` when the record is not in the schema.
+    The audio is a read-only view of the record's bytes. Raises :class:`RecordError` when the
+    record is not in the schema.
     """
+    buf = _as_bytes(data)
     features: dict[str, tuple[str, list]] = {}
-    for number, wire, value in _iter_fields(memoryview(data)):
+    for number, wire, a, b in _fields(buf, 0, len(buf)):
         if number != 1 or wire != 2:
             continue
-        for entry_number, entry_wire, entry in _iter_fields(value):
+        for entry_number, entry_wire, ea, eb in _fields(buf, a, b):
             if entry_number != 1 or entry_wire != 2:
                 continue
-            key, feature = "", memoryview(b"")
-            for n, w, v in _iter_fields(entry):
+            key, fa, fb = "", 0, 0
+            for n, w, va, vb in _fields(buf, ea, eb):
                 if n == 1 and w == 2:
-                    key = bytes(v).decode("utf-8", "replace")
+                    key = buf[va:vb].decode("utf-8", "replace")
                 elif n == 2 and w == 2:
-                    feature = v
-            features[key] = _parse_feature(feature)
+                    fa, fb = va, vb
+            features[key] = _parse_feature(buf, fa, fb)
     if AUDIO_KEY not in features:
         raise RecordError(f"record has no '{AUDIO_KEY}' feature (found {sorted(features)})")
     kind, values = features[AUDIO_KEY]
     if kind != "bytes" or len(values) != 1:
         raise RecordError(f"'{AUDIO_KEY}' must be one serialized tensor, got {kind} x{len(values)}")
-    audio = parse_tensor(values[0])
+    audio = _parse_tensor(buf, *values[0])
     if audio.ndim != 2:
         raise RecordError(f"'{AUDIO_KEY}' tensor has shape {audio.shape}, expected [frames, mels]")
     kind, values = features.get(LABEL_KEY, ("empty", []))
@@ -265,58 +305,72 @@ class TFRecordWriter:
 
 
 class _ByteStream:
-    """Exact-length reads from a (possibly zlib-compressed) binary stream, chunk by chunk."""
+    """Exact-length reads from a (possibly zlib-compressed) binary stream, chunk by chunk.
+
+    The decompressed stream is held as immutable pieces: a read inside the current piece is a
+    single slice (one copy), and only a read that crosses into the next piece joins the rest
+    of this one with it.
+    """
 
     def __init__(self, fileobj: IO[bytes], compression: str | None, name: str):
         self._file = fileobj
         self._name = name
         self._zlib = zlib.decompressobj(15) if compression == "zlib" else None
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
         self._eof = False
 
-    def _fill(self, need: int) -> None:
-        while len(self._buf) - self._pos < need and not self._eof:
+    def _more(self) -> bytes:
+        """The next piece of the (decompressed) stream; b"" at its end."""
+        while True:
             chunk = self._file.read(_READ_CHUNK)
-            if self._pos > _READ_CHUNK:  # drop consumed bytes now and then, not every read
-                del self._buf[: self._pos]
-                self._pos = 0
             if not chunk:
                 self._eof = True
                 if self._zlib is not None and not self._zlib.eof:
                     # A finished writer always ends the stream; a missing end means the file
                     # was cut short (an interrupted copy or write).
                     raise RecordError(f"{self._name}: zlib stream is truncated")
-                break
+                return b""
             if self._zlib is None:
-                self._buf += chunk
-                continue
+                return chunk
             try:
-                self._buf += self._zlib.decompress(chunk)
+                piece = self._zlib.decompress(chunk)
                 # Concatenated zlib streams (appended files) continue as a new stream.
                 while self._zlib.eof and self._zlib.unused_data:
                     rest = self._zlib.unused_data
                     self._zlib = zlib.decompressobj(15)
-                    self._buf += self._zlib.decompress(rest)
+                    piece += self._zlib.decompress(rest)
             except zlib.error as e:
                 raise RecordError(f"{self._name}: corrupt zlib data ({e})") from e
+            if piece:
+                return piece
+
+    def _fill(self, need: int) -> None:
+        have = len(self._buf) - self._pos
+        pieces = [self._buf[self._pos :]] if have else []
+        while have < need and not self._eof:
+            piece = self._more()
+            pieces.append(piece)
+            have += len(piece)
+        self._buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self._pos = 0
 
     def read(self, n: int) -> bytes | None:
         """Exactly ``n`` bytes, or None at a clean end of stream."""
         if n == 0:
             return b""
-        self._fill(n)
-        available = len(self._buf) - self._pos
+        if len(self._buf) - self._pos < n:
+            self._fill(n)
+        pos = self._pos
+        available = len(self._buf) - pos
         if available == 0 and self._eof:
             return None
         if available < n:
             raise RecordError(
                 f"{self._name}: file ends inside a record ({available} of {n} bytes present)"
             )
-        # A copy, not a view: a live view would pin the buffer and block the next refill.
-        out = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        return out
+        self._pos = pos + n
+        return self._buf[pos : pos + n]
 
 
 def iter_tfrecord(

@@ -13,14 +13,11 @@ import os
 import sys
 import traceback
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mwmae.lease import LeaseHeld, LeaseLost
-from mwmae.train.config import ConfigError, all_keys, default_config, unknown_key_message
-from mwmae.train.loop import train
-from mwmae.workdir import WorkdirError
+# jax, the trainer, the workdir and the config schema are imported in functions: input worker
+# processes start by importing this module (Python's "spawn"), and need none of them.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (local or gs://).")
@@ -31,13 +28,22 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# What the run refuses for a reason the user can fix; printed as one line, not a traceback.
-REFUSALS = (ConfigError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
+
+def refusals() -> tuple[type[BaseException], ...]:
+    """What the run refuses for a reason the user can fix; printed as one line, not a
+    traceback."""
+    from mwmae.lease import LeaseHeld, LeaseLost
+    from mwmae.train.config import ConfigError
+    from mwmae.workdir import WorkdirError
+
+    return (ConfigError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
 
 
 def unknown_override(argv: list[str]) -> str | None:
     """The message for the first ``--config.x=...`` whose key the schema lacks (ml_collections
     would fail on it with a traceback), or None."""
+    from mwmae.train.config import all_keys, default_config, unknown_key_message
+
     known = set(all_keys(default_config()))
     for arg in argv[1:]:
         if arg == "--":
@@ -51,6 +57,10 @@ def unknown_override(argv: list[str]) -> str | None:
 
 def main(argv: list[str]) -> None:
     del argv
+    import jax
+
+    from mwmae.train.loop import train
+
     # Orbax and JAX log every save at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
     if _COORDINATOR.value:
@@ -61,9 +71,9 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
-    except REFUSALS as e:
-        _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
+        if isinstance(e, refusals()):
+            _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
         traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _exit_with(f"error: {type(e).__name__}: {first}", 1)

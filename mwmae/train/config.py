@@ -48,10 +48,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"    # "synthetic" | "shards"
     c.data.train_shards = ""       # manifest CSV, glob or path of shards; local or gs://
-    c.data.shuffle_buffer = 1024   # clips per shuffle window, per host
-    c.data.cycle_length = 4        # shards read at once per host
+    # Shuffle window per host, in clips (TFRecord shards; ArrayRecord shuffles over all clips).
+    # The original shuffled over ~512k clips; that many 200x80 float32 crops are 32 GB, beyond
+    # a host's spare memory. 16,384 clips = 1 GB per host, and the shard order (reshuffled
+    # every epoch) plus cycle_length shards interleaved do the rest of the mixing.
+    c.data.shuffle_buffer = 16_384
+    # TFRecord shards read at once per worker (each by a thread), ArrayRecord reader threads
+    # per worker. With 8 or more workers that is 32+ shards in flight per host: clips of ~32
+    # shards per window, as the original's interleave over many files. Read buffers cost
+    # ~1 MB per open shard.
+    c.data.cycle_length = 4
+    # Processes that parse, normalise and crop (0: threads of the training process; the GIL
+    # then caps a host near one core's worth of clips). -1: one per core less one, at most 32.
+    c.data.num_workers = -1
     c.data.on_error = "raise"      # "raise" | "skip" (and count) damaged records/shards
-    c.data.num_train_examples = 2_032_320   # AudioSet unbalanced + balanced, as the paper
+    # Examples per epoch for the lr schedule; -1: the sum of the manifest's record counts
+    # (AUDIOSET_CLIPS for synthetic data). A value > 0 overrides.
+    c.data.num_train_examples = -1
 
     c.log_every_steps = 100
     c.progress_bar = False         # a terminal progress bar (primary host) instead of log lines
@@ -76,7 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
 # What a resumed run may set differently from the run its workdir holds: length, cadences,
 # where data and logs come from, how the same math is laid out on devices. Everything else
 # (architecture, optimizer, seed, batch, the input pipeline's shape) fixes the run; a rerun that
-# changes it is refused.
+# changes it is refused. data.num_workers is not among them: the iterator state a checkpoint
+# holds is per input worker, so a checkpoint saved with N workers restores only with N.
 MAY_CHANGE_ON_RESUME = (
     "num_train_steps", "num_epochs", "steps_per_epoch", "data.num_train_examples",
     "data.train_shards", "data.on_error",
@@ -120,6 +134,31 @@ def unknown_key_message(key: str) -> str:
     return f"unknown config key {key!r}{hint}"
 
 
+AUDIOSET_CLIPS = 2_032_320   # AudioSet unbalanced + balanced, as the paper
+
+
+def train_examples(config: ml_collections.ConfigDict) -> int:
+    """Examples per epoch: ``data.num_train_examples`` if set, else counted from the shards."""
+    if config.data.num_train_examples > 0:
+        return config.data.num_train_examples
+    if config.data.source != "shards":
+        return AUDIOSET_CLIPS
+    from mwmae.data import shards
+
+    total = 0
+    for shard in shards.resolve(config.data.train_shards):
+        if shard.num_records is not None:
+            total += shard.num_records
+        elif shard.format == shards.ARRAY_RECORD:
+            total += shards.count_records(shard)  # read from the file's index: cheap
+        else:
+            raise ValueError(
+                f"data.num_train_examples is -1 (count the shards) but {shard.path} is a "
+                "TFRecord shard without a manifest; pass the manifest CSV that "
+                "tfrecord_tools.build writes, or set data.num_train_examples")
+    return total
+
+
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
@@ -161,7 +200,10 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
          "must be >= 0 (0: off)")
     need(c.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     need(c.data.cycle_length >= 1, "data.cycle_length", "must be >= 1")
-    need(c.data.num_train_examples >= 1, "data.num_train_examples", "must be >= 1")
+    need(c.data.num_train_examples == -1 or c.data.num_train_examples >= 1,
+         "data.num_train_examples", "must be >= 1, or -1 for the manifest's record count")
+    need(c.data.num_workers >= -1, "data.num_workers",
+         "must be >= 0 (0: in process), or -1 for one per core less one")
     one_of("data.source", SOURCES)
     from mwmae.data.pipeline import ON_ERROR
 

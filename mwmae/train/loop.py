@@ -20,7 +20,7 @@ from mwmae.lease import Lease, LeaseHeld
 from mwmae.model import MaskedAutoencoder
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import perf, sharding
-from mwmae.train.config import MAY_CHANGE_ON_RESUME, check_config, model_config_from
+from mwmae.train.config import MAY_CHANGE_ON_RESUME, check_config, model_config_from, train_examples
 from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
 from mwmae.train.step import init_state, make_train_step
@@ -29,11 +29,12 @@ from mwmae.train.synthetic import synthetic_batch
 
 def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     """(steps per epoch, total steps) from the config."""
-    steps_per_epoch = (config.steps_per_epoch if config.steps_per_epoch > 0
-                       else config.data.num_train_examples // config.batch_size)
+    examples = None if config.steps_per_epoch > 0 else train_examples(config)
+    steps_per_epoch = (config.steps_per_epoch if examples is None
+                       else examples // config.batch_size)
     if steps_per_epoch <= 0:
         raise ValueError(f"batch_size {config.batch_size} is larger than the "
-                         f"{config.data.num_train_examples} training examples")
+                         f"{examples} training examples")
     total = (config.num_train_steps if config.num_train_steps > 0
              else steps_per_epoch * config.num_epochs)
     return steps_per_epoch, total
@@ -86,12 +87,12 @@ class SyntheticSource:
     def skipped_records(self) -> int:
         return 0
 
-    def close(self) -> None:
-        pass
-
     def set_state(self, state: dict) -> None:
         self.position = int(state["position"])
         self._it = synthetic_source(self.config, self.position)
+
+    def close(self) -> None:
+        """Nothing to release (the shard source stops its worker processes here)."""
 
 
 class ShardSource:
@@ -99,6 +100,7 @@ class ShardSource:
 
     def __init__(self, config: ml_collections.ConfigDict):
         from mwmae.data import PipelineConfig, make_input_iterator
+        from mwmae.data.workers import resolve_num_workers
 
         d = config.data
         if not d.train_shards:
@@ -109,6 +111,7 @@ class ShardSource:
                 global_batch_size=config.batch_size, seed=config.seed,
                 crop_frames=config.model.img_size[0], n_mels=config.model.img_size[1],
                 shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
+                num_workers=resolve_num_workers(d.num_workers),
                 on_error=d.on_error), as_numpy=True)
 
     def next_local(self) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +126,9 @@ class ShardSource:
         self._it.set_state(state)
 
     def skipped_records(self) -> int:
-        """Records skipped on this host under ``data.on_error="skip"`` since it started."""
+        """Records lost on this host under ``data.on_error="skip"``, summed over its workers.
+        The count lives in the iterator state, so after a restore it includes the records the
+        run skipped before its checkpoint."""
         return self._it.errors.skipped_records
 
     def close(self) -> None:
@@ -318,14 +323,13 @@ def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
     source = make_source(config)
     closers.append(source.close)
     restored = ckpt.restore_latest(wd, manager, t.abstract_state())
-    previous_seconds, previous_skipped_records = 0.0, 0
+    previous_seconds = 0.0
     if restored is None:
         state = t.initial_state()
     else:
         state, data_state, meta = restored
         source.set_state(data_state)
         previous_seconds = float(meta.get("train_seconds", 0.0))
-        previous_skipped_records = int(meta.get("skipped_records", 0))
         print_fn(f"resumed from step {int(state.step)} in {wd.checkpoints}")
     start = int(state.step)
     verified = start if restored is not None else None  # the newest checkpoint known good
@@ -346,7 +350,9 @@ def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
                                               logdir=str(wd.tensorboard)))
 
     def skipped_records() -> int:
-        return previous_skipped_records + _global_sum(source.skipped_records())
+        # The run's total: the input iterator's state carries each host's count across a
+        # restore (so a resumed run does not add the checkpoint's metadata figure again).
+        return _global_sum(source.skipped_records())
 
     saved: list[int] = []
 
@@ -382,11 +388,14 @@ def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
     metrics: dict[str, Any] = {}
     status = "done"
     last_t, last_step = time.perf_counter(), start
+    input_wait = 0.0  # seconds the step loop waited for input since the last log line
     for step in range(start, t.total_steps):
         if lease is not None and lease.lost:
             raise LeaseHeld(f"{wd.lease_path}: another trainer took over this workdir while "
                             "this one ran (its lease had gone stale); stopping without saving")
+        wait_start = time.perf_counter()
         audio, ids = source.next_local()
+        input_wait += time.perf_counter() - wait_start
         state, m = compiled(state, t.global_batch(audio))
         done = step + 1 == t.total_steps
         if config.trace_batches:
@@ -397,18 +406,23 @@ def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
             metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             check_finite(step + 1)
             now = time.perf_counter()
-            dt = (now - last_t) / max(1, step + 1 - last_step)
+            steps = max(1, step + 1 - last_step)
+            dt = (now - last_t) / steps
             last_t, last_step = now, step + 1
             metrics.update({"steps_per_sec": 1 / dt, "examples_per_sec": config.batch_size / dt,
                             "examples_per_sec_per_device": config.batch_size / dt / n_dev,
                             "mfu": flops / dt / peak,
+                            "input_wait_ms_per_step": 1e3 * input_wait / steps,
+                            "input_wait_fraction": input_wait / steps / dt,
                             "skipped_records": float(skipped_records())})
+            input_wait = 0.0
             if step == start:
                 metrics["compile_seconds"] = compile_s
             writer.write_scalars(step + 1, metrics)
             print_fn(f"step {step + 1:5d}/{t.total_steps}  loss {metrics['loss']:.4f}  "
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                     f"{metrics['examples_per_sec']:.1f} ex/s")
+                     f"{metrics['examples_per_sec']:.1f} ex/s  "
+                     f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step")
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                 ex_s=f"{metrics['examples_per_sec']:.0f}")
@@ -428,6 +442,7 @@ def _run(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
             break
     if bar is not None:
         bar.close()
+    source.close()
     manager.wait_until_finished()
     writer.flush()
     latest = manager.latest_step()

@@ -1,0 +1,111 @@
+"""ArrayRecord shards read by index: a true shuffle over every clip of the host.
+
+The host's clips are numbered ``0 .. n-1`` (its shards in sorted order, records in file order).
+Epoch ``e`` visits them in the order of a pseudo-random permutation of that range drawn from
+``(seed, host, e)`` (Grain's ``index_shuffle``: a bijection evaluated per index, no table), so the
+element ``i`` of the endless stream is clip ``permute_e(i mod n)`` of epoch ``e = i // n``. The
+iterator's state is the next ``i``: a few integers, however many clips there are.
+
+Worker processes slice the index stream (worker ``w`` of ``N`` takes ``w, w + N, ...``), so each
+epoch is still every clip exactly once. ArrayRecord shards must be written with
+``group_size:1`` (the shard builder does): one record per compressed chunk, so a random read
+decompresses only the clip it wants.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from typing import Any
+
+import grain
+import numpy as np
+
+from mwmae.data import shards
+from mwmae.data.errors import ErrorLog
+from mwmae.data.records import RecordError
+from mwmae.data.sequential import Preparer, seed_of
+
+
+class ClipIndex(grain.MapDataset):
+    """Element ``i``: ``(epoch, position)`` of the ``i``-th clip to read (endless if epochs is
+    None); ``position`` numbers the host's clips across its shards."""
+
+    def __init__(self, num_clips: int, config: Any, process_index: int, epochs: int | None):
+        super().__init__()
+        if num_clips <= 0:
+            raise ValueError("the host's ArrayRecord shards hold no records")
+        self._n, self._config, self._epochs = num_clips, config, epochs
+        self._seed = seed_of(config.seed, process_index, 3)
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._epochs is None else self._n * self._epochs
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), self._n)
+        if self._config.train and self._n > 1:
+            i = grain.experimental.index_shuffle(
+                i, max_index=self._n - 1, seed=(self._seed + epoch) % (1 << 32), rounds=4)
+        return epoch, int(i)
+
+    def __str__(self) -> str:
+        return f"ClipIndex({self._n} clips, epochs={self._epochs})"
+
+
+class ReadClip:
+    """``(epoch, position)`` -> prepared clip, or None when skipped (``on_error="skip"``)."""
+
+    def __init__(self, host_shards: list[tuple[int, shards.Shard]], counts: list[int],
+                 config: Any, errors: ErrorLog):
+        self._shards, self._config, self._errors = list(host_shards), config, errors
+        self._starts = np.cumsum([0, *counts]).tolist()
+        self._prepare = Preparer(config)
+        self._source = None  # opened lazily, in the process that reads
+        self._failed_in_a_row = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def _read(self, shard_index: int, record: int) -> bytes:
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(
+                [shard.path for _, shard in self._shards])
+        return self._source[self._starts[shard_index] + record]
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray] | None:
+        epoch, position = item
+        s = bisect.bisect_right(self._starts, position) - 1
+        key, shard = self._shards[s]
+        record = position - self._starts[s]
+        try:
+            element = self._prepare(self._read(s, record), epoch, key, record)
+        except Exception as e:  # the native reader raises plain RuntimeError/ValueError
+            message = str(e)
+            if shard.path not in message:
+                message = f"{shard.path}: record {record}: {message}"
+            if self._config.on_error == "raise":
+                raise RecordError(message) from e
+            self._errors.add(shard.path, record, str(e))
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row > self._starts[-1]:
+                raise RuntimeError(f"every clip of this host's ArrayRecord shards failed to read "
+                                   f"(the last: {message})") from e
+            return None
+        self._failed_in_a_row = 0
+        return element
+
+
+def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
+                process_index: int, errors: ErrorLog, epochs: int | None,
+                read_threads: int) -> grain.IterDataset:
+    """Prepared clips of one host (or, once sliced, one worker) in shuffled index order."""
+    counts = [s.num_records if s.num_records is not None else shards.count_records(s)
+              for _, s in host_shards]
+    index = ClipIndex(sum(counts), config, process_index, epochs)
+    clips = index.map(ReadClip(host_shards, counts, config, errors))
+    if config.on_error == "skip":
+        clips = clips.filter(lambda element: element is not None)
+    return clips.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                   prefetch_buffer_size=4 * read_threads))
