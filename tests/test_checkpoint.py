@@ -6,7 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import load_config
+from train_helpers import load_config, nan_at
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import SyntheticSource, Trainer, train
@@ -102,20 +102,8 @@ def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
         assert data == {"position": 2} and meta["step"] == 2 and meta["checksums"]
 
 
-def _nan_at(step_with_nan: int):
-    original = SyntheticSource.next_local
-
-    def next_local(self):
-        audio, ids = original(self)
-        if self.position == step_with_nan:
-            audio = audio.copy()
-            audio[0, 0, 0, 0] = np.nan
-        return audio, ids
-    return next_local
-
-
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    monkeypatch.setattr(SyntheticSource, "next_local", nan_at(3))
     config = _config(steps=5)
     config.nonfinite_policy = "skip"
     config.log_every_steps = 1
@@ -126,7 +114,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_nonfinite_step_stops_naming_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    monkeypatch.setattr(SyntheticSource, "next_local", nan_at(3))
     config = _config(steps=6)
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match=r"at step 3 .*Last verified checkpoint: .*"
