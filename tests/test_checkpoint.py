@@ -6,20 +6,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import load_config, nan_at
+from train_helpers import checkpointing_config, nan_at
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import SyntheticSource, Trainer, train
 from mwmae.workdir import Workdir
 
-
-def _config(steps=6, every=2):
-    c = load_config("tiny")
-    c.num_train_steps = steps
-    c.checkpoint.every_steps = every
-    c.image_every_steps = 0
-    c.checkpoint.asynchronous = False
-    return c
+_config = checkpointing_config
 
 
 def _params_equal(a, b):

@@ -8,7 +8,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, load_config, nan_at
+from train_helpers import REPO, checkpointing_config, nan_at
 
 from mwmae import checksum
 from mwmae.train import checkpoint as ckpt
@@ -16,14 +16,7 @@ from mwmae.train.config import ConfigError, check_config
 from mwmae.train.loop import SyntheticSource, Trainer, train
 from mwmae.workdir import ConfigMismatch, Workdir
 
-
-def _config(steps=6, every=2):
-    c = load_config("tiny")
-    c.num_train_steps = steps
-    c.checkpoint.every_steps = every
-    c.image_every_steps = 0
-    c.checkpoint.asynchronous = False
-    return c
+_config = checkpointing_config
 
 
 def _quiet(*_):

@@ -42,3 +42,13 @@ def nan_at(step_with_nan: int):
             audio[0, 0, 0, 0] = np.nan
         return audio, ids
     return next_local
+
+
+def checkpointing_config(steps: int = 6, every: int = 2):
+    """tiny with synchronous checkpoints every ``every`` steps and no images."""
+    c = load_config("tiny")
+    c.num_train_steps = steps
+    c.checkpoint.every_steps = every
+    c.image_every_steps = 0
+    c.checkpoint.asynchronous = False
+    return c
