@@ -77,6 +77,21 @@ def test_keep_last_and_keep_every(tmp_path):
     assert kept == [4, 8, 10, 12]
 
 
+def test_a_new_emulator_is_empty_through_orbaxs_path_layer_too():
+    """Orbax lists checkpoints through etils' epath, which keeps its own gcsfs instance: a
+    listing left from an earlier emulator must not make a fresh bucket hold old steps."""
+    import gcs_emulator
+    from etils import epath
+
+    run = epath.Path("gs://ckpt-bucket/run/checkpoints")
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        (run / "2").mkdir(parents=True)
+        (run / "2" / "meta").write_text("{}")
+        assert [p.name for p in run.iterdir()] == ["2"]
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        assert not run.exists()
+
+
 def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
     import gcs_emulator
 
