@@ -77,6 +77,20 @@ def running_emulator(timeout: float = 20.0) -> Iterator[str]:
             log.close()
 
 
+def _forget_filesystems() -> None:
+    """Drop every cached GCS filesystem: one made for an earlier emulator must not serve.
+
+    fsspec caches gcsfs instances (with their endpoint and directory listings), and etils'
+    epath, through which Orbax lists checkpoints, caches the instance it got again: a listing
+    left from an earlier test made a fresh bucket look as if it held that test's steps.
+    """
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
 @contextlib.contextmanager
 def emulated_gcs(buckets: tuple[str, ...] = ("test-bucket",)) -> Iterator[str]:
     """An emulator with ``buckets`` created and this process's environment pointed at it."""
@@ -86,15 +100,14 @@ def emulated_gcs(buckets: tuple[str, ...] = ("test-bucket",)) -> Iterator[str]:
         env = storage.emulator_environment(endpoint, closed_port=_free_port())
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        # fsspec caches filesystem instances: one made for an earlier endpoint must not serve.
-        gcsfs.GCSFileSystem.clear_instance_cache()
+        _forget_filesystems()
         try:
             fs = gcsfs.GCSFileSystem()
             for bucket in buckets:
                 fs.mkdir(bucket)
             yield endpoint
         finally:
-            gcsfs.GCSFileSystem.clear_instance_cache()
+            _forget_filesystems()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

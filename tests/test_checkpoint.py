@@ -6,20 +6,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import load_config
+from train_helpers import checkpointing_config, nan_at
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import SyntheticSource, Trainer, train
 from mwmae.workdir import Workdir
 
-
-def _config(steps=6, every=2):
-    c = load_config("tiny")
-    c.num_train_steps = steps
-    c.checkpoint.every_steps = every
-    c.image_every_steps = 0
-    c.checkpoint.asynchronous = False
-    return c
+_config = checkpointing_config
 
 
 def _params_equal(a, b):
@@ -84,6 +77,21 @@ def test_keep_last_and_keep_every(tmp_path):
     assert kept == [4, 8, 10, 12]
 
 
+def test_a_new_emulator_is_empty_through_orbaxs_path_layer_too():
+    """Orbax lists checkpoints through etils' epath, which keeps its own gcsfs instance: a
+    listing left from an earlier emulator must not make a fresh bucket hold old steps."""
+    import gcs_emulator
+    from etils import epath
+
+    run = epath.Path("gs://ckpt-bucket/run/checkpoints")
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        (run / "2").mkdir(parents=True)
+        (run / "2" / "meta").write_text("{}")
+        assert [p.name for p in run.iterdir()] == ["2"]
+    with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
+        assert not run.exists()
+
+
 def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
     import gcs_emulator
 
@@ -102,20 +110,8 @@ def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
         assert data == {"position": 2} and meta["step"] == 2 and meta["checksums"]
 
 
-def _nan_at(step_with_nan: int):
-    original = SyntheticSource.next_local
-
-    def next_local(self):
-        audio, ids = original(self)
-        if self.position == step_with_nan:
-            audio = audio.copy()
-            audio[0, 0, 0, 0] = np.nan
-        return audio, ids
-    return next_local
-
-
 def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    monkeypatch.setattr(SyntheticSource, "next_local", nan_at(3))
     config = _config(steps=5)
     config.nonfinite_policy = "skip"
     config.log_every_steps = 1
@@ -126,7 +122,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_nonfinite_step_stops_naming_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(3))
+    monkeypatch.setattr(SyntheticSource, "next_local", nan_at(3))
     config = _config(steps=6)
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match=r"at step 3 .*Last verified checkpoint: .*"
@@ -160,11 +156,12 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_reports_interrupted(tmp_path, m
     monkeypatch.setattr(SyntheticSource, "next_local", next_local)
     config = _config(steps=50, every=0)
     lines = []
+    before = signal.getsignal(signal.SIGINT)  # a background CI job may inherit SIG_IGN
     result = train(config, tmp_path, print_fn=lines.append)
     assert result["status"] == "interrupted"
     assert "interrupted: saving step 4 and stopping" in lines
     assert Workdir(tmp_path).steps() == [4]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+    assert signal.getsignal(signal.SIGINT) is before  # handler put back
 
 
 def test_checksums_detect_a_flipped_bit_on_gs(tmp_path):

@@ -399,20 +399,24 @@ def test_ci_runs_the_same_install_script(tmp_path):
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci" / "run", repo / ".ci" / "run")
     (repo / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    for script in ("test.sh", "test_tpu.sh"):
+        shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
     (tmp_path / "shared" / "reference").mkdir(parents=True)
     log = tmp_path / "install.log"
     stub_install(repo, log)
-    for name in ("ruff", "python"):
-        write_exe(repo / ".venv" / "bin" / name, f"""
+    for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv-tpu", "python")):
+        write_exe(repo / venv / "bin" / name, f"""
             #!/usr/bin/env bash
-            echo "{name} $*" >> {tmp_path / 'venv.log'}
+            echo "{venv} {name} $*" >> {tmp_path / 'venv.log'}
             """)
     result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 0, result.stderr
-    assert log.read_text() == "PYTHON= .venv test,hear,demo\n"
-    assert "python -m pytest" in (tmp_path / "venv.log").read_text()
+    # The default suite, then the TPU compile checks in their own environment (libtpu).
+    assert log.read_text() == "PYTHON= .venv test,hear,demo\nPYTHON= .venv-tpu test,tpu\n"
+    ran = (tmp_path / "venv.log").read_text()
+    assert ".venv python -m pytest" in ran
+    assert ".venv-tpu python -m pytest tests_tpu" in ran
     # ... and the cpu image calls the same script with the same extra
     assert "cpu) extras=\"test,hear,demo\"" in dockerfile_install_run()
 

@@ -78,5 +78,7 @@ def test_unknown_config_key_is_rejected():
     config.unlocked = True
     with config.unlocked():
         config.optimizer.learning_rte = 1.0
-    with pytest.raises(ValueError, match="unknown config key optimizer.learning_rte"):
+    want = ("unknown config key 'optimizer.learning_rte'; nearest valid: "
+            "optimizer.base_learning_rate")
+    with pytest.raises(ValueError, match=want):
         Trainer(config, "/tmp/unused", devices=jax.devices()[:1])

@@ -8,7 +8,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, load_config
+from train_helpers import REPO, checkpointing_config, nan_at
 
 from mwmae import checksum
 from mwmae.train import checkpoint as ckpt
@@ -16,14 +16,7 @@ from mwmae.train.config import ConfigError, check_config
 from mwmae.train.loop import SyntheticSource, Trainer, train
 from mwmae.workdir import ConfigMismatch, Workdir
 
-
-def _config(steps=6, every=2):
-    c = load_config("tiny")
-    c.num_train_steps = steps
-    c.checkpoint.every_steps = every
-    c.image_every_steps = 0
-    c.checkpoint.asynchronous = False
-    return c
+_config = checkpointing_config
 
 
 def _quiet(*_):
@@ -205,22 +198,10 @@ def test_export_and_load_refuse_a_flipped_checkpoint(trained, tmp_path, capsys):
     assert export.main(["--workdir", str(wd), "--step", "4", "--out", str(tmp_path / "x")]) == 0
 
 
-def _nan_at(step_with_nan: int):
-    original = SyntheticSource.next_local
-
-    def next_local(self):
-        audio, ids = original(self)
-        if self.position == step_with_nan:
-            audio = audio.copy()
-            audio[0, 0, 0, 0] = np.nan
-        return audio, ids
-    return next_local
-
-
 def test_divergence_guard_names_the_newest_verified_checkpoint(trained, tmp_path, monkeypatch):
     wd = _copy(trained, tmp_path / "wd")
     _flip_a_byte_in_arrays(wd / "checkpoints" / "6")
-    monkeypatch.setattr(SyntheticSource, "next_local", _nan_at(6))
+    monkeypatch.setattr(SyntheticSource, "next_local", nan_at(6))
     config = _config(steps=10)
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match=r"Last verified checkpoint: .*checkpoints/4\."):

@@ -4,8 +4,9 @@ import importlib.util
 import pathlib
 
 import jax
+import numpy as np
 
-from mwmae.train.loop import Trainer, synthetic_source
+from mwmae.train.loop import SyntheticSource, Trainer, synthetic_source
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,3 +28,27 @@ def run_steps(config, devices: list[jax.Device], steps: int = 5) -> list[float]:
         state, m = t.step(state, t.global_batch(next(source)))
         losses.append(float(m["loss"]))
     return losses
+
+
+def nan_at(step_with_nan: int):
+    """A ``SyntheticSource.next_local`` whose batch at ``step_with_nan`` holds a NaN (for
+    monkeypatch), to drive the divergence guard."""
+    original = SyntheticSource.next_local
+
+    def next_local(self):
+        audio, ids = original(self)
+        if self.position == step_with_nan:
+            audio = audio.copy()
+            audio[0, 0, 0, 0] = np.nan
+        return audio, ids
+    return next_local
+
+
+def checkpointing_config(steps: int = 6, every: int = 2):
+    """tiny with synchronous checkpoints every ``every`` steps and no images."""
+    c = load_config("tiny")
+    c.num_train_steps = steps
+    c.checkpoint.every_steps = every
+    c.image_every_steps = 0
+    c.checkpoint.asynchronous = False
+    return c
