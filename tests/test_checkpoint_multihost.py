@@ -8,6 +8,10 @@ import time
 import pytest
 from multihost_helpers import launch, read_trace, wait_all, write_id_shards
 
+# Each test runs two to four multi-process trainings (~3 min apiece on 2 cores): CI runs them
+# with the slow group.
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 COMMON = [f"--config.num_train_steps={STEPS}", "--config.checkpoint.every_steps=4",
           "--config.trace_batches=True", "--config.image_every_steps=0",

@@ -132,6 +132,7 @@ def _ids(names: str) -> list[int]:
     return sorted(VOCABULARY.index(n) for n in names.split(","))
 
 
+@pytest.mark.slow  # ~70 s: shards built and trained on in subprocesses
 def test_fsd50k_tree_to_shards_to_the_configs_training_run(tmp_path):
     _write_fsd50k(tmp_path / "FSD50K")
     out = tmp_path / "shards" / "dev"

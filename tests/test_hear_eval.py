@@ -120,6 +120,7 @@ def test_wrapper_script_checks_its_arguments(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~75 s: two HEAR tasks end to end in subprocesses
 def test_driver_cli_event_and_scene_tasks_through_the_wrapper(tmp_path):
     """The wrapper -> python -m mwmae.hear.evaluate -> hear-eval-kit, on a scene and an event
     task (timestamp embeddings, onset F-measure), 2 seeds, with resume on a rerun."""

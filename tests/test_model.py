@@ -71,9 +71,10 @@ def test_parameter_count_cli_matches_original(config_file, expected):
 
 @pytest.mark.parametrize("kind,overrides", [
     ("mae", {}),
-    ("mwmae", {"window_sizes": [5, 10, 0], "shifting_windows": True, "depth": 2,
-               "decoder_depth": 2}),
-    ("mwmae", {"dtype": "bfloat16"}),
+    # The two mwmae variants take ~1 min each to compile and run.
+    pytest.param("mwmae", {"window_sizes": [5, 10, 0], "shifting_windows": True, "depth": 2,
+                           "decoder_depth": 2}, marks=pytest.mark.slow),
+    pytest.param("mwmae", {"dtype": "bfloat16"}, marks=pytest.mark.slow),
 ])
 def test_variants_train_with_finite_gradients(kind, overrides):
     small = {"depth": 2, "decoder_embed_dim": 128, "decoder_depth": 2}

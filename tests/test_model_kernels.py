@@ -13,6 +13,7 @@ def xla_losses():
     return run_steps(config, jax.devices()[:1], steps=2)
 
 
+@pytest.mark.slow  # ~2 min: a whole train step through the interpreted kernel
 def test_one_train_step_pallas_interpret_equals_xla(xla_losses):
     from mwmae.train.loop import Trainer, synthetic_source
 

@@ -1,5 +1,6 @@
 """The training loop end to end: learning, TensorBoard output, shards as input."""
 
+import pytest
 from multihost_helpers import write_id_shards
 from tensorboard.backend.event_processing import event_accumulator
 from train_helpers import load_config
@@ -7,6 +8,7 @@ from train_helpers import load_config
 from mwmae.train.loop import train
 
 
+@pytest.mark.slow  # ~85 s: 200 steps; the demo test covers learning in the default suite
 def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
     config = load_config("tiny")
     config.num_train_steps = 200
