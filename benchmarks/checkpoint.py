@@ -20,8 +20,9 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from train_step import load  # noqa: E402
 
+from mwmae.data.sources import synthetic_source  # noqa: E402
 from mwmae.train import checkpoint as ckpt  # noqa: E402
-from mwmae.train.loop import Trainer, synthetic_source  # noqa: E402
+from mwmae.train.trainer import Trainer  # noqa: E402
 from mwmae.workdir import Workdir  # noqa: E402
 
 
@@ -40,7 +41,8 @@ def main() -> None:
         t = Trainer(config, tmp, devices=jax.devices()[:1])
         state = t.initial_state()
         step = t.compile(state)
-        batch = t.global_batch(next(synthetic_source(config, 0)))
+        clips = synthetic_source(config.batch_size, config.seed, *config.model.img_size)
+        batch = t.global_batch(next(clips))
 
         def run(state):
             t0 = time.perf_counter()

@@ -21,8 +21,9 @@ import time
 import jax
 import numpy as np
 
+from mwmae.data.sources import synthetic_source
 from mwmae.train import perf
-from mwmae.train.loop import Trainer, synthetic_source
+from mwmae.train.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": "tiny.py", "base": "mwmae_base_200_4x16.py", "mae_base": "mae_base_200_4x16.py"}
@@ -47,7 +48,7 @@ def bench(name: str, batch: int, dtype: str, steps: int, attention: str, unroll:
     t0 = time.perf_counter()
     compiled = t.compile(state)
     compile_s = time.perf_counter() - t0
-    source = synthetic_source(config, 0)
+    source = synthetic_source(config.batch_size, config.seed, *config.model.img_size)
     batches = [t.global_batch(next(source)) for _ in range(2)]
     times = []
     for i in range(steps + 1):

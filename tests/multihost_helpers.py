@@ -9,7 +9,7 @@ import numpy as np
 import portpicker
 
 from mwmae.data import records
-from mwmae.train.synthetic import synthetic_logmel
+from mwmae.data.synthetic import synthetic_logmel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

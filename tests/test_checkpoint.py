@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from train_helpers import checkpointing_config, nan_at
 
+from mwmae.data.sources import SyntheticSource
 from mwmae.train import checkpoint as ckpt
-from mwmae.train.loop import SyntheticSource, Trainer, train
+from mwmae.train.loop import train
+from mwmae.train.trainer import Trainer
 from mwmae.workdir import Workdir
 
 _config = checkpointing_config

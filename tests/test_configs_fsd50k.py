@@ -14,8 +14,9 @@ import mwmae
 from mwmae.model import param_shapes
 from mwmae.train import sharding
 from mwmae.train.config import check_config, model_config_from
-from mwmae.train.loop import Trainer, check_batch, schedule_lengths, train
+from mwmae.train.loop import train
 from mwmae.train.optim import make_optimizer
+from mwmae.train.trainer import Trainer, check_batch, schedule_lengths
 from tfrecord_tools import build as build_lib
 from tfrecord_tools import inspect as inspect_lib
 

@@ -109,7 +109,7 @@ def test_export_of_a_relative_workdir(workdir, tmp_path, monkeypatch):
 
 def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys):
     """--initial: the run's untrained weights (the baseline), equal to the trainer's step 0."""
-    from mwmae.train.loop import Trainer
+    from mwmae.train.trainer import Trainer
 
     assert export.main(["--workdir", str(workdir), "--initial",
                         "--out", str(tmp_path / "init")]) == 0

@@ -10,7 +10,7 @@ import pytest
 from train_helpers import load_config, run_steps
 
 from mwmae.train import sharding
-from mwmae.train.loop import Trainer
+from mwmae.train.trainer import Trainer
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 

@@ -11,9 +11,11 @@ import pytest
 from train_helpers import REPO, checkpointing_config, nan_at
 
 from mwmae import checksum
+from mwmae.data.sources import SyntheticSource
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.config import ConfigError, check_config
-from mwmae.train.loop import SyntheticSource, Trainer, train
+from mwmae.train.loop import train
+from mwmae.train.trainer import Trainer
 from mwmae.workdir import ConfigMismatch, Workdir
 
 _config = checkpointing_config

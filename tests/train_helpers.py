@@ -6,7 +6,8 @@ import pathlib
 import jax
 import numpy as np
 
-from mwmae.train.loop import SyntheticSource, Trainer, synthetic_source
+from mwmae.data.sources import SyntheticSource, synthetic_source
+from mwmae.train.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def run_steps(config, devices: list[jax.Device], steps: int = 5) -> list[float]:
     """Losses of the first ``steps`` steps on synthetic data (no checkpoints, no logs)."""
     t = Trainer(config, "/tmp/unused", devices=devices)
     state = t.initial_state()
-    source = synthetic_source(config, 0)
+    source = synthetic_source(config.batch_size, config.seed, *config.model.img_size)
     losses = []
     for _ in range(steps):
         state, m = t.step(state, t.global_batch(next(source)))

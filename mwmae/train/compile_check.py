@@ -55,7 +55,7 @@ def _timed_compile(lower) -> tuple[object, dict]:
 
 def compile_report(config, devices) -> dict:
     """Compile the train step for ``devices`` (the config's mesh over them) and describe it."""
-    from mwmae.train.loop import Trainer
+    from mwmae.train.trainer import Trainer
 
     t = Trainer(config, "/tmp/unused", devices=devices)
     compiled, times = _timed_compile(t.lower)

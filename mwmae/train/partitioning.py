@@ -17,7 +17,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mwmae.train import sharding  # noqa: E402
-from mwmae.train.loop import Trainer  # noqa: E402
+from mwmae.train.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 flags.DEFINE_integer("num_devices", 0, "Fake this many CPU devices (0: the real ones).")

@@ -1,0 +1,271 @@
+"""The training loop's periodic work, as hooks with a cadence.
+
+The loop only draws a batch, runs the step and hands a :class:`StepInfo` to :class:`Hooks`;
+everything else - metrics, images, trace, progress, profile, checkpoints, preemption, divergence,
+the writer lease - is one small hook below, registered by :func:`standard_hooks`. A hook that
+ends the run raises :class:`Stop` with the run's status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import periodic_actions
+
+from mwmae.data.sources import Source
+from mwmae.lease import Lease, LeaseHeld
+from mwmae.train import checkpoint as ckpt
+from mwmae.train import perf
+from mwmae.train.trainer import Trainer
+from mwmae.workdir import Workdir
+
+Hook = Callable[["StepInfo"], None]
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What one finished step hands to the hooks."""
+
+    step: int  # steps done, this one included
+    state: Any
+    metrics: Any  # this step's metrics, still on the device
+    audio: np.ndarray  # this host's batch
+    ids: np.ndarray  # its clips' ids (labels for shards, global indices for synthetic clips)
+    input_wait_s: float  # time the loop waited for this batch
+    done: bool  # the run's last step
+
+
+class Stop(Exception):  # noqa: N818 - a signal to the loop, not an error
+    """Raised by a hook to end the run after this step (the hook saved what it had to)."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    fn: Hook
+    every: int
+    first: bool
+    last: bool
+
+
+class Hooks:
+    """Hooks run in the order they were added, each when its cadence says."""
+
+    def __init__(self, start_step: int):
+        self.start_step = start_step
+        self._entries: list[_Entry] = []
+
+    def add(self, name: str, fn: Hook, every: int = 1, *, first: bool = False,
+            last: bool = False) -> None:
+        """Run ``fn`` after every ``every``-th step (never when ``every`` <= 0), and also after
+        this process's first step (``first``) and the run's last step (``last``)."""
+        self._entries.append(_Entry(name, fn, every, first, last))
+
+    def schedule(self) -> list[tuple[str, int, bool, bool]]:
+        """(name, every, first, last) of each hook, in the order they run."""
+        return [(e.name, e.every, e.first, e.last) for e in self._entries]
+
+    def __call__(self, info: StepInfo) -> None:
+        for e in self._entries:
+            if ((e.every > 0 and info.step % e.every == 0) or (e.last and info.done)
+                    or (e.first and info.step == self.start_step + 1)):
+                e.fn(info)
+
+
+@dataclasses.dataclass
+class Run:
+    """The parts of one run that hooks share."""
+
+    trainer: Trainer
+    workdir: Workdir
+    config: ml_collections.ConfigDict
+    writer: Any  # clu MetricWriter
+    manager: Any  # orbax CheckpointManager
+    source: Source
+    watch: ckpt.PreemptionWatch
+    print_fn: Callable[[str], None]
+    start_step: int
+    verified_step: int | None  # the restored checkpoint, verified on restore
+    skipped_steps_at_start: int
+    started: float  # wall time this process started training
+    previous_seconds: float  # training time of earlier processes of this run
+    saved: list[int] = dataclasses.field(default_factory=list)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last logged
+
+
+def global_sum(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def lease_guard(run: Run, lease: Lease) -> Hook:
+    def check(info: StepInfo) -> None:
+        if lease.lost:
+            raise LeaseHeld(f"{run.workdir.lease_path}: another trainer took over this workdir "
+                            "while this one ran (its lease had gone stale); stopping without "
+                            "saving")
+    return check
+
+
+def batch_trace(run: Run) -> Hook:
+    """Per-host JSON lines of every step's loss and clip ids (``config.trace_batches``): the
+    audit trail that shows a resumed run saw exactly the data and numbers of an uninterrupted
+    one."""
+    path = run.workdir.trace_file(jax.process_index())
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(info: StepInfo) -> None:
+        line = json.dumps({"step": info.step, "loss": float(info.metrics["loss"]).hex(),
+                           "ids": np.asarray(info.ids).tolist()})
+        with path.open("a") as f:
+            f.write(line + "\n")
+    return write
+
+
+def clu_action(action: periodic_actions.PeriodicAction) -> Hook:
+    """A CLU periodic action (it keeps its own cadence)."""
+    return lambda info: action(info.step)
+
+
+def divergence_guard(run: Run) -> Hook:
+    """With ``nonfinite_policy="stop"``: a dropped (non-finite) update ends the run naming the
+    newest checkpoint known good. Reading the counter waits for the step, so this runs at log
+    points and before saves, not every step."""
+    def check(info: StepInfo) -> None:
+        state = info.state
+        if (run.config.nonfinite_policy != "stop"
+                or int(state.skipped_steps) <= run.skipped_steps_at_start):
+            return
+        run.manager.wait_until_finished()
+        # Saves of this run were checksummed from the state in memory; the restored one was
+        # verified on restore.
+        good = max([s for s in run.saved if s in run.manager.all_steps()]
+                   + ([run.verified_step] if run.verified_step is not None else []),
+                   default=None)
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {int(state.last_skipped_step)} (its update "
+            f"was dropped; checked at step {info.step}). Last verified checkpoint: "
+            f"{run.workdir.checkpoint_path(good) if good is not None else 'none'}. "
+            "Set nonfinite_policy='skip' to drop such steps and continue.")
+    return check
+
+
+class MetricLogger:
+    """Scalars to TensorBoard and a console line every ``log_every_steps``; input wait is
+    summed over every step of the interval."""
+
+    def __init__(self, run: Run, compile_seconds: float, bar: Any = None):
+        self.run, self.bar = run, bar
+        t, c = run.trainer, run.config
+        self.flops = (perf.train_flops_per_example(t.model_config) * c.batch_size
+                      / jax.device_count())
+        self.peak = perf.device_peak_flops(dtype=t.model_config.dtype)
+        self.compile_seconds = compile_seconds
+        self.last_time, self.last_step = time.perf_counter(), run.start_step
+        self.input_wait = 0.0
+
+    def add_input_wait(self, info: StepInfo) -> None:
+        self.input_wait += info.input_wait_s
+
+    def __call__(self, info: StepInfo) -> None:
+        run, c = self.run, self.run.config
+        metrics = {k: float(v) for k, v in jax.device_get(info.metrics).items()}
+        now = time.perf_counter()
+        steps = max(1, info.step - self.last_step)
+        dt = (now - self.last_time) / steps
+        metrics.update({"steps_per_sec": 1 / dt, "examples_per_sec": c.batch_size / dt,
+                        "examples_per_sec_per_device": c.batch_size / dt / jax.device_count(),
+                        "mfu": self.flops / dt / self.peak,
+                        "input_wait_ms_per_step": 1e3 * self.input_wait / steps,
+                        "input_wait_fraction": self.input_wait / steps / dt,
+                        # The input iterator's state carries each host's count across a
+                        # restore, so this is the whole run's total.
+                        "skipped_records": float(global_sum(run.source.skipped_records()))})
+        if info.step == run.start_step + 1:
+            metrics["compile_seconds"] = self.compile_seconds
+        self.last_time, self.last_step, self.input_wait = now, info.step, 0.0
+        run.metrics = metrics
+        run.writer.write_scalars(info.step, metrics)
+        run.print_fn(f"step {info.step:5d}/{run.trainer.total_steps}  loss {metrics['loss']:.4f}  "
+                     f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
+                     f"{metrics['examples_per_sec']:.1f} ex/s  "
+                     f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                                 ex_s=f"{metrics['examples_per_sec']:.0f}")
+
+
+def progress_bar(bar: Any) -> Hook:
+    return lambda info: bar.update(1)
+
+
+def reconstruction_images(run: Run) -> Hook:
+    def write(info: StepInfo) -> None:
+        grid = run.trainer.reconstructions(info.state.params, info.audio, info.step - 1)
+        run.writer.write_images(info.step, {"reconstruction": grid})
+    return write
+
+
+def checkpointer(run: Run, guard: Hook) -> Hook:
+    """Saves when the policies say, at the run's last step, and at the step a preemption or
+    Ctrl-C was noticed (then ends the run). A diverged state is never saved."""
+    def save(info: StepInfo) -> None:
+        preempted = run.watch.reached(info.step, run.manager)
+        if not (preempted or info.done or run.manager.should_save(info.step)):
+            return
+        guard(info)
+        c = run.config
+        meta = ckpt.counters(info.step, info.step * c.batch_size, run.started,
+                             run.previous_seconds, int(info.state.skipped_steps), c,
+                             global_sum(run.source.skipped_records()))
+        if ckpt.save_checkpoint(run.workdir, run.manager, info.step, info.state,
+                                run.source.get_state(), meta, force=True):
+            run.saved.append(info.step)
+        if preempted:
+            status = "interrupted" if run.watch.interrupted else "preempted"
+            run.print_fn(f"{status}: saving step {info.step} and stopping")
+            raise Stop(status)
+    return save
+
+
+def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
+                   bar: Any = None) -> Hooks:
+    """The trainer's hooks, in the order they run after each step."""
+    c = run.config
+    hooks = Hooks(run.start_step)
+    if lease is not None:
+        hooks.add("lease", lease_guard(run, lease))
+    if c.trace_batches:
+        hooks.add("trace", batch_trace(run))
+    hooks.add("progress", clu_action(periodic_actions.ReportProgress(
+        num_train_steps=run.trainer.total_steps, writer=run.writer,
+        every_steps=c.log_every_steps)))
+    if c.profile_steps > 0 and jax.process_index() == 0:
+        hooks.add("profile", clu_action(periodic_actions.Profile(
+            num_profile_steps=c.profile_steps, first_profile=run.start_step + 10,
+            logdir=str(run.workdir.tensorboard))))
+    logger = MetricLogger(run, compile_seconds, bar)
+    hooks.add("input_wait", logger.add_input_wait)
+    guard = divergence_guard(run)
+    hooks.add("divergence", guard, c.log_every_steps, first=True, last=True)
+    hooks.add("metrics", logger, c.log_every_steps, first=True, last=True)
+    if bar is not None:
+        hooks.add("progress_bar", progress_bar(bar))
+    hooks.add("images", reconstruction_images(run), c.image_every_steps,
+              last=c.image_every_steps > 0)
+    hooks.add("checkpoint", checkpointer(run, guard))
+    return hooks

@@ -1,0 +1,142 @@
+"""The trainer's fixed parts, built once per run: mesh, shardings, optimizer, jitted step, and the
+source of batches the config names."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from mwmae import workdir as workdir_lib
+from mwmae.data import PipelineConfig
+from mwmae.data.sources import ShardSource, Source, SyntheticSource
+from mwmae.data.workers import resolve_num_workers
+from mwmae.model import MaskedAutoencoder
+from mwmae.train import sharding
+from mwmae.train.config import check_config, model_config_from, train_examples
+from mwmae.train.images import reconstruction_grid
+from mwmae.train.optim import make_optimizer
+from mwmae.train.step import init_state, make_train_step
+
+
+def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(steps per epoch, total steps) from the config."""
+    examples = None if config.steps_per_epoch > 0 else train_examples(config)
+    steps_per_epoch = (config.steps_per_epoch if examples is None
+                       else examples // config.batch_size)
+    if steps_per_epoch <= 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the "
+                         f"{examples} training examples")
+    total = (config.num_train_steps if config.num_train_steps > 0
+             else steps_per_epoch * config.num_epochs)
+    return steps_per_epoch, total
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fail before compiling when the batch cannot be split as the config asks."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = config.batch_size, config.grad_accum_steps
+    if b % shards:
+        raise ValueError(f"batch_size {b} is not divisible by the {shards} batch shards of the "
+                         f"mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                         f"use a multiple of {shards}")
+    if k < 1 or b % k or (b // k) % shards:
+        raise ValueError(f"grad_accum_steps {k}: each microbatch (batch_size / k) must be a "
+                         f"whole multiple of the {shards} batch shards")
+    if b % jax.process_count():
+        raise ValueError(f"batch_size {b} is not divisible by the {jax.process_count()} hosts")
+
+
+def make_source(config: ml_collections.ConfigDict) -> Source:
+    """The source of batches ``config.data.source`` names, sized by the config."""
+    frames, n_mels = config.model.img_size
+    if config.data.source == "synthetic":
+        return SyntheticSource(config.batch_size, config.seed, frames, n_mels)
+    if config.data.source == "shards":
+        d = config.data
+        return ShardSource(d.train_shards, PipelineConfig(
+            global_batch_size=config.batch_size, seed=config.seed, crop_frames=frames,
+            n_mels=n_mels, shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
+            num_workers=resolve_num_workers(d.num_workers), on_error=d.on_error))
+    raise ValueError(f"data.source {config.data.source!r}: expected 'synthetic' or 'shards'")
+
+
+class Trainer:
+    """Everything a run needs, built once: mesh, shardings, jitted step, state, writers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                 devices: list[jax.Device] | None = None):
+        check_config(config)
+        self.config = config
+        self.model_config = model_config_from(config)
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        check_batch(config, self.mesh)
+        self.steps_per_epoch, self.total_steps = schedule_lengths(config)
+        self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
+        self.workdir = workdir_lib.Workdir(workdir)  # local paths or gs:// alike
+
+        # Shardings come from the logical axis names on the (abstract) boxed state.
+        abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
+                                                     jax.random.key(0), boxed=True))
+        self.state_sharding = sharding.logical_shardings(abstract, self.mesh)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, 4)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Initialised outside the mesh context: flax initialises DenseGeneral kernels through a
+        # flattened 2-D shape, to which the 4-D logical constraint cannot apply.
+        self.init_fn = jax.jit(lambda rng: init_state(self.model_config, self.tx, rng),
+                               out_shardings=self.state_sharding)
+        step_fn = make_train_step(self.model_config, self.tx, self.schedule,
+                                  mask_seed=config.seed + 1,
+                                  grad_accum_steps=config.grad_accum_steps)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding,
+                                                         self.batch_sharding),
+                                  out_shardings=(self.state_sharding, replicated),
+                                  donate_argnums=0)
+
+    def mesh_context(self):
+        """Rules + mesh in scope, so activation constraints in the model resolve."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
+        stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
+
+    def initial_state(self):
+        return self.init_fn(jax.random.key(self.config.seed))
+
+    def global_batch(self, local: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    def abstract_state(self):
+        """Shapes, dtypes and shardings of the state, without allocating it."""
+        shapes = jax.eval_shape(lambda: init_state(self.model_config, self.tx, jax.random.key(0)))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_sharding)
+
+    def lower(self, state=None):
+        """Lower the step for the state's shapes (abstract by default: no data, no devices)."""
+        batch = jax.ShapeDtypeStruct((self.config.batch_size, *self.model_config.input_shape),
+                                     np.float32, sharding=self.batch_sharding)
+        with self.mesh_context():
+            return self.train_step.lower(self.abstract_state() if state is None else state, batch)
+
+    def compile(self, state=None):
+        """AOT-compile the step once; the loop calls the executable, so nothing recompiles."""
+        return self.lower(state).compile()
+
+    def step(self, state, batch):
+        with self.mesh_context():
+            return self.train_step(state, batch)
+
+    def reconstructions(self, params, audio: np.ndarray, step: int) -> np.ndarray:
+        """Image grid of a few clips, masked with the step's own noise."""
+        n = min(self.config.num_images, audio.shape[0])
+        rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+        noise = jax.random.uniform(rng, (audio.shape[0], self.model_config.num_patches))[:n]
+        x = np.asarray(audio[:n])
+        params = jax.device_get(params)
+        out = MaskedAutoencoder(self.model_config).apply({"params": params}, x, noise)
+        return reconstruction_grid(x, out.pred, out.mask, self.model_config.patch_size)

@@ -1,0 +1,213 @@
+"""Each of the training loop's hooks on its own, with the parts of a run it touches stood in by
+small recording objects (the loop tests run them together on real runs)."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+from train_helpers import load_config
+
+from mwmae.data.sources import SyntheticSource
+from mwmae.lease import LeaseHeld
+from mwmae.train import hooks as hooks_lib
+from mwmae.train.config import model_config_from
+from mwmae.workdir import Workdir
+
+
+class Writer:
+    def __init__(self):
+        self.scalars, self.images = {}, {}
+
+    def write_scalars(self, step, scalars):
+        self.scalars[step] = dict(scalars)
+
+    def write_images(self, step, images):
+        self.images[step] = dict(images)
+
+
+class Manager:
+    """Saves on the steps in ``policy``; ``all_steps`` lists what was saved."""
+
+    def __init__(self, policy=()):
+        self.policy, self.saved, self.waited = set(policy), [], 0
+
+    def should_save(self, step):
+        return step in self.policy
+
+    def all_steps(self):
+        return list(self.saved)
+
+    def wait_until_finished(self):
+        self.waited += 1
+
+
+class Watch:
+    def __init__(self, at=None, interrupted=False):
+        self.at, self.interrupted = at, interrupted
+
+    def reached(self, step, manager):
+        return step == self.at
+
+
+def state(skipped=0, last_skipped=0):
+    return types.SimpleNamespace(skipped_steps=np.int32(skipped),
+                                 last_skipped_step=np.int32(last_skipped), params={})
+
+
+def make_run(tmp_path, *, manager=None, watch=None, verified=None, **config_overrides):
+    config = load_config("tiny")
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    trainer = types.SimpleNamespace(model_config=model_config_from(config), total_steps=10,
+                                    reconstructions=lambda params, audio, step: np.full(
+                                        (4, 4, 3), step, np.uint8))
+    printed = []
+    run = hooks_lib.Run(trainer, Workdir(tmp_path), config, Writer(), manager or Manager(),
+                        SyntheticSource(8, 0, 200, 80), watch or Watch(), printed.append,
+                        start_step=0, verified_step=verified, skipped_steps_at_start=0,
+                        started=0.0, previous_seconds=0.0)
+    return run, printed
+
+
+def info(step, st=None, loss=1.0, wait=0.0, done=False):
+    metrics = {"loss": np.float32(loss), "learning_rate": np.float32(1e-4),
+               "grad_norm": np.float32(0.5)}
+    return hooks_lib.StepInfo(step, st or state(), metrics, np.zeros((8, 200, 80, 1)),
+                              np.arange(8), wait, done)
+
+
+def test_cadence_every_first_last_and_never():
+    calls = {k: [] for k in ("every3", "first", "last", "never")}
+    hooks = hooks_lib.Hooks(start_step=4)
+    hooks.add("every3", lambda i: calls["every3"].append(i.step), 3)
+    hooks.add("first", lambda i: calls["first"].append(i.step), 100, first=True)
+    hooks.add("last", lambda i: calls["last"].append(i.step), 100, last=True)
+    hooks.add("never", lambda i: calls["never"].append(i.step), 0)
+    for step in range(5, 11):
+        hooks(info(step, done=step == 10))
+    assert calls == {"every3": [6, 9], "first": [5], "last": [10], "never": []}
+
+
+def test_hooks_run_in_the_order_added_and_stop_ends_the_sequence():
+    seen = []
+
+    def stop(i):
+        raise hooks_lib.Stop("preempted")
+
+    hooks = hooks_lib.Hooks(0)
+    hooks.add("a", lambda i: seen.append("a"))
+    hooks.add("stop", stop)
+    hooks.add("c", lambda i: seen.append("c"))
+    with pytest.raises(hooks_lib.Stop) as stopped:
+        hooks(info(1))
+    assert seen == ["a"] and stopped.value.status == "preempted"
+
+
+def test_batch_trace_writes_loss_bits_and_ids_per_step(tmp_path):
+    run, _ = make_run(tmp_path)
+    write = hooks_lib.batch_trace(run)
+    write(info(1, loss=0.25))
+    write(info(2, loss=0.5))
+    lines = [json.loads(x) for x in run.workdir.trace_file(0).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert float.fromhex(lines[0]["loss"]) == 0.25 and lines[1]["ids"] == list(range(8))
+
+
+def test_lease_guard_stops_only_when_the_lease_was_lost(tmp_path):
+    run, _ = make_run(tmp_path)
+    lease = types.SimpleNamespace(lost=False)
+    check = hooks_lib.lease_guard(run, lease)
+    check(info(1))
+    lease.lost = True
+    with pytest.raises(LeaseHeld, match="another trainer took over"):
+        check(info(2))
+
+
+def test_divergence_guard_names_the_newest_good_checkpoint(tmp_path):
+    manager = Manager()
+    run, _ = make_run(tmp_path, manager=manager, verified=2, nonfinite_policy="stop")
+    guard = hooks_lib.divergence_guard(run)
+    guard(info(3))  # nothing dropped: passes
+    run.saved, manager.saved = [4, 6], [4]  # 6 never committed
+    with pytest.raises(FloatingPointError, match=r"step 5 .*checked at step 7.*checkpoints/4"):
+        guard(info(7, st=state(skipped=1, last_skipped=5)))
+    assert manager.waited == 1
+    run.config.nonfinite_policy = "skip"
+    guard(info(8, st=state(skipped=1, last_skipped=5)))
+
+
+def test_metric_logger_averages_input_wait_over_the_interval(tmp_path):
+    run, printed = make_run(tmp_path)
+    logger = hooks_lib.MetricLogger(run, compile_seconds=12.5)
+    for step, wait in ((1, 0.010), (2, 0.030), (3, 0.050)):
+        logger.add_input_wait(info(step, wait=wait))
+        if step in (1, 3):
+            logger(info(step, loss=step))
+    first, third = run.writer.scalars[1], run.writer.scalars[3]
+    assert first["compile_seconds"] == 12.5 and "compile_seconds" not in third
+    assert first["input_wait_ms_per_step"] == pytest.approx(10.0)
+    assert third["input_wait_ms_per_step"] == pytest.approx(40.0)  # (30 + 50) / 2 steps
+    assert third["loss"] == 3.0 and third["skipped_records"] == 0.0
+    assert 0 < third["input_wait_fraction"] and run.metrics == third
+    assert printed[-1].startswith("step     3/10  loss 3.0000")
+
+
+def test_images_use_the_steps_own_mask_index(tmp_path):
+    run, _ = make_run(tmp_path)
+    hooks_lib.reconstruction_images(run)(info(5))
+    assert int(run.writer.images[5]["reconstruction"][0, 0, 0]) == 4
+
+
+def test_checkpointer_saves_by_policy_at_the_end_and_on_preemption(tmp_path, monkeypatch):
+    saves = []
+    monkeypatch.setattr(hooks_lib.ckpt, "save_checkpoint",
+                        lambda wd, manager, step, st, data, meta, force: saves.append(
+                            (step, data, meta["step"])) or True)
+    run, printed = make_run(tmp_path, manager=Manager(policy={2}), watch=Watch(at=3))
+    guard_calls = []
+    save = hooks_lib.checkpointer(run, guard_calls.append)
+    save(info(1))
+    save(info(2))
+    with pytest.raises(hooks_lib.Stop) as stop:
+        save(info(3))
+    assert stop.value.status == "preempted" and printed[-1].startswith("preempted: saving step 3")
+    assert [s[0] for s in saves] == [2, 3] and run.saved == [2, 3]
+    assert saves[0][1] == {"position": 0} and len(guard_calls) == 2
+    run.watch = Watch()
+    save(info(10, done=True))
+    assert run.saved[-1] == 10
+
+
+def test_a_diverged_state_is_never_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(hooks_lib.ckpt, "save_checkpoint", lambda *a, **k: pytest.fail("saved"))
+    run, _ = make_run(tmp_path, manager=Manager(policy={2}), nonfinite_policy="stop")
+    save = hooks_lib.checkpointer(run, hooks_lib.divergence_guard(run))
+    with pytest.raises(FloatingPointError):
+        save(info(2, st=state(skipped=1, last_skipped=2)))
+
+
+def test_standard_hooks_follow_the_config(tmp_path):
+    run, _ = make_run(tmp_path, trace_batches=True, image_every_steps=0, log_every_steps=2)
+    hooks = hooks_lib.standard_hooks(run, lease=None, compile_seconds=0.0)
+    assert hooks.schedule() == [
+        ("trace", 1, False, False), ("progress", 1, False, False),
+        ("input_wait", 1, False, False), ("divergence", 2, True, True),
+        ("metrics", 2, True, True), ("images", 0, False, False),
+        ("checkpoint", 1, False, False)]
+    run.config.image_every_steps, run.config.trace_batches = 5, False
+    lease = types.SimpleNamespace(lost=False)
+    names = [s[0] for s in hooks_lib.standard_hooks(run, lease=lease,
+                                                    compile_seconds=0.0).schedule()]
+    assert names[0] == "lease" and "trace" not in names
+    assert ("images", 5, False, True) in hooks_lib.standard_hooks(
+        run, lease=None, compile_seconds=0.0).schedule()
+
+
+def test_the_loop_fits_on_one_screen():
+    import inspect
+
+    from mwmae.train.loop import train
+
+    lines = inspect.getsource(train).splitlines()
+    assert len(lines) <= 50, f"train() has grown to {len(lines)} lines: move work into a hook"
