@@ -72,7 +72,8 @@ def make_run(tmp_path, *, manager=None, watch=None, verified=None, **config_over
 
 def info(step, st=None, loss=1.0, wait=0.0, done=False):
     metrics = {"loss": np.float32(loss), "learning_rate": np.float32(1e-4),
-               "grad_norm": np.float32(0.5)}
+               "grad_norm": np.float32(0.5), "param_norm": np.float32(3.0),
+               "skipped_steps": np.int32(0 if st is None else st.skipped_steps)}
     return hooks_lib.StepInfo(step, st or state(), metrics, np.zeros((8, 200, 80, 1)),
                               np.arange(8), wait, done)
 
@@ -137,26 +138,44 @@ def test_divergence_guard_names_the_newest_good_checkpoint(tmp_path):
     guard(info(8, st=state(skipped=1, last_skipped=5)))
 
 
-def test_metric_logger_averages_input_wait_over_the_interval(tmp_path):
+def test_metric_logger_averages_the_interval_and_skips_dropped_steps(tmp_path):
     run, printed = make_run(tmp_path)
     logger = hooks_lib.MetricLogger(run, compile_seconds=12.5)
-    for step, wait in ((1, 0.010), (2, 0.030), (3, 0.050)):
-        logger.add_input_wait(info(step, wait=wait))
-        if step in (1, 3):
-            logger(info(step, loss=step))
-    first, third = run.writer.scalars[1], run.writer.scalars[3]
-    assert first["compile_seconds"] == 12.5 and "compile_seconds" not in third
-    assert first["input_wait_ms_per_step"] == pytest.approx(10.0)
-    assert third["input_wait_ms_per_step"] == pytest.approx(40.0)  # (30 + 50) / 2 steps
-    assert third["loss"] == 3.0 and third["skipped_records"] == 0.0
-    assert 0 < third["input_wait_fraction"] and run.metrics == third
-    assert printed[-1].startswith("step     3/10  loss 3.0000")
+    for step, wait, loss in ((1, 0.010, 1.0), (2, 0.030, 2.0), (3, 0.050, np.nan), (4, 0.0, 4.0)):
+        logger.accumulate(info(step, wait=wait, loss=loss))
+        if step in (1, 4):
+            logger(info(step, loss=loss))
+    first, last = run.writer.scalars[1], run.writer.scalars[4]
+    assert first["perf/compile_seconds"] == 12.5 and "perf/compile_seconds" not in last
+    assert first["data/input_wait_ms_per_step"] == pytest.approx(10.0)
+    assert last["data/input_wait_ms_per_step"] == pytest.approx(80 / 3)  # 3 steps
+    assert last["train/loss"] == pytest.approx(3.0)  # (2 + 4) / 2: the NaN step is left out
+    assert last["train/param_norm"] == pytest.approx(3.0) and last["data/skipped_records"] == 0
+    assert 0 < last["data/input_wait_fraction"] and run.metrics["loss"] == last["train/loss"]
+    assert printed[-1].startswith("step     4/10  loss 3.0000") and " ETA 0:00:" in printed[-1]
+
+
+def test_every_metric_has_a_dashboard_group():
+    from mwmae.train import metrics
+
+    assert metrics.tagged({"loss": 1.0, "mfu": 0.5}) == {"train/loss": 1.0, "perf/mfu": 0.5}
+    with pytest.raises(KeyError, match="without a dashboard group: .'new_thing'."):
+        metrics.tagged({"new_thing": 1.0})
+
+
+def test_hparams_are_the_flattened_config():
+    from mwmae.train import metrics
+
+    flat = metrics.hparams(load_config("tiny"))
+    assert flat["model.decoder_depth"] == load_config("tiny").model.decoder_depth
+    assert flat["model.patch_size"] == "(4, 16)" and flat["mesh.fsdp"] == 1
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
 
 
 def test_images_use_the_steps_own_mask_index(tmp_path):
     run, _ = make_run(tmp_path)
     hooks_lib.reconstruction_images(run)(info(5))
-    assert int(run.writer.images[5]["reconstruction"][0, 0, 0]) == 4
+    assert int(run.writer.images[5]["train/reconstruction"][0, 0, 0]) == 4
 
 
 def test_checkpointer_saves_by_policy_at_the_end_and_on_preemption(tmp_path, monkeypatch):
@@ -192,7 +211,7 @@ def test_standard_hooks_follow_the_config(tmp_path):
     hooks = hooks_lib.standard_hooks(run, lease=None, compile_seconds=0.0)
     assert hooks.schedule() == [
         ("trace", 1, False, False), ("progress", 1, False, False),
-        ("input_wait", 1, False, False), ("divergence", 2, True, True),
+        ("interval", 1, False, False), ("divergence", 2, True, True),
         ("metrics", 2, True, True), ("images", 0, False, False),
         ("checkpoint", 1, False, False)]
     run.config.image_every_steps, run.config.trace_batches = 5, False

@@ -26,13 +26,39 @@ def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
                                                       event_accumulator.TENSORS: 0})
     acc.Reload()
     tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
-    for tag in ("loss", "learning_rate", "grad_norm", "examples_per_sec", "mfu"):
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "perf/examples_per_sec",
+                "perf/mfu"):
         assert tag in tags, (tag, tags)
-    loss_events = (acc.Tensors("loss") if "loss" in acc.Tags()["tensors"]
-                   else acc.Scalars("loss"))
+    loss_events = (acc.Tensors("train/loss") if "train/loss" in acc.Tags()["tensors"]
+                   else acc.Scalars("train/loss"))
     assert [e.step for e in loss_events][-1] == 200
     images = acc.Tags()["tensors"] + acc.Tags()["images"]
     assert any("reconstruction" in t for t in images), images
+
+
+def test_tensorboard_tag_set_hparams_and_eta(tmp_path):
+    config = load_config("tiny")
+    config.num_train_steps = 4
+    config.log_every_steps = 2
+    config.image_every_steps = 4
+    config.checkpoint.every_steps = 4
+    lines = []
+    train(config, tmp_path, print_fn=lines.append)
+    acc = event_accumulator.EventAccumulator(
+        str(tmp_path / "tensorboard"), size_guidance={event_accumulator.IMAGES: 0,
+                                                      event_accumulator.TENSORS: 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
+    assert tags == {
+        "train/loss", "train/grad_norm", "train/param_norm", "train/learning_rate",
+        "train/skipped_steps", "perf/steps_per_sec", "perf/examples_per_sec",
+        "perf/examples_per_sec_per_device", "perf/mfu", "perf/compile_seconds",
+        "data/input_wait_ms_per_step", "data/input_wait_fraction", "data/skipped_records",
+        "checkpoint/save_seconds", "train/reconstruction", "_hparams_/session_start_info"}, tags
+    steps = [e.step for e in acc.Tensors("train/loss")]
+    assert steps == [1, 2, 4] and [e.step for e in acc.Tensors("perf/compile_seconds")] == [1]
+    assert [e.step for e in acc.Tensors("checkpoint/save_seconds")] == [4]
+    assert all(" ETA " in line for line in lines if line.startswith("step")), lines
 
 
 def test_training_reads_shards_and_resumes_their_position(tmp_path):

@@ -48,13 +48,16 @@ def loss_curve(tensorboard_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
                                                             event_accumulator.SCALARS: 0})
     acc.Reload()
     tags = acc.Tags()
-    if "loss" in tags.get("tensors", []):
+    # "train/loss" since the tags were grouped; "loss" in workdirs written before.
+    tag = next((t for t in ("train/loss", "loss")
+                if t in tags.get("tensors", []) + tags.get("scalars", [])), None)
+    if tag is None:
+        raise FileNotFoundError(f"{tensorboard_dir}: no loss in the TensorBoard logs")
+    if tag in tags.get("tensors", []):
         events = [(e.step, float(np.asarray(_tensor_value(e.tensor_proto))))
-                  for e in acc.Tensors("loss")]
-    elif "loss" in tags.get("scalars", []):
-        events = [(e.step, e.value) for e in acc.Scalars("loss")]
+                  for e in acc.Tensors(tag)]
     else:
-        raise FileNotFoundError(f"{tensorboard_dir}: no 'loss' in the TensorBoard logs")
+        events = [(e.step, e.value) for e in acc.Scalars(tag)]
     by_step = dict(sorted(events))  # a resumed run may log a step twice: keep the last
     steps = np.asarray(sorted(by_step))
     return steps, np.asarray([by_step[s] for s in steps])

@@ -9,6 +9,7 @@ ends the run raises :class:`Stop` with the run's status.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from clu import periodic_actions
 from mwmae.data.sources import Source
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
+from mwmae.train import metrics as metrics_lib
 from mwmae.train import perf
 from mwmae.train.trainer import Trainer
 from mwmae.workdir import Workdir
@@ -165,8 +167,8 @@ def divergence_guard(run: Run) -> Hook:
 
 
 class MetricLogger:
-    """Scalars to TensorBoard and a console line every ``log_every_steps``; input wait is
-    summed over every step of the interval."""
+    """Every ``log_every_steps``: the interval's scalars to TensorBoard (tags grouped by
+    :data:`mwmae.train.metrics.GROUPS`) and one console line with the ETA."""
 
     def __init__(self, run: Run, compile_seconds: float, bar: Any = None):
         self.run, self.bar = run, bar
@@ -176,14 +178,17 @@ class MetricLogger:
         self.peak = perf.device_peak_flops(dtype=t.model_config.dtype)
         self.compile_seconds = compile_seconds
         self.last_time, self.last_step = time.perf_counter(), run.start_step
+        self.interval = metrics_lib.IntervalMetrics()
         self.input_wait = 0.0
 
-    def add_input_wait(self, info: StepInfo) -> None:
+    def accumulate(self, info: StepInfo) -> None:
+        """Every step: its metrics and the time the loop waited for its batch."""
+        self.interval.add(info.metrics)
         self.input_wait += info.input_wait_s
 
     def __call__(self, info: StepInfo) -> None:
         run, c = self.run, self.run.config
-        metrics = {k: float(v) for k, v in jax.device_get(info.metrics).items()}
+        metrics = self.interval.flush()
         now = time.perf_counter()
         steps = max(1, info.step - self.last_step)
         dt = (now - self.last_time) / steps
@@ -199,11 +204,12 @@ class MetricLogger:
             metrics["compile_seconds"] = self.compile_seconds
         self.last_time, self.last_step, self.input_wait = now, info.step, 0.0
         run.metrics = metrics
-        run.writer.write_scalars(info.step, metrics)
+        run.writer.write_scalars(info.step, metrics_lib.tagged(metrics))
+        eta = datetime.timedelta(seconds=round((run.trainer.total_steps - info.step) * dt))
         run.print_fn(f"step {info.step:5d}/{run.trainer.total_steps}  loss {metrics['loss']:.4f}  "
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
                      f"{metrics['examples_per_sec']:.1f} ex/s  "
-                     f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step")
+                     f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step  ETA {eta}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  ex_s=f"{metrics['examples_per_sec']:.0f}")
@@ -216,7 +222,7 @@ def progress_bar(bar: Any) -> Hook:
 def reconstruction_images(run: Run) -> Hook:
     def write(info: StepInfo) -> None:
         grid = run.trainer.reconstructions(info.state.params, info.audio, info.step - 1)
-        run.writer.write_images(info.step, {"reconstruction": grid})
+        run.writer.write_images(info.step, {metrics_lib.IMAGE_TAG: grid})
     return write
 
 
@@ -232,9 +238,13 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
         meta = ckpt.counters(info.step, info.step * c.batch_size, run.started,
                              run.previous_seconds, int(info.state.skipped_steps), c,
                              global_sum(run.source.skipped_records()))
+        t0 = time.perf_counter()
         if ckpt.save_checkpoint(run.workdir, run.manager, info.step, info.state,
                                 run.source.get_state(), meta, force=True):
             run.saved.append(info.step)
+            # The time the loop was held (the device-to-host copy when saves are async).
+            run.writer.write_scalars(info.step, metrics_lib.tagged(
+                {"save_seconds": time.perf_counter() - t0}))
         if preempted:
             status = "interrupted" if run.watch.interrupted else "preempted"
             run.print_fn(f"{status}: saving step {info.step} and stopping")
@@ -251,15 +261,15 @@ def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
         hooks.add("lease", lease_guard(run, lease))
     if c.trace_batches:
         hooks.add("trace", batch_trace(run))
+    # ETA to the log; steps/s is the metric logger's (one steps_per_sec on the dashboard).
     hooks.add("progress", clu_action(periodic_actions.ReportProgress(
-        num_train_steps=run.trainer.total_steps, writer=run.writer,
-        every_steps=c.log_every_steps)))
+        num_train_steps=run.trainer.total_steps, every_steps=c.log_every_steps)))
     if c.profile_steps > 0 and jax.process_index() == 0:
         hooks.add("profile", clu_action(periodic_actions.Profile(
             num_profile_steps=c.profile_steps, first_profile=run.start_step + 10,
             logdir=str(run.workdir.tensorboard))))
     logger = MetricLogger(run, compile_seconds, bar)
-    hooks.add("input_wait", logger.add_input_wait)
+    hooks.add("interval", logger.accumulate)
     guard = divergence_guard(run)
     hooks.add("divergence", guard, c.log_every_steps, first=True, last=True)
     hooks.add("metrics", logger, c.log_every_steps, first=True, last=True)

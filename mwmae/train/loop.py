@@ -18,6 +18,7 @@ from clu import metric_writers
 from mwmae import workdir as workdir_lib
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
+from mwmae.train import metrics as metrics_lib
 from mwmae.train.config import MAY_CHANGE_ON_RESUME, check_config
 from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
 from mwmae.train.trainer import Trainer, make_source
@@ -98,6 +99,7 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
     writer = metric_writers.create_default_writer(str(wd.tensorboard),
                                                   just_logging=not is_main, asynchronous=True)
     closers.append(writer.close)
+    writer.write_hparams(metrics_lib.hparams(config))
     manager = ckpt.make_manager(wd, config)
     closers += [manager.close, manager.wait_until_finished]
     watch = ckpt.PreemptionWatch()
