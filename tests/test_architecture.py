@@ -1,0 +1,113 @@
+"""The import rules of docs/architecture.md, enforced: imports follow the data flow one way.
+
+Every first-party import (at module level or inside a function) is checked against RULES; a new
+top-level module or package must be given its place here on purpose.
+"""
+
+import ast
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("mwmae", "tfrecord_tools", "hear_mwmae")
+
+# unit -> the units it may import (its own modules always). A unit is mwmae.<module or package>,
+# or a top-level package. Keep in step with "Dependency rules" in docs/architecture.md.
+RULES: dict[str, set[str]] = {
+    "mwmae": {"mwmae.api", "mwmae.model"},  # the lazy public names
+    "mwmae.audio": set(),
+    "mwmae.kernels": set(),
+    "mwmae.speech": set(),
+    "mwmae.checksum": set(),
+    "mwmae.aot": set(),
+    "mwmae.lease": set(),
+    "mwmae.data": {"mwmae.audio"},
+    "mwmae.model": {"mwmae.kernels"},
+    "tfrecord_tools": {"mwmae.data", "mwmae.audio"},
+    "mwmae.artifact": {"mwmae.model", "mwmae.audio"},
+    "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
+    "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum"},
+    "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease"},
+    "mwmae.model_info": {"mwmae.model"},
+    # mwmae.api: compile_check's `--target embed` compiles the serving forward.
+    "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
+                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api"},
+    "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir"},
+    "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
+                  "mwmae.workdir", "mwmae.audio"},
+    # mwmae.data: tasks.py writes pretraining shards of a task's audio for the demo.
+    "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech",
+                   "mwmae.data"},
+    "hear_mwmae": {"mwmae.hear"},
+    "mwmae.demo": {"mwmae", "mwmae.speech", "mwmae.hear", "mwmae.api", "mwmae.data",
+                   "mwmae.train", "mwmae.artifact", "mwmae.audio", "mwmae.workdir"},
+}
+
+
+def unit_of(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] != "mwmae":
+        return parts[0]
+    return "mwmae" if len(parts) == 1 else f"mwmae.{parts[1]}"
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def first_party_imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every first-party import in the file; ``from mwmae import
+    audio`` counts as ``mwmae.audio``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "mwmae":
+                found += [(node.lineno, f"mwmae.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+    return [(line, m) for line, m in found if m.split(".")[0] in FIRST_PARTY]
+
+
+def source_files() -> list[tuple[pathlib.Path, str]]:
+    """(file, its module name) for every first-party source file."""
+    paths = sorted(p for root in FIRST_PARTY for p in (REPO / root).rglob("*.py"))
+    return [(p, module_name(p)) for p in paths]
+
+
+def violations(files: list[tuple[pathlib.Path, str]]) -> list[str]:
+    problems = []
+    for path, module in files:
+        unit = unit_of(module)
+        if unit not in RULES:
+            problems.append(f"{path.name} ({module}): {unit} has no place in the rules")
+            continue
+        for line, target in first_party_imports(path):
+            # `from mwmae import lease` names a module; `from mwmae import load` a lazy name.
+            to = unit_of(target)
+            if to not in RULES and to.startswith("mwmae."):
+                to = "mwmae"
+            if to != unit and to not in RULES[unit]:
+                problems.append(f"{path.name} ({module}):{line}: {unit} imports {target}")
+    return problems
+
+
+def test_imports_follow_the_data_flow():
+    problems = violations(source_files())
+    assert not problems, "imports against docs/architecture.md:\n" + "\n".join(problems)
+
+
+def test_a_backward_import_inside_a_function_is_caught(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import jax\n\n\ndef f():\n    from mwmae.train import loop\n")
+    assert violations([(probe, "mwmae.model.probe")]) == [
+        "probe.py (mwmae.model.probe):5: mwmae.model imports mwmae.train"]
+    assert violations([(probe, "mwmae.demo.probe")]) == []
+    assert violations([(probe, "mwmae.newthing")]) == [
+        "probe.py (mwmae.newthing): mwmae.newthing has no place in the rules"]
+
+
+def test_the_rules_name_only_existing_units():
+    units = {unit_of(m) for _, m in source_files()}
+    assert set(RULES) <= units, set(RULES) - units
