@@ -10,6 +10,9 @@ from jax.sharding import PartitionSpec as P
 from mwmae.kernels import multi_window_attention
 from mwmae.kernels.sharded import shard_window_lists, sharded_multi_window_attention
 
+# The tests name their own mesh axes; axes absent from a mesh are ignored by the kernel.
+AXES = {"batch_axes": ("data", "fsdp"), "head_axis": "tensor"}
+
 DECODER = (2, 5, 10, 25, 50, 125, 0, 0)
 
 
@@ -55,7 +58,7 @@ def test_sharded_equals_single_device_decoder(impl, shape, names):
     m = mesh(shape, names)
     q, k, v, tables = inputs(DECODER, 250)
     sharded = value_and_grads(lambda *a: sharded_multi_window_attention(
-        *a[:3], DECODER, a[3], True, mesh=m, implementation=impl), q, k, v, tables)
+        *a[:3], DECODER, a[3], True, mesh=m, **AXES, implementation=impl), q, k, v, tables)
     single = value_and_grads(lambda *a: multi_window_attention(
         *a[:3], DECODER, a[3], True, implementation="xla"), q, k, v, tables)
     assert_same(sharded, single)
@@ -67,7 +70,8 @@ def test_sharded_equals_single_device_uniform_pattern():
     for ws, length in [((0,) * 8, 50), ((5, 0) * 4, 50)]:
         q, k, v, tables = inputs(ws, length, seed=1)
         sharded = value_and_grads(lambda *a, ws=ws: sharded_multi_window_attention(
-            *a[:3], ws, a[3], False, mesh=m, implementation="pallas_interpret"), q, k, v, tables)
+            *a[:3], ws, a[3], False, mesh=m, **AXES, implementation="pallas_interpret"),
+            q, k, v, tables)
         single = value_and_grads(lambda *a, ws=ws: multi_window_attention(
             *a[:3], ws, a[3], False, implementation="pallas_interpret"), q, k, v, tables)
         assert_same(sharded, single)
@@ -78,7 +82,7 @@ def test_sharded_xla_reference_path():
     ws = (3, 0, 4, 6)
     q, k, v, tables = inputs(ws, 12, seed=2)
     sharded = value_and_grads(lambda *a: sharded_multi_window_attention(
-        *a[:3], ws, a[3], True, mesh=m, implementation="xla"), q, k, v, tables)
+        *a[:3], ws, a[3], True, mesh=m, **AXES, implementation="xla"), q, k, v, tables)
     single = value_and_grads(lambda *a: multi_window_attention(
         *a[:3], ws, a[3], True, implementation="xla"), q, k, v, tables)
     assert_same(sharded, single)
@@ -90,7 +94,7 @@ def test_forward_runs_without_communication():
     q, k, v, tables = inputs(DECODER, 250)
     qkv = NamedSharding(m, P("data", "tensor", None, None))
     fn = jax.jit(lambda q, k, v, t: sharded_multi_window_attention(
-        q, k, v, DECODER, t, True, mesh=m, implementation="pallas_interpret"),
+        q, k, v, DECODER, t, True, mesh=m, **AXES, implementation="pallas_interpret"),
         in_shardings=(qkv, qkv, qkv, NamedSharding(m, P("tensor", None))), out_shardings=qkv)
     hlo = fn.lower(q, k, v, tables).compile().as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
@@ -110,4 +114,4 @@ def test_batch_that_does_not_split_is_rejected():
     m = mesh((4, 2), ("data", "tensor"))
     q, k, v, tables = inputs((0, 0), 12, batch=2)
     with pytest.raises(ValueError, match="batch 2 does not split over 4"):
-        sharded_multi_window_attention(q, k, v, (0, 0), tables, mesh=m)
+        sharded_multi_window_attention(q, k, v, (0, 0), tables, mesh=m, **AXES)

@@ -82,3 +82,39 @@ def test_unknown_config_key_is_rejected():
             "optimizer.base_learning_rate")
     with pytest.raises(ValueError, match=want):
         Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+
+
+def test_attention_shard_map_axes_come_from_the_rules(monkeypatch):
+    import flax.linen as nn
+
+    from mwmae.model import blocks
+
+    seen = {}
+    monkeypatch.setattr(blocks, "sharded_multi_window_attention",
+                        lambda q, *a, **k: seen.update(k) or q)
+    mesh = sharding.make_mesh({"preset": "fsdp_tp"}, jax.devices()[:8])
+    q = np.zeros((8, 8, 16, 4), np.float32)
+
+    def call(rules, window_sizes=(0,) * 8):
+        seen.clear()
+        with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+            blocks.attention(q, q, q, window_sizes, None, False, "pallas_interpret")
+        return seen["batch_axes"], seen["head_axis"]
+
+    assert call(sharding.LOGICAL_RULES) == (("data", "fsdp"), "tensor")
+    # 3 heads do not split over 2 tensor shards: the kernel sees them all.
+    assert call(sharding.LOGICAL_RULES, (0, 0, 0)) == (("data", "fsdp"), None)
+    other = [(n, ("fsdp",) if n == "act_batch" else None if n == "act_heads" else a)
+             for n, a in sharding.LOGICAL_RULES]
+    assert call(other) == (("fsdp",), None)
+
+
+def test_mesh_follows_the_rules_and_the_device_topology():
+    assert sharding.mesh_axes("act_batch") == ("data", "fsdp")
+    assert sharding.mesh_axes("heads") == ("tensor",) and sharding.mesh_axes("norm") == ()
+    with pytest.raises(KeyError, match="no logical-axis rule for 'nope'"):
+        sharding.mesh_axes("nope")
+    mesh = sharding.make_mesh({"preset": "fsdp_tp"}, jax.devices()[:8])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    # CPU devices have no torus: the layout is the device order.
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[:8]]

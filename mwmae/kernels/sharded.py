@@ -55,8 +55,8 @@ def sharded_multi_window_attention(
     shift: bool = False,
     *,
     mesh: Mesh,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
-    head_axis: str | None = "tensor",
+    batch_axes: Sequence[str],
+    head_axis: str | None,
     scale: float | None = None,
     implementation: str = "auto",
 ) -> jax.Array:

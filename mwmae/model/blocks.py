@@ -94,16 +94,25 @@ def attention(q, k, v, window_sizes, tables, shift, implementation):
     """The attention entry point; kernels run per device under shard_map when a mesh is set.
 
     XLA partitions the reference by itself, but a Pallas call is opaque to it: on a mesh the
-    kernel must see only its device's block (batch over data/fsdp, heads over tensor).
+    kernel must see only its device's block (batch and heads split as the rules say).
     """
     impl = resolve_implementation(implementation, q.shape[2])
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "xla" or mesh.empty or mesh.size == 1:
         return multi_window_attention(q, k, v, window_sizes, tables, shift, implementation=impl)
-    tensor = mesh.shape.get("tensor", 1)
+    # Which mesh axes split the batch and the heads is for the logical-axis rules in scope.
+    batch, heads = (_mesh_axes(a) for a in nn.logical_to_mesh_axes(("act_batch", "act_heads")))
+    split = math.prod(mesh.shape[a] for a in heads)
+    head_axis = heads[0] if len(heads) == 1 and len(window_sizes) % split == 0 else None
     return sharded_multi_window_attention(
-        q, k, v, window_sizes, tables, shift, mesh=mesh, batch_axes=("data", "fsdp"),
-        head_axis="tensor" if len(window_sizes) % tensor == 0 else None, implementation=impl)
+        q, k, v, window_sizes, tables, shift, mesh=mesh, batch_axes=batch, head_axis=head_axis,
+        implementation=impl)
+
+
+def _mesh_axes(spec_entry: Any) -> tuple[str, ...]:
+    if spec_entry is None:
+        return ()
+    return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
 def stack_bias_tables(tables: list[jax.Array], window_sizes: tuple[int, ...]) -> jax.Array:

@@ -16,6 +16,7 @@ spans slices over the data-centre network while ``fsdp``/``tensor`` stay inside 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_batch", BATCH_AXES),
     ("act_length", None),
     ("act_embed", None),
+    ("act_heads", "tensor"),  # the attention kernel's heads under shard_map
     # parameters
     ("embed", "fsdp"),
     ("decoder_embed", "fsdp"),
@@ -95,8 +97,21 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
         ici = (shape["data"] // dcn, shape["fsdp"], shape["tensor"])
         arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
     else:
-        arr = np.asarray(devices).reshape(sizes)
+        arr = _device_mesh(sizes, devices)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _device_mesh(sizes: tuple[int, ...], devices: list[jax.Device]) -> np.ndarray:
+    """Devices laid out on the mesh by the physical topology: on TPU the axes listed last (the
+    ones that communicate most) get neighbouring chips. A subset of a slice has no torus to
+    follow; it is laid out in device order."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        logging.getLogger(__name__).warning("devices laid out in list order (%s)", e)
+        return np.asarray(devices).reshape(sizes)
 
 
 def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -122,8 +137,17 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
         is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def mesh_axes(logical: str, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
+              ) -> tuple[str, ...]:
+    """The mesh axes the rules map a logical axis to (``act_batch`` -> ``("data", "fsdp")``)."""
+    for name, axes in rules:
+        if name == logical:
+            return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    raise KeyError(f"no logical-axis rule for {logical!r}")
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(mesh_axes("act_batch"), *([None] * (ndim - 1))))
 
 
 def describe(shardings: Any) -> dict[str, str]:

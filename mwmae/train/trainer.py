@@ -4,6 +4,7 @@ source of batches the config names."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import flax.linen as nn
@@ -38,12 +39,13 @@ def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Fail before compiling when the batch cannot be split as the config asks."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    axes = sharding.mesh_axes("act_batch")
+    shards = math.prod(mesh.shape[a] for a in axes)
     b, k = config.batch_size, config.grad_accum_steps
     if b % shards:
+        split = " x ".join(f"{a} {mesh.shape[a]}" for a in axes)
         raise ValueError(f"batch_size {b} is not divisible by the {shards} batch shards of the "
-                         f"mesh (data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
-                         f"use a multiple of {shards}")
+                         f"mesh ({split}); use a multiple of {shards}")
     if k < 1 or b % k or (b // k) % shards:
         raise ValueError(f"grad_accum_steps {k}: each microbatch (batch_size / k) must be a "
                          f"whole multiple of the {shards} batch shards")
