@@ -17,17 +17,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
 
-from mwmae.artifact import (
-    ENCODER_KEYS,
-    PARAMS_FILE,
-    ArtifactError,
-    is_artifact,
-    load_artifact,
-)
+from mwmae.artifact import PARAMS_FILE, ArtifactError, is_artifact, load_artifact
 from mwmae.convert import _CKPT_RE, CheckpointError, load_original
-from mwmae.model import MaskedAutoencoder, ModelConfig, Reconstruction, param_shapes
+from mwmae.model import (
+    Encoder,
+    MaskedAutoencoder,
+    ModelConfig,
+    Reconstruction,
+    encoder_keys,
+    param_problems,
+)
 from mwmae.workdir import Workdir, WorkdirError
 
 
@@ -47,28 +47,12 @@ class Model:
         """False for encoder-only weights (an artifact exported without the decoder)."""
         return "decoder_pred" in self.params
 
-    @functools.cached_property
-    def _setup_placeholders(self) -> dict[str, jax.ShapeDtypeStruct]:
-        # The module declares mask_token / decoder_pos_embed in setup(), so applying it needs
-        # them even for features(), which never reads them. Encoder-only weights lack them: stand
-        # in zeros of the right shape, made inside the jitted function (XLA drops them).
-        if self.has_decoder:
-            return {}
-        shapes = param_shapes(self.config)
-        return {k: v for k, v in shapes.items()
-                if k not in ENCODER_KEYS and k not in self.params and not isinstance(v, dict)}
-
     def features_fn(self):
         """The pure ``(params, x) -> features`` function (not jitted), for callers that jit it
-        themselves (e.g. to count compilations)."""
-        placeholders = self._setup_placeholders
-        module = self._module
-
-        def fn(params, x):
-            filled = {**{k: jnp.zeros(s.shape, s.dtype) for k, s in placeholders.items()},
-                      **params}
-            return module.apply({"params": filled}, x, method=MaskedAutoencoder.features)
-        return fn
+        themselves (e.g. to count compilations). It runs the :class:`~mwmae.model.Encoder`
+        alone on the encoder's entries of ``params`` (a decoder, if any, is not touched)."""
+        encoder, keys = Encoder(self.config), encoder_keys(self.config)
+        return lambda params, x: encoder.apply({"params": {k: params[k] for k in keys}}, x)
 
     @functools.cached_property
     def _features_fn(self):
@@ -126,18 +110,7 @@ def check_params(config: ModelConfig, params: Any, source: str, *,
                  encoder_only: bool = False) -> None:
     """Raise if the parameter tree does not have exactly the shapes ``config`` implies (only the
     encoder's when ``encoder_only``)."""
-    if not isinstance(params, dict) or not params:
-        raise ArtifactError(f"{source}: the weights are not a parameter tree "
-                            f"(got {type(params).__name__})")
-    shapes = param_shapes(config)
-    if encoder_only:
-        shapes = {k: v for k, v in shapes.items() if k in ENCODER_KEYS}
-    want = {"/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
-    got = {"/".join(k): np.shape(v) for k, v in flatten_dict(params).items()}
-    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
-    problems += [f"{k}: shape {got[k]}, config implies {want[k]}"
-                 for k in sorted(set(want) & set(got)) if tuple(got[k]) != tuple(want[k])]
+    problems = param_problems(config, params, encoder_only=encoder_only)
     if problems:
         raise ArtifactError(f"{source}: weights do not match the config:\n  "
                             + "\n  ".join(problems[:20]))

@@ -26,15 +26,13 @@ import numpy as np
 from flax import serialization
 
 from mwmae import audio
+from mwmae.model import encoder_keys
 from mwmae.model.config import ModelConfig
 
 FORMAT = "mwmae-artifact"
 VERSION = 2
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
-
-# Top-level parameter entries that features() needs; everything else belongs to the decoder.
-ENCODER_KEYS = ("patch_embed", "pos_embed", "cls_token", "encoder", "encoder_norm")
 
 
 class ArtifactError(ValueError):
@@ -54,9 +52,10 @@ def front_end() -> dict[str, Any]:
     }
 
 
-def encoder_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The subtree ``features`` uses (patch and position embeddings, encoder, its norm)."""
-    return {k: v for k, v in params.items() if k in ENCODER_KEYS}
+def encoder_params(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`~mwmae.model.Encoder`'s entries of ``params`` (what ``features`` uses)."""
+    keys = encoder_keys(config)
+    return {k: v for k, v in params.items() if k in keys}
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -76,7 +75,7 @@ def save_artifact(directory: str | os.PathLike, config: ModelConfig, params: Any
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if encoder_only:
-        params = encoder_params(params)
+        params = encoder_params(config, params)
     blob = serialization.msgpack_serialize(
         jax.tree.map(lambda x: np.asarray(x, np.float32), params))
     meta = {"format": FORMAT, "version": 2 if encoder_only else 1, "model": config.to_dict(),

@@ -23,10 +23,10 @@ import jax
 import ml_dtypes
 import msgpack
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 
 from mwmae.artifact import save_artifact
-from mwmae.model import param_shapes
+from mwmae.model import param_problems
 from mwmae.model.config import HEADS_BY_WIDTH, ModelConfig
 
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
@@ -218,7 +218,6 @@ def convert_params(original: Mapping[str, Any], config: ModelConfig, source: str
                 mapping[s] = (d, how)
                 layer_of[s] = (d, i // c.block_period)
 
-    expected = {"/".join(k): v for k, v in flatten_dict(param_shapes(c)).items()}
     out: dict[str, np.ndarray] = {}
     problems = []
     for key, value in sorted(src.items()):
@@ -240,19 +239,12 @@ def convert_params(original: Mapping[str, Any], config: ModelConfig, source: str
             out[dst] = value
     for dst, layers in stacked.items():
         out[dst] = np.stack([layers[i] for i in sorted(layers)])
-    for dst, shape in expected.items():
-        if dst not in out:
-            problems.append(f"model parameter {dst} {tuple(shape.shape)}: missing from the "
-                            f"{source}")
-        elif tuple(out[dst].shape) != tuple(shape.shape):
-            problems.append(f"model parameter {dst}: expected shape {tuple(shape.shape)}, "
-                            f"the {source} gives {tuple(out[dst].shape)}")
-    for dst in sorted(set(out) - set(expected)):
-        problems.append(f"{dst}: the model has no such parameter")
+    tree = unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+    problems += [f"model parameters: {p}" for p in param_problems(c, tree)] if out else []
     if problems:
         raise CheckpointError(f"{source}: {len(problems)} parameter(s) cannot be mapped:\n  "
                               + "\n  ".join(problems))
-    return unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+    return tree
 
 
 def load_original(directory: str | pathlib.Path, *, num_heads: int | None = None,

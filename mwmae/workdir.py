@@ -337,8 +337,7 @@ class Workdir:
         import orbax.checkpoint as ocp
         from flax.traverse_util import flatten_dict, unflatten_dict
 
-        from mwmae.artifact import ENCODER_KEYS
-        from mwmae.model import param_shapes
+        from mwmae.model import param_problems, param_shapes
 
         config, full_config = self.model_config()
         steps = self.steps()
@@ -359,16 +358,10 @@ class Workdir:
         if tree is None or "params" not in tree:
             raise WorkdirError(f"{path}: no 'params' in the checkpoint's state (entries: "
                                f"{sorted(tree or ())})")
-        want = param_shapes(config)
-        if not with_decoder:
-            want = {k: v for k, v in want.items() if k in ENCODER_KEYS}
-        want_flat = flatten_dict(want)
-        got_flat = flatten_dict(tree["params"])
-        problems = [f"missing {'/'.join(k)} {v.shape}" for k, v in want_flat.items()
-                    if k not in got_flat]
-        problems += [f"{'/'.join(k)}: shape {tuple(got_flat[k].shape)}, config implies {v.shape}"
-                     for k, v in want_flat.items()
-                     if k in got_flat and tuple(got_flat[k].shape) != tuple(v.shape)]
+        want_flat = flatten_dict(param_shapes(config, encoder_only=not with_decoder))
+        # The checkpoint holds the decoder too: an encoder-only read takes a subset.
+        problems = param_problems(config, tree["params"], encoder_only=not with_decoder,
+                                  allow_extra=True)
         if problems:
             raise WorkdirError(f"{path}: the checkpoint does not match the model in "
                                f"{self.config_path}:\n  " + "\n  ".join(problems[:20]))

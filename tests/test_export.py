@@ -17,8 +17,8 @@ from train_helpers import load_config
 
 import mwmae
 from mwmae import export
-from mwmae.artifact import ENCODER_KEYS, ArtifactError, load_artifact
-from mwmae.model import init_params
+from mwmae.artifact import ArtifactError, load_artifact
+from mwmae.model import encoder_keys, init_params
 from mwmae.train.config import model_config_from
 from mwmae.train.loop import train
 from mwmae.workdir import Workdir
@@ -58,8 +58,8 @@ def test_export_from_original_is_encoder_only_and_matches(original_checkpoint, t
     assert meta["embedding_size"] == 960 and meta["model"]["embed_dim"] == 192
     assert meta["params_sha256"] == hashlib.sha256((out / "params.msgpack").read_bytes()
                                                    ).hexdigest()
-    _, params, _ = load_artifact(out)
-    assert set(params) <= set(ENCODER_KEYS) and "encoder" in params
+    config, params, _ = load_artifact(out)
+    assert set(params) == set(encoder_keys(config)) and "decoder" not in params
     model = mwmae.load(out)
     assert not model.has_decoder
     np.testing.assert_allclose(np.asarray(model.features(fixtures["input"])),
@@ -119,7 +119,8 @@ def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys
     config.mesh.preset = "fsdp"
     start = flatten_dict(jax.device_get(Trainer(config, tmp_path / "t").initial_state().params))
     initial = flatten_dict(mwmae.load(tmp_path / "init").params)
-    assert set(initial) == {k for k in start if k[0] in ENCODER_KEYS}
+    keys = encoder_keys(model_config_from(config))
+    assert set(initial) == {k for k in start if k[0] in keys}
     for k, v in initial.items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(start[k]), err_msg=str(k))
     trained = flatten_dict(mwmae.load(workdir).params)
@@ -197,7 +198,7 @@ def test_export_gathers_a_two_host_sharded_checkpoint(tmp_path):
     config = model_config_from(load_config("tiny"))
     want = flatten_dict(init_params(config, jax.random.key(load_config("tiny").seed)))
     got = flatten_dict(params)
-    assert set(got) == {k for k in want if k[0] in ENCODER_KEYS}
+    assert set(got) == {k for k in want if k[0] in encoder_keys(config)}
     for k, v in got.items():
         np.testing.assert_allclose(v, np.asarray(want[k]), atol=1e-6, rtol=0, err_msg=str(k))
     assert meta["step"] == 1

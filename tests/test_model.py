@@ -163,7 +163,7 @@ def test_unmappable_parameter_is_listed(original_checkpoint, tmp_path):
     with pytest.raises(CheckpointError) as e:
         convert_params(params, cfg)
     assert "extra_head/kernel (3, 3): no parameter of the model" in str(e.value)
-    assert "decoder_norm/scale (384,): missing" in str(e.value)
+    assert "model parameters: missing decoder_norm/scale (384,)" in str(e.value)
 
 
 def test_wrong_input_shape_is_rejected(reference_model):

@@ -128,3 +128,23 @@ def test_attention_implementation_override(original_checkpoint, fixtures, impl):
     assert model.config.attention_impl == impl
     out = model.reconstruct(fixtures["input"], noise=fixtures["mae_noise"])
     np.testing.assert_allclose(float(out.loss), float(fixtures["loss"]), rtol=1e-6)
+
+
+def test_encoder_only_artifact_needs_no_decoder_and_gives_the_same_bits(reference_model,
+                                                                        fixtures, tmp_path):
+    from mwmae.artifact import save_artifact
+    from mwmae.model import encoder_keys
+
+    config, x = reference_model.config, fixtures["input"]
+    save_artifact(tmp_path / "enc", config, reference_model.params, encoder_only=True)
+    encoder_only = mwmae.load(tmp_path / "enc")
+    assert not encoder_only.has_decoder
+    assert set(encoder_only.params) == set(encoder_keys(config)) and "mask_token" not in set(
+        encoder_only.params)
+    # The whole autoencoder's features method, jitted as Model.features is.
+    full = jax.jit(lambda p, x: MaskedAutoencoder(config).apply(
+        {"params": p}, x, method=MaskedAutoencoder.features))(reference_model.params, x)
+    got = np.asarray(encoder_only.features(x))
+    np.testing.assert_array_equal(got, np.asarray(full))
+    np.testing.assert_array_equal(got, np.asarray(reference_model.features(x)))
+    np.testing.assert_allclose(got, fixtures["features"], atol=1e-5, rtol=0)

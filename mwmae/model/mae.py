@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from mwmae.model.blocks import Stack, _part, dense_init, layer_norm
 from mwmae.model.config import ModelConfig
@@ -33,7 +35,11 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix_loss:
     return (per_patch * mask).sum() / mask.sum(), target
 
 
-class MaskedAutoencoder(nn.Module):
+class Encoder(nn.Module):
+    """Patch embedding, position embeddings, the encoder stack and its norm: what HEAR,
+    export and fine-tuning use. Its parameters are the top-level entries ``patch_embed``,
+    ``pos_embed``, (``cls_token``), ``encoder``, ``encoder_norm``, as in the original."""
+
     config: ModelConfig
 
     def setup(self) -> None:
@@ -56,6 +62,45 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = Stack(c.depth, c.embed_dim, c.num_heads, c.window_sizes, c.block_period,
                              c.mlp_ratio, dtype, c.attention_impl, c.scan_unroll)
         self.encoder_norm = layer_norm(dtype)
+
+    def embed(self, imgs: jax.Array) -> jax.Array:
+        """(B, T, F, 1) -> (B, L, D) patch tokens with their position embeddings."""
+        c = self.config
+        x = self.patch_embed(imgs.astype(c.dtype))
+        x = x.reshape(x.shape[0], c.num_patches, c.embed_dim)
+        return x + self.pos_embed[:, c.num_extra_tokens:].astype(x.dtype)
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """Patch tokens (all, or the kept ones) -> normalised encoder outputs, cls first when the
+        config has one."""
+        x = tokens
+        if self.config.use_cls_token:
+            cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        return self.encoder_norm(self.encoder(x))
+
+    def __call__(self, imgs: jax.Array) -> jax.Array:
+        """(B, T, F, 1) -> (B, T/p, (F/q) * D): all patches, no masking, encoder + norm.
+
+        Feature index f * D + d for frequency patch f, as the original arranges them.
+        """
+        c = self.config
+        x = self.encode(self.embed(imgs))[:, c.num_extra_tokens:]
+        t, f = c.grid_size
+        return x.reshape(x.shape[0], t, f * c.embed_dim).astype(jnp.float32)
+
+
+class MaskedAutoencoder(nn.Module):
+    """The :class:`Encoder` plus the decoder that only pretraining needs."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        # The encoder's parameters stay at the top level of the tree (the original layout).
+        self.backbone = Encoder(c)
+        nn.share_scope(self, self.backbone)
         self.decoder_embed = nn.Dense(c.decoder_embed_dim, dtype=dtype,
                                       kernel_init=_part(dense_init, ("embed", "decoder_embed")),
                                       bias_init=_part(nn.initializers.zeros, ("decoder_embed",)))
@@ -74,34 +119,15 @@ class MaskedAutoencoder(nn.Module):
                                      kernel_init=_part(dense_init, ("decoder_embed", None)),
                                      bias_init=_part(nn.initializers.zeros, (None,)))
 
-    def _embed(self, imgs: jax.Array) -> jax.Array:
-        c = self.config
-        x = self.patch_embed(imgs.astype(c.dtype))
-        x = x.reshape(x.shape[0], c.num_patches, c.embed_dim)
-        return x + self.pos_embed[:, c.num_extra_tokens:].astype(x.dtype)
-
-    def _prepend_cls(self, x: jax.Array) -> jax.Array:
-        if not self.config.use_cls_token:
-            return x
-        cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
-        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-
     def features(self, imgs: jax.Array) -> jax.Array:
-        """(B, T, F, 1) -> (B, T/p, (F/q) * D): all patches, no masking, encoder + norm.
-
-        Feature index f * D + d for frequency patch f, as the original arranges them.
-        """
-        c = self.config
-        x = self._prepend_cls(self._embed(imgs))
-        x = self.encoder_norm(self.encoder(x))[:, c.num_extra_tokens:]
-        t, f = c.grid_size
-        return x.reshape(x.shape[0], t, f * c.embed_dim).astype(jnp.float32)
+        """The encoder's features (see :class:`Encoder`)."""
+        return self.backbone(imgs)
 
     def __call__(self, imgs: jax.Array, noise: jax.Array) -> Reconstruction:
         """Mask by ``noise`` (B, L) uniform, encode the kept patches, decode all of them."""
         c = self.config
-        x, mask, ids_restore = random_masking(self._embed(imgs), noise, c.len_keep)
-        latent = self.encoder_norm(self.encoder(self._prepend_cls(x)))
+        x, mask, ids_restore = random_masking(self.backbone.embed(imgs), noise, c.len_keep)
+        latent = self.backbone.encode(x)
 
         y = self.decoder_embed(latent)
         n_extra = c.num_extra_tokens
@@ -125,18 +151,51 @@ def _dummy_inputs(config: ModelConfig) -> tuple[jax.Array, jax.Array]:
             jnp.zeros((1, config.num_patches), jnp.float32))
 
 
-def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False) -> dict:
-    """Fresh parameters; ``boxed`` keeps the logical-axis metadata used for sharding.
+def init_params(config: ModelConfig, rng: jax.Array, *, boxed: bool = False,
+                encoder_only: bool = False) -> dict:
+    """Fresh parameters (the :class:`Encoder`'s alone with ``encoder_only``); ``boxed`` keeps
+    the logical-axis metadata used for sharding.
 
     Traced with the XLA attention: parameters do not depend on the implementation, and a fused
     kernel under a mesh cannot take the batch of one the dummy inputs have.
     """
     config = dataclasses.replace(config, attention_impl="xla")
-    variables = MaskedAutoencoder(config).init(rng, *_dummy_inputs(config))
+    imgs, noise = _dummy_inputs(config)
+    if encoder_only:
+        variables = Encoder(config).init(rng, imgs)
+    else:
+        variables = MaskedAutoencoder(config).init(rng, imgs, noise)
     params = variables["params"]
     return params if boxed else nn.meta.unbox(params)
 
 
-def param_shapes(config: ModelConfig, *, boxed: bool = False) -> dict:
+def param_shapes(config: ModelConfig, *, boxed: bool = False, encoder_only: bool = False
+                 ) -> dict:
     """Parameter shapes and dtypes (no computation)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=boxed))
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=boxed,
+                                              encoder_only=encoder_only))
+
+
+def encoder_keys(config: ModelConfig) -> tuple[str, ...]:
+    """The top-level parameter entries that belong to the encoder."""
+    return tuple(param_shapes(config, encoder_only=True))
+
+
+def param_problems(config: ModelConfig, params: Any, *, encoder_only: bool = False,
+                   allow_extra: bool = False) -> list[str]:
+    """What keeps ``params`` (arrays or shape structs) from being exactly the parameters
+    ``config`` implies (the encoder's alone with ``encoder_only``); empty when they are.
+    ``allow_extra`` accepts entries the model does not have (a reader taking a subset)."""
+    if not isinstance(params, Mapping) or not params:
+        return [f"not a parameter tree (got {type(params).__name__})"]
+    want = {"/".join(k): tuple(v.shape) for k, v in
+            flatten_dict(param_shapes(config, encoder_only=encoder_only)).items()}
+    # Arrays, shape structs or checkpoint metadata: anything with a shape.
+    got = {"/".join(k): tuple(v.shape if hasattr(v, "shape") else np.shape(v))
+           for k, v in flatten_dict(dict(params)).items()}
+    problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
+    if not allow_extra:
+        problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: shape {got[k]}, config implies {want[k]}"
+                 for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+    return problems
