@@ -1,4 +1,5 @@
-"""Shared test set-up: 8 CPU devices for mesh tests, and the reference data beside the repo."""
+"""Shared test set-up: 8 CPU devices for mesh tests, and the original implementation's reference
+data (tests/fixtures/reference: see its README)."""
 
 import os
 import pathlib
@@ -11,14 +12,14 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REPO / "tests" / "fixtures" / "reference"
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
     path = REFERENCE / "original_A"
     if not path.exists():
-        pytest.fail(f"reference data missing: expected {path} (the shared folder beside the repo)")
+        pytest.fail(f"reference data missing: expected {path} (part of the repository)")
     return path
 
 

@@ -401,7 +401,6 @@ def test_ci_runs_the_same_install_script(tmp_path):
     (repo / "scripts").mkdir()
     for script in ("test.sh", "test_tpu.sh"):
         shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
-    (tmp_path / "shared" / "reference").mkdir(parents=True)
     log = tmp_path / "install.log"
     stub_install(repo, log)
     for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv-tpu", "python")):
