@@ -24,7 +24,7 @@ FROM base AS build
 ARG TARGET=cpu
 ARG EXTRAS=""
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY scripts ./scripts
 COPY mwmae ./mwmae
 COPY tfrecord_tools ./tfrecord_tools

@@ -21,7 +21,8 @@ import threading
 import numpy as np
 from scipy.signal import resample_poly
 
-SAMPLE_RATE = 16_000
+from mwmae.audio import SAMPLE_RATE
+
 # Accents and voice variants of the English voice data: combined they give ~100 speakers.
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd")

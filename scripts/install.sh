@@ -19,7 +19,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e ".[${extras}]"
+# pyproject.toml gives ranges; constraints.txt the exact versions CI and the images test.
+"$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[${extras}]"
 case ",$extras," in
   *,hear,*)
     # They pin numpy 1.19 (impossible on Python 3.11); their runtime deps are the hear extra.

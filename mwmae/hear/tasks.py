@@ -34,12 +34,12 @@ import csv
 import json
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16_000
+from mwmae.audio import SAMPLE_RATE
+
 SPLITS = ("train", "valid", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
@@ -222,46 +222,6 @@ def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int 
     }
     (task / "task_metadata.json").write_text(json.dumps(meta, indent=1))
     return task
-
-
-def task_audio(task: str | pathlib.Path, splits: Sequence[str] = ("train",)
-               ) -> list[pathlib.Path]:
-    """The wav files of some splits of a task, sorted."""
-    task = pathlib.Path(task)
-    return sorted(p for s in splits for p in (task / str(SAMPLE_RATE) / s).glob("*.wav"))
-
-
-def write_pretraining_shards(files: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
-                             per_shard: int = 32,
-                             progress: Callable[[str], None] | None = None) -> str:
-    """Log-mel TFRecord shards (+ manifest.csv) of some wav files, for ``data.source='shards'``
-    pretraining on a task's own audio; returns the manifest path. Clips shorter than the
-    200-frame crop are tiled to length."""
-    from mwmae import audio
-    from mwmae.data import records
-
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = ["shard,num_records"]
-    for s in range(0, len(files), per_shard):
-        name = f"train-{s // per_shard:05d}.tfrecord"
-        part = files[s:s + per_shard]
-        with open(out / name, "wb") as f:
-            w = records.TFRecordWriter(f)
-            for path in part:
-                x, rate = sf.read(str(path), dtype="float32")
-                if rate != audio.SAMPLE_RATE or x.ndim != 1:
-                    raise ValueError(f"{path}: need {audio.SAMPLE_RATE} Hz mono, got {rate} Hz, "
-                                     f"shape {x.shape}")
-                mel = audio.log_mel_spectrogram_numpy(x)
-                reps = -(-audio.CROP_FRAMES // mel.shape[0])
-                w.write(records.encode_example(np.concatenate([mel] * reps), []))
-            w.close()
-        rows.append(f"{name},{len(part)}")
-        if progress:
-            progress(f"wrote {out / name} ({len(part)} clips)")
-    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return str(out / "manifest.csv")
 
 
 def main(argv: list[str] | None = None) -> int:

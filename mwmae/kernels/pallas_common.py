@@ -27,7 +27,6 @@ from mwmae.kernels.reference import check_window_sizes, shift_region_labels
 
 # Finite so that fully masked rows (padding) stay NaN-free; exp(MASKED - max) is exactly 0.
 MASKED = -1e30
-SHIFT_MASK_VALUE = -100.0
 
 
 def round_up(x: int, m: int) -> int:
