@@ -55,7 +55,7 @@ def build_demo_shards(folder: str) -> str:
     subprocess.run([sys.executable, "-m", "mwmae.demo.corpus", os.path.join(folder, "corpus"),
                     "--clips", "1200"], check=True, env=env, cwd=REPO)
     subprocess.run([sys.executable, "-m", "tfrecord_tools.build", "folder",
-                    os.path.join(folder, "corpus"), "--output", os.path.join(folder, "shards"),
+                    os.path.join(folder, "corpus"), "--out", os.path.join(folder, "shards"),
                     "--shard-size", "100", "--workers", "2", "--labels-from-subfolder"],
                    check=True, env=env, cwd=REPO)
     return manifest

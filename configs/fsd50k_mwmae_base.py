@@ -2,7 +2,7 @@
 
 Commands (the README's "FSD50K recipe" has every step, from download to HEAR scores):
   python -m tfrecord_tools.build fsd50k --root /data/FSD50K --split dev --shard-size 256 \
-      --workers 0 --output gs://BUCKET/fsd50k/dev
+      --workers 0 --out gs://BUCKET/fsd50k/dev
   python -m tfrecord_tools.inspect gs://BUCKET/fsd50k/dev/data-manifest.csv
   # TPU VM (one host: v4-8, v5p-8 or v5litepod-8), on spot capacity, restarted after preemptions:
   launch/tpu_vm.sh babysit --project PROJECT --zone ZONE --accelerator-type v4-8 --spot \

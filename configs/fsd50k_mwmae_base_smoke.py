@@ -6,7 +6,7 @@ evaluation) at the cost of a few minutes before renting a TPU or an 8-GPU host f
 
 Commands (the README's "FSD50K recipe"):
   python -m tfrecord_tools.build fsd50k --root /data/FSD50K --split val --shard-size 256 \
-      --workers 0 --output /data/fsd50k/val        # 4,170 clips: a quick build for the smoke run
+      --workers 0 --out /data/fsd50k/val        # 4,170 clips: a quick build for the smoke run
   python -m mwmae.train --config configs/fsd50k_mwmae_base_smoke.py --workdir runs/fsd50k_smoke \
       --config.data.train_shards=/data/fsd50k/val/data-manifest.csv
   # the same in the cuda image, on one GPU of the host:

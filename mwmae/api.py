@@ -87,7 +87,7 @@ class Model:
         if not self.has_decoder:
             raise ValueError(
                 "this model has no decoder weights (an encoder-only artifact): reconstruct "
-                "needs the decoder; export with --with_decoder, or load the training workdir or "
+                "needs the decoder; export with --with-decoder, or load the training workdir or "
                 "original checkpoint instead. features() works without it.")
         x = self._check_input(x)
         shape = (x.shape[0], self.config.num_patches)

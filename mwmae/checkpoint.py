@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mwmae import cli
 from mwmae.lease import Lease
 from mwmae.workdir import CheckpointInfo, Workdir, WorkdirError
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mwmae.checkpoint")
     sub = p.add_subparsers(dest="verb", required=True)
     sub.add_parser("inspect", help="list checkpoints of a workdir").add_argument("workdir")
-    a = p.parse_args(argv)
+    a = cli.parse_args(p, argv)
     wd = Workdir(a.workdir)
     try:
         rows = wd.inspect()

@@ -6,7 +6,7 @@ without the original code (and without flax's legacy restore, which needs a matc
 maps every parameter onto :class:`mwmae.model.MaskedAutoencoder`, and refuses, with the list, any
 parameter it cannot place.
 
-CLI: ``python -m mwmae.convert SRC_DIR DST_DIR [--num_heads=N] [--decoder_num_heads=N]``.
+CLI: ``python -m mwmae.convert SRC_DIR DST_DIR [--num-heads=N] [--decoder-num-heads=N]``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from mwmae import cli
 from mwmae.artifact import save_artifact
 from mwmae.model import param_problems
 from mwmae.model.config import HEADS_BY_WIDTH, ModelConfig
@@ -281,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mwmae.convert", description=__doc__.split("\n")[0])
     p.add_argument("src", help="original checkpoint directory (checkpoint_<step> + config.json)")
     p.add_argument("dst", help="output artifact directory")
-    p.add_argument("--num_heads", type=int, default=None, help="encoder heads, if not the paper's")
-    p.add_argument("--decoder_num_heads", type=int, default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--num-heads", type=int, default=None, help="encoder heads, if not the paper's")
+    p.add_argument("--decoder-num-heads", type=int, default=None)
+    a = cli.parse_args(p, argv)
     try:
         config, params = load_original(a.src, num_heads=a.num_heads,
                                        decoder_num_heads=a.decoder_num_heads)

@@ -1,8 +1,8 @@
 """Export a trained model as a self-contained artifact (see :mod:`mwmae.artifact`).
 
-    python -m mwmae.export --workdir WORKDIR [--step N] --out DIR [--with_decoder]
+    python -m mwmae.export --workdir WORKDIR [--step N] --out DIR [--with-decoder]
     python -m mwmae.export --workdir WORKDIR --initial --out DIR
-    python -m mwmae.export --from-original DIR --out DIR [--with_decoder]
+    python -m mwmae.export --from-original DIR --out DIR [--with-decoder]
 
 A training workdir is what :func:`mwmae.train.loop.train` writes (its layout belongs to
 :mod:`mwmae.workdir`): the run's config and Orbax checkpoints of the TrainState, whose arrays
@@ -11,7 +11,7 @@ can read the workdir (local path or ``gs://``): Orbax reads every host's shards 
 whole arrays on the host, and only the parameters are read (the optimizer moments, twice their
 size, are skipped).
 
-By default only the encoder (what embeddings need) is written; ``--with_decoder`` keeps the
+By default only the encoder (what embeddings need) is written; ``--with-decoder`` keeps the
 decoder for reconstructions. ``--initial`` writes the run's weights before its first step (the
 trainer initialises from ``key(config.seed)``): the same network untrained, the baseline that
 shows what pretraining bought.
@@ -26,6 +26,7 @@ from typing import Any
 
 from etils import epath
 
+from mwmae import cli
 from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
 from mwmae.artifact import ArtifactError, save_artifact
 from mwmae.model.config import ModelConfig
@@ -99,18 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (local or gs://)")
-    src.add_argument("--from-original", "--from_original", dest="from_original",
+    src.add_argument("--from-original", dest="from_original",
                      help="original-format checkpoint directory (checkpoint_<step> + config.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--initial", action="store_true",
                    help="--workdir only: the run's untrained initial weights (a baseline)")
     p.add_argument("--out", required=True, help="artifact directory to write")
-    p.add_argument("--with_decoder", "--with-decoder", action="store_true",
+    p.add_argument("--with-decoder", action="store_true",
                    help="also write the decoder weights (for reconstructions)")
-    p.add_argument("--num_heads", type=int, default=None,
+    p.add_argument("--num-heads", type=int, default=None,
                    help="original checkpoints only: encoder heads, if not the paper's")
-    p.add_argument("--decoder_num_heads", type=int, default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--decoder-num-heads", type=int, default=None)
+    a = cli.parse_args(p, argv)
     if a.from_original and a.step is not None:
         p.error("--step applies to --workdir; an original directory exports its latest step")
     if a.initial and (not a.workdir or a.step is not None):

@@ -39,6 +39,10 @@ def main(argv: list[str]) -> None:
         print(f"{k:<{width}}  {v:>14,}")
 
 
-if __name__ == "__main__":
+def run() -> None:
     flags.mark_flag_as_required("config")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

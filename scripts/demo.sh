@@ -48,7 +48,7 @@ stage corpus "$PYTHON" -m mwmae.demo.corpus "$work/corpus" --clips "$clips"
 # 2. Log-mel TFRecord shards (the original record schema); finished shards are skipped. Then
 #    every record is parsed back (exit status 1 on any problem; the report is JSON).
 build_shards() {
-  "$PYTHON" -m tfrecord_tools.build folder "$work/corpus" --output "$work/shards" \
+  "$PYTHON" -m tfrecord_tools.build folder "$work/corpus" --out "$work/shards" \
     --shard-size 100 --workers 2 --labels-from-subfolder || return
   "$PYTHON" -m tfrecord_tools.inspect "$work/shards/data-manifest.csv" \
     >"$work/shards/inspect.json" || return

@@ -138,7 +138,7 @@ def test_fsd50k_tree_to_shards_to_the_configs_training_run(tmp_path):
     _write_fsd50k(tmp_path / "FSD50K")
     out = tmp_path / "shards" / "dev"
     assert build_lib.main(["fsd50k", "--root", str(tmp_path / "FSD50K"), "--split", "dev",
-                           "--output", str(out), "--shard-size", "4", "--workers", "1",
+                           "--out", str(out), "--shard-size", "4", "--workers", "1",
                            "--no-progress"]) == 0
     manifest = out / "data-manifest.csv"
     report = inspect_lib.inspect_shards([str(manifest)])

@@ -64,7 +64,7 @@ def test_export_from_original_is_encoder_only_and_matches(original_checkpoint, t
     assert not model.has_decoder
     np.testing.assert_allclose(np.asarray(model.features(fixtures["input"])),
                                fixtures["features"], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="no decoder weights.*--with_decoder"):
+    with pytest.raises(ValueError, match="no decoder weights.*--with-decoder"):
         model.reconstruct(fixtures["input"], noise=fixtures["mae_noise"])
 
 

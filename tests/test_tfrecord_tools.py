@@ -188,7 +188,7 @@ def test_csv_audioset_and_fsd50k_layouts(audio_dir, tmp_path):
     assert [i.labels for i in dev.items] == [(0, 1), (2,)]
     val = sources.from_fsd50k(str(fsd), "val")
     assert [os.path.basename(i.path) for i in val.items] == ["102.wav"]
-    summary = build_lib.main(["fsd50k", "--root", str(fsd), "--split", "train", "--output",
+    summary = build_lib.main(["fsd50k", "--root", str(fsd), "--split", "train", "--out",
                               str(tmp_path / "fsd_out"), "--workers", "1", "--no-progress"])
     assert summary == 0
     assert [lab.tolist() for _, lab in _read_back(str(tmp_path / "fsd_out/data-manifest.csv"))

@@ -1,4 +1,4 @@
-"""Build log-mel shards from audio: ``python -m tfrecord_tools.build SOURCE ... --output DIR``.
+"""Build log-mel shards from audio: ``python -m tfrecord_tools.build SOURCE ... --out DIR``.
 
 Sources (subcommands):
 
@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from mwmae import cli
 from mwmae.data import records, storage
 from mwmae.data.shards import ARRAY_RECORD, FORMATS, TFRECORD
 from tfrecord_tools import sources
@@ -173,7 +174,7 @@ def _check_or_write_build_info(listing: sources.Listing, options: BuildOptions,
             changed = sorted(k for k in info if previous.get(k) != info[k])
             raise ValueError(
                 f"{path} records a different build (differs in {changed}); resume needs the "
-                "same inputs and settings: use a new --output or --prefix"
+                "same inputs and settings: use a new --out or --prefix"
             )
         return
     storage.write_text(path, json.dumps(info, indent=1))
@@ -295,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tfrecord_tools.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--output", required=True, help="local folder or gs://bucket/path")
+    common.add_argument("--out", dest="output", required=True, help="local folder or gs://bucket/path")
     common.add_argument("--format", choices=FORMATS, default=TFRECORD)
     common.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help="clips per shard")
@@ -345,7 +346,7 @@ def listing_from_args(args: argparse.Namespace) -> sources.Listing:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = cli.parse_args(_parser(), argv)
     options = BuildOptions(
         output=args.output, shard_size=args.shard_size, format=args.format, prefix=args.prefix,
         workers=args.workers, compression=None if args.compression == "none" else "zlib",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mwmae import cli
 from mwmae.data import records, shards
 
 
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("shards", nargs="+", help="shard paths, globs or a manifest CSV")
     p.add_argument("--compression", choices=("zlib", "none"), default="zlib")
     p.add_argument("--top-labels", type=int, default=20)
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     report = inspect_shards(args.shards,
                             compression=None if args.compression == "none" else "zlib",
                             top_labels=args.top_labels)

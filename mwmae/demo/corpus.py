@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
-from mwmae import speech
+from mwmae import cli, speech
 from mwmae.hear.tasks import (
     SAMPLE_RATE,
     _coloured_noise,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.5, help="seconds per clip")
     p.add_argument("--speech-fraction", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = cli.parse_args(p, argv)
     counts = make_corpus(a.out, a.clips, a.duration, a.speech_fraction, a.seed, progress=True)
     print(f"corpus in {a.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mwmae import cli
 from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
 from mwmae.workdir import Workdir
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mwmae.demo.report",
                                 description=__doc__.split("\n")[0])
     p.add_argument("workdir")
-    a = p.parse_args(argv)
+    a = cli.parse_args(p, argv)
     try:
         report(a.workdir)
     except FileNotFoundError as e:

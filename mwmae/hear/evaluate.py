@@ -36,6 +36,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from mwmae import cli
+
 GRIDS = ("default", "fast", "faster")
 
 
@@ -332,18 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mwmae.hear.evaluate",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--artifact", required=True, help="exported artifact directory")
-    p.add_argument("--tasks-dir", "--tasks_dir", dest="tasks_dir", required=True,
+    p.add_argument("--tasks-dir", dest="tasks_dir", required=True,
                    help="folder of HEAR task folders")
     p.add_argument("--out", required=True, help="output folder (embeddings, predictions, "
                    "results.json, results.md)")
     p.add_argument("--seeds", type=int, default=3, help="predictor seeds 0..N-1")
     p.add_argument("--grid", choices=GRIDS, default="default", help="hear-eval-kit grid")
-    p.add_argument("--grid-points", "--grid_points", dest="grid_points", type=int, default=8)
+    p.add_argument("--grid-points", dest="grid_points", type=int, default=8)
     p.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     p.add_argument("--module", default="mwmae.hear", help="HEAR module to import")
-    p.add_argument("--model-options", "--model_options", dest="model_options", default="{}",
+    p.add_argument("--model-options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
-    a = p.parse_args(argv)
+    a = cli.parse_args(p, argv)
     # Before JAX starts: it must not take all GPU memory from torch.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:

@@ -38,6 +38,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from mwmae import cli
 from mwmae.audio import SAMPLE_RATE
 
 SPLITS = ("train", "valid", "test")
@@ -229,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Write a small synthetic HEAR-format task.")
     p.add_argument("out", help="tasks directory (the task becomes a folder inside it)")
     p.add_argument("--kind", choices=KINDS, default="chords")
-    p.add_argument("--per-class", "--per_class", dest="per_class", type=int, default=24)
+    p.add_argument("--per-class", dest="per_class", type=int, default=24)
     p.add_argument("--duration", type=float, default=2.0, help="seconds per clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="task folder name (default mwmae_<kind>)")
-    a = p.parse_args(argv)
+    a = cli.parse_args(p, argv)
     task = make_task(a.out, a.kind, per_class=a.per_class, duration_s=a.duration, seed=a.seed,
                      name=a.name)
     counts = {s: len(json.loads((task / f"{s}.json").read_text())) for s in SPLITS}

@@ -33,6 +33,12 @@ def main(argv: list[str]) -> None:
         print(f"{name:<{width}}  {spec}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console command: the backend has not started yet, so ``--num_devices`` still acts."""
+    apply_num_devices_flag(sys.argv)
     flags.mark_flag_as_required("config")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

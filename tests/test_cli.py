@@ -1,0 +1,77 @@
+"""The command-line convention: console commands for every tool, one flag spelling."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from mwmae import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+BIN = pathlib.Path(sys.executable).parent
+ABSL_TOOLS = {"mwmae.train.__main__", "mwmae.train.compile_check", "mwmae.train.partitioning",
+              "mwmae.model_info"}
+
+
+def test_old_spellings_become_the_one_spelling():
+    argv = ["src", "--with_decoder", "--output=gs://b/x", "--num_heads", "3", "--tasks-dir",
+            "t", "--", "--keep_this"]
+    assert cli.canonical(argv) == ["src", "--with-decoder", "--out=gs://b/x", "--num-heads", "3",
+                                   "--tasks-dir", "t", "--", "--keep_this"]
+
+
+def test_every_tool_with_a_main_is_a_console_command():
+    modules = {v.split(":")[0] for v in SCRIPTS.values()}
+    with_main = set()
+    for root in ("mwmae", "tfrecord_tools"):
+        for path in (REPO / root).rglob("*.py"):
+            if 'if __name__ == "__main__":' in path.read_text():
+                with_main.add(".".join(path.relative_to(REPO).with_suffix("").parts))
+    assert with_main == modules, with_main ^ modules
+    assert all(name.startswith("mwmae-") for name in SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_console_command_answers_help(name):
+    exe = BIN / name
+    assert exe.exists(), f"{exe} missing: reinstall the package (scripts/install.sh)"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in (out.stdout + out.stderr).lower() or "flags:" in out.stdout
+
+
+def option_strings(path: pathlib.Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            names += [a.value for a in node.args
+                      if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
+    return names
+
+
+def test_argparse_tools_share_one_spelling():
+    for value in SCRIPTS.values():
+        module = value.split(":")[0]
+        if module in ABSL_TOOLS:
+            continue
+        path = REPO / (module.replace(".", "/") + ".py")
+        options = option_strings(path)
+        assert not [o for o in options if "_" in o or o == "--output"], (module, options)
+        text = path.read_text()
+        assert "cli.parse_args(" in text and ".parse_args(argv)" not in text, module
+
+
+def test_a_cli_training_run_shows_its_eta(tmp_path):
+    out = subprocess.run(
+        [str(BIN / "mwmae-train"), "--config", str(REPO / "configs" / "tiny.py"),
+         "--workdir", str(tmp_path / "run"), "--config.num_train_steps=3",
+         "--config.log_every_steps=1", "--config.image_every_steps=0",
+         "--config.progress_bar=False"],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step")]
+    assert len(steps) == 3 and all(" ETA 0:" in ln for ln in steps), out.stdout
