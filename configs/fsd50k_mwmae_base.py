@@ -52,23 +52,16 @@ then flattens, as in the AudioSet run; HEAR scores below the paper's AudioSet-pr
 most tasks, since FSD50K holds ~1/70 of AudioSet's audio.
 """
 
-from mwmae.train.config import default_config
+from mwmae.train.config import paper_base_config
 
 FSD50K_DEV_CLIPS = 40_966   # FSD50K.ground_truth/dev.csv: train 36,796 + val 4,170
 
 
 def get_config():
-    c = default_config()
-    c.model.update(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384,
-                   decoder_depth=4, decoder_num_heads=8, window_sizes=(0,),
-                   decoder_window_sizes=(2, 5, 10, 25, 50, 125, 0, 0), use_cls_token=False,
-                   mask_ratio=0.8, dtype="bfloat16")
-    c.batch_size = 1024
+    c = paper_base_config("mwmae")
     # 40 steps per epoch at batch 1024; 4,960 epochs = 198,400 steps, the paper's step count.
     c.num_epochs = 4_960
-    c.optimizer.base_learning_rate = 1.5e-5     # x batch / 256
     c.optimizer.warmup_epochs = 496.0           # 19,840 steps: 10% of the run, as the paper
-    c.optimizer.weight_decay = 0.05
     c.mesh.preset = "dp"
 
     c.data.source = "shards"

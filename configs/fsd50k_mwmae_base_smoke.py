@@ -31,20 +31,14 @@ the warmup; checkpoints at steps 1000 and 2000 under WORKDIR/checkpoints; a reru
 from it only show that evaluation works.
 """
 
-from mwmae.train.config import default_config
+from mwmae.train.config import paper_base_config
 
 
 def get_config():
-    c = default_config()
-    c.model.update(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384,
-                   decoder_depth=4, decoder_num_heads=8, window_sizes=(0,),
-                   decoder_window_sizes=(2, 5, 10, 25, 50, 125, 0, 0), use_cls_token=False,
-                   mask_ratio=0.8, dtype="bfloat16")
+    c = paper_base_config("mwmae")
     c.batch_size = 128
     c.num_train_steps = 2_000
-    c.optimizer.base_learning_rate = 1.5e-5     # x batch / 256
     c.optimizer.warmup_epochs = 1.0             # 320 steps: 40,966 // 128
-    c.optimizer.weight_decay = 0.05
     c.mesh.preset = "dp"
 
     c.data.source = "shards"

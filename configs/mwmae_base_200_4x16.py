@@ -16,18 +16,8 @@ the 10 warmup epochs and flattens; the resulting encoder scores in line with the
 results (the figures of the paper's Table 1 for MW-MAE-B-4x16).
 """
 
-from mwmae.train.config import default_config
+from mwmae.train.config import paper_base_config
 
 
 def get_config():
-    c = default_config()
-    c.model.update(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384,
-                   decoder_depth=4, decoder_num_heads=8, window_sizes=(0,),
-                   decoder_window_sizes=(2, 5, 10, 25, 50, 125, 0, 0), use_cls_token=False,
-                   mask_ratio=0.8, dtype="bfloat16")
-    c.batch_size = 1024
-    c.num_epochs = 100
-    c.optimizer.base_learning_rate = 1.5e-5
-    c.optimizer.warmup_epochs = 10.0
-    c.optimizer.weight_decay = 0.05
-    return c
+    return paper_base_config("mwmae")

@@ -190,6 +190,8 @@ class BlockGroup(nn.Module):
 class Stack(nn.Module):
     """``depth`` blocks as one ``nn.scan`` over groups: one compiled body, stacked parameters."""
 
+    # Deliberate repeat: the scan passes these through to BlockGroup, and flax modules declare
+    # their attributes as fields.
     depth: int
     dim: int
     num_heads: int

@@ -18,14 +18,14 @@ import json
 import sys
 import time
 
-from mwmae.train.fake_devices import apply_num_devices_flag
+from mwmae.train.fake_devices import apply_num_devices_flag, run_config_tool
 
 if __name__ == "__main__":
     apply_num_devices_flag(sys.argv)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mwmae import aot  # noqa: E402
@@ -113,10 +113,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """The console command: the backend has not started yet, so ``--num_devices`` still acts."""
-    apply_num_devices_flag(sys.argv)
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    run_config_tool(main)
 
 
 if __name__ == "__main__":

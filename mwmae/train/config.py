@@ -91,6 +91,28 @@ def default_config() -> ml_collections.ConfigDict:
 # (architecture, optimizer, seed, batch, the input pipeline's shape) fixes the run; a rerun that
 # changes it is refused. data.num_workers is not among them: the iterator state a checkpoint
 # holds is per input worker, so a checkpoint saved with N workers restores only with N.
+def paper_base_config(kind: str = "mwmae") -> ml_collections.ConfigDict:
+    """The paper's base pretraining recipe, which the base configs vary: ViT-B encoder
+    (12 x 768, 12 global heads), decoder 4 x 384 with 8 heads, mask ratio 0.8, bfloat16; AdamW
+    lr 1.5e-5 x batch / 256, weight decay 0.05, 10 warmup epochs of 100, batch 1024.
+    ``kind="mwmae"``: decoder windows (2, 5, 10, 25, 50, 125, 0, 0), no cls token; ``"mae"``:
+    the MAE baseline (global decoder heads, a cls token)."""
+    if kind not in ("mwmae", "mae"):
+        raise ValueError(f"kind {kind!r}: expected 'mwmae' or 'mae'")
+    c = default_config()
+    mwmae = kind == "mwmae"
+    c.model.update(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=384,
+                   decoder_depth=4, decoder_num_heads=8, window_sizes=(0,),
+                   decoder_window_sizes=(2, 5, 10, 25, 50, 125, 0, 0) if mwmae else (0,),
+                   use_cls_token=not mwmae, mask_ratio=0.8, dtype="bfloat16")
+    c.batch_size = 1024
+    c.num_epochs = 100
+    c.optimizer.base_learning_rate = 1.5e-5
+    c.optimizer.warmup_epochs = 10.0
+    c.optimizer.weight_decay = 0.05
+    return c
+
+
 MAY_CHANGE_ON_RESUME = (
     "num_train_steps", "num_epochs", "steps_per_epoch", "data.num_train_examples",
     "data.train_shards", "data.on_error",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 
 def apply_num_devices_flag(argv: list[str]) -> None:
@@ -13,3 +15,13 @@ def apply_num_devices_flag(argv: list[str]) -> None:
         if n and int(n) > 0:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                        + f" --xla_force_host_platform_device_count={int(n)}")
+
+
+def run_config_tool(main: Callable[[list[str]], None]) -> None:
+    """Console entry of a ``--config`` tool that takes ``--num_devices``: the flag acts before the
+    backend starts (JAX is imported by then, but its devices are not created yet)."""
+    from absl import app, flags
+
+    apply_num_devices_flag(sys.argv)
+    flags.mark_flag_as_required("config")
+    app.run(main)

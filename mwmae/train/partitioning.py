@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from mwmae.train.fake_devices import apply_num_devices_flag
+from mwmae.train.fake_devices import apply_num_devices_flag, run_config_tool
 
 if __name__ == "__main__":
     apply_num_devices_flag(sys.argv)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mwmae.train import sharding  # noqa: E402
@@ -34,10 +34,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """The console command: the backend has not started yet, so ``--num_devices`` still acts."""
-    apply_num_devices_flag(sys.argv)
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    run_config_tool(main)
 
 
 if __name__ == "__main__":
