@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mwmae.kernels import pallas_common as pc
+from mwmae.kernels.reference import SHIFT_MASK_VALUE
 
 MAX_BLOCK = 64
 
@@ -77,7 +78,7 @@ def _tile_scores(q, k, cq, ck, vec_ref, q0, k0, geom: pc.Geometry, width: int):
         cols = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = s + vec_ref[(cols - rows) & (width - 1)]
     if geom.has_shift:
-        s = s + jnp.where((cq[:, None] & 3) != (ck[None, :] & 3), pc.SHIFT_MASK_VALUE, 0.0)
+        s = s + jnp.where((cq[:, None] & 3) != (ck[None, :] & 3), SHIFT_MASK_VALUE, 0.0)
     return jnp.where((cq[:, None] >> 2) == (ck[None, :] >> 2), s, pc.MASKED)
 
 
@@ -174,7 +175,7 @@ def _dq_kernel(rng_ref, codes_ref, vec_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         s = jnp.sum(qf * k_ref[cols, :].astype(jnp.float32), axis=1) * geom.scale
         s = s + vec_ref[e & (width - 1)]
         if geom.has_shift:
-            s = s + jnp.where((cq & 3) != (ck & 3), pc.SHIFT_MASK_VALUE, 0.0)
+            s = s + jnp.where((cq & 3) != (ck & 3), SHIFT_MASK_VALUE, 0.0)
         same = inside & ((cq >> 2) == (ck >> 2))
         p = jnp.where(same, jnp.exp(s - lse), 0.0)
         dp = jnp.sum(dof * v_ref[cols, :].astype(jnp.float32), axis=1)

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mwmae.kernels import pallas_common as pc
+from mwmae.kernels.reference import SHIFT_MASK_VALUE
 
 LANES = 128
 # Bytes of q/k/v/o (and gradients) per grid step that keep the double-buffered blocks of the
@@ -87,7 +88,7 @@ def additive_matrix(bias_tables: jax.Array, geom: pc.Geometry) -> jax.Array:
 
     qi, q_window, q_region = place(1)
     kj, k_window, k_region = place(2)
-    add = jnp.where(q_region != k_region, pc.SHIFT_MASK_VALUE, 0.0)
+    add = jnp.where(q_region != k_region, SHIFT_MASK_VALUE, 0.0)
     if geom.has_bias:
         index = jnp.clip(qi - kj + w - 1, 0, bias_tables.shape[1] - 1)
         tables = bias_tables.astype(jnp.float32)[:, None, :]
