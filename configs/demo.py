@@ -14,15 +14,14 @@ the last three kept; TensorBoard scalars and reconstruction images under WORKDIR
 A rerun resumes from the newest checkpoint.
 """
 
-from mwmae.train.config import default_config
+from mwmae.train.config import TINY_MODEL, default_config
 
 CORPUS_CLIPS = 1200  # scripts/demo.sh's default corpus size: one epoch = CORPUS_CLIPS / batch
 
 
 def get_config():
     c = default_config()
-    c.model.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
-                   decoder_num_heads=4, window_sizes=(0,), decoder_window_sizes=(5, 25, 0, 0))
+    c.model.update(**TINY_MODEL)
     c.batch_size = 32
     c.num_train_steps = 2000
     c.steps_per_epoch = CORPUS_CLIPS // c.batch_size

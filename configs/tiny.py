@@ -9,13 +9,12 @@ Expected: the loss falls from ~1.85 to ~1.0 over the 40 steps (~0.1 s/step after
 on 2 cores) and checkpoints are written under WORKDIR/checkpoints/{20,40}; a rerun resumes at 40.
 """
 
-from mwmae.train.config import default_config
+from mwmae.train.config import TINY_MODEL, default_config
 
 
 def get_config():
     c = default_config()
-    c.model.update(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
-                   decoder_num_heads=4, window_sizes=(0,), decoder_window_sizes=(5, 25, 0, 0))
+    c.model.update(**TINY_MODEL)
     c.batch_size = 8
     c.num_train_steps = 40
     c.steps_per_epoch = 20

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import jax
 
-from mwmae.kernels.reference import multi_window_attention_xla
+from mwmae.kernels.reference import attention_xla, check_call
 
 IMPLEMENTATIONS = (
     "auto",
@@ -115,17 +115,16 @@ def multi_window_attention(
     q, k, v: (batch, heads, length, head_dim); bias_tables: (heads, T), T >= 2 * max(w) - 1.
     Returns (batch, heads, length, head_dim).
     """
+    heads = check_call(q, k, v, window_sizes, bias_tables, shift, scale)
     impl = resolve_implementation(implementation, q.shape[2])
     if impl == "xla":
-        return multi_window_attention_xla(q, k, v, window_sizes, bias_tables, shift, scale=scale)
+        return attention_xla(q, k, v, bias_tables, heads)
     if impl in ("pallas_tpu", "pallas_interpret", "pallas_tpu_interpret"):
-        from mwmae.kernels.pallas_tpu import multi_window_attention_tpu
+        from mwmae.kernels.pallas_tpu import attention_tpu
 
         interpret = {"pallas_tpu": False, "pallas_interpret": "generic",
                      "pallas_tpu_interpret": "tpu"}[impl]
-        return multi_window_attention_tpu(q, k, v, window_sizes, bias_tables, shift,
-                                          scale=scale, interpret=interpret)
-    from mwmae.kernels.pallas_gpu import multi_window_attention_gpu
+        return attention_tpu(q, k, v, bias_tables, heads, interpret)
+    from mwmae.kernels.pallas_gpu import attention_gpu
 
-    return multi_window_attention_gpu(q, k, v, window_sizes, bias_tables, shift, scale=scale,
-                                      interpret=impl == "pallas_gpu_interpret")
+    return attention_gpu(q, k, v, bias_tables, heads, impl == "pallas_gpu_interpret")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mwmae.kernels.reference import check_window_sizes, shift_region_labels
+from mwmae.kernels.reference import shift_region_labels
 
 # Finite so that fully masked rows (padding) stay NaN-free; exp(MASKED - max) is exactly 0.
 MASKED = -1e30
@@ -78,24 +78,6 @@ class Geometry:
         return out
 
 
-def validate(q: jax.Array, k: jax.Array, v: jax.Array, window_sizes: Sequence[int],
-             bias_tables: jax.Array) -> tuple[int, ...]:
-    window_sizes = tuple(int(w) for w in window_sizes)
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (batch, heads, length, head_dim) shape; got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
-    num_heads, length = q.shape[1], q.shape[2]
-    if len(window_sizes) != num_heads:
-        raise ValueError(f"got {len(window_sizes)} window sizes for {num_heads} heads")
-    check_window_sizes(window_sizes, length)
-    need = 2 * max(window_sizes) - 1
-    if bias_tables.ndim != 2 or bias_tables.shape[0] != num_heads or (
-            need > 0 and bias_tables.shape[1] < need):
-        raise ValueError(f"bias_tables must be (heads={num_heads}, T>={need}); got "
-                         f"{bias_tables.shape}")
-    return window_sizes
-
-
 def roll_heads(x: jax.Array, shifts: Sequence[int], sign: int) -> jax.Array:
     """Roll head h of (batch, heads, length, ...) by ``sign * shifts[h]`` along the length axis."""
     if not any(shifts):
@@ -146,7 +128,3 @@ def prepare(q: jax.Array, k: jax.Array, v: jax.Array, geom: Geometry,
 def finish(out: jax.Array, geom: Geometry, head_dim: int) -> jax.Array:
     """Drop padding and roll shifted heads back to their original positions."""
     return roll_heads(out[:, :, :geom.length, :head_dim], geom.shifts, 1)
-
-
-def default_scale(head_dim: int, scale: float | None) -> float:
-    return head_dim ** -0.5 if scale is None else float(scale)

@@ -22,7 +22,6 @@ needs neither atomics nor an L x L buffer.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mwmae.kernels import pallas_common as pc
-from mwmae.kernels.reference import SHIFT_MASK_VALUE
+from mwmae.kernels.reference import SHIFT_MASK_VALUE, Heads
 
 MAX_BLOCK = 64
 
@@ -278,28 +277,19 @@ def _attention_bwd(geom, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def multi_window_attention_gpu(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    window_sizes: Sequence[int],
-    bias_tables: jax.Array,
-    shift: bool = False,
-    *,
-    scale: float | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Multi-window attention through the Pallas Triton kernel (same contract as the reference).
+def attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, bias_tables: jax.Array, heads: Heads,
+                  interpret: bool = False) -> jax.Array:
+    """Multi-window attention through the Pallas Triton kernel (inputs as ``check_call`` accepts).
 
     The sequence is padded to a multiple of the block (<= 64) and the head dim to a power of two
     (Triton tiles are powers of two); padding is masked or zero and never changes results.
     """
-    window_sizes = pc.validate(q, k, v, window_sizes, bias_tables)
+    window_sizes = heads.window_sizes
     length, head_dim = q.shape[2], q.shape[3]
     block = _block(length)
     geom = pc.Geometry(
         window_sizes=window_sizes, length=length, padded_length=pc.round_up(length, block),
-        shift=bool(shift), scale=pc.default_scale(head_dim, scale),
+        shift=heads.shift, scale=heads.scale,
         bias_width=max(16, pc.next_power_of_2(2 * max(window_sizes) - 1)))
     padded_dim = max(16, pc.next_power_of_2(head_dim))
     qp, kp, vp = pc.prepare(q, k, v, geom, padded_dim)

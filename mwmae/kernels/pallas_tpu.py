@@ -27,7 +27,6 @@ scores and probabilities from q, k, v (nothing of size B x L x L is stored betwe
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mwmae.kernels import pallas_common as pc
-from mwmae.kernels.reference import SHIFT_MASK_VALUE
+from mwmae.kernels.reference import SHIFT_MASK_VALUE, Heads
 
 LANES = 128
 # Bytes of q/k/v/o (and gradients) per grid step that keep the double-buffered blocks of the
@@ -234,27 +233,16 @@ def _attention_bwd(geom, interpret, residuals, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def multi_window_attention_tpu(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    window_sizes: Sequence[int],
-    bias_tables: jax.Array,
-    shift: bool = False,
-    *,
-    scale: float | None = None,
-    interpret: InterpretMode = False,
-) -> jax.Array:
-    """Multi-window attention through the Mosaic TPU kernel (same contract as the reference).
+def attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, bias_tables: jax.Array, heads: Heads,
+                  interpret: InterpretMode = False) -> jax.Array:
+    """Multi-window attention through the Mosaic TPU kernel (inputs as ``check_call`` accepts them).
 
     ``interpret``: False on TPU; "generic" / True or "tpu" (the TPU interpreter) elsewhere.
     """
-    window_sizes = pc.validate(q, k, v, window_sizes, bias_tables)
-    length, head_dim = q.shape[2], q.shape[3]
+    length = q.shape[2]
     geom = pc.Geometry(
-        window_sizes=window_sizes, length=length, padded_length=pc.round_up(length, LANES),
-        shift=bool(shift), scale=pc.default_scale(head_dim, scale),
-        bias_width=bias_tables.shape[1])
+        window_sizes=heads.window_sizes, length=length, padded_length=pc.round_up(length, LANES),
+        shift=heads.shift, scale=heads.scale, bias_width=bias_tables.shape[1])
     qp, kp, vp = (pc.pad_length(t, geom.padded_length) for t in (q, k, v))
     out = _attention(geom, interpret, qp, kp, vp, additive_matrix(bias_tables, geom))
     return out[:, :, :length]

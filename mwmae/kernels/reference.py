@@ -15,6 +15,7 @@ Semantics follow the original MW-MAE implementation exactly:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -81,47 +82,60 @@ def _windowed_attention(q, k, v, table, window: int, shift: bool, scale: float):
     return out
 
 
-def multi_window_attention_xla(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    window_sizes: Sequence[int],
-    bias_tables: jax.Array,
-    shift: bool = False,
-    scale: float | None = None,
-) -> jax.Array:
-    """Multi-window attention, every head with its own window size.
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """What one call asks of its heads, static and checked: each head's window size (0 = a global
+    head), whether windows are shifted, and the factor on q @ k^T. Every implementation takes it."""
 
-    Args:
-      q, k, v: (batch, heads, length, head_dim).
-      window_sizes: static, one per head; 0 = global head.
-      bias_tables: (heads, T) with T >= 2 * max(window_sizes) - 1; head h uses its first
-        2 * w_h - 1 entries (the rest is padding and receives zero gradient).
-      shift: shifted windows (applies to windowed heads only).
-      scale: multiplies q @ k^T; defaults to head_dim ** -0.5.
+    window_sizes: tuple[int, ...]
+    shift: bool
+    scale: float
 
-    Returns:
-      (batch, heads, length, head_dim) in the dtype of v.
+
+def check_call(q: jax.Array, k: jax.Array, v: jax.Array, window_sizes: Sequence[int],
+               bias_tables: jax.Array, shift: bool, scale: float | None) -> Heads:
+    """The contract of ``multi_window_attention``, checked once for every implementation.
+
+    q, k, v: (batch, heads, length, head_dim); window_sizes: one per head, each dividing the
+    length; bias_tables: (heads, T) with T >= 2 * max(window_sizes) - 1 (head h uses its first
+    2 * w_h - 1 entries, the rest is padding and gets zero gradient); scale defaults to
+    head_dim ** -0.5.
     """
     window_sizes = tuple(int(w) for w in window_sizes)
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (batch, heads, length, head_dim) shape; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
     num_heads, length = q.shape[1], q.shape[2]
     if len(window_sizes) != num_heads:
         raise ValueError(f"got {len(window_sizes)} window sizes for {num_heads} heads")
     check_window_sizes(window_sizes, length)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    need = 2 * max(window_sizes) - 1
+    if bias_tables.ndim != 2 or bias_tables.shape[0] != num_heads or (
+            need > 0 and bias_tables.shape[1] < need):
+        raise ValueError(f"bias_tables must be (heads={num_heads}, T>={need}); got "
+                         f"{bias_tables.shape}")
+    return Heads(window_sizes, bool(shift),
+                 q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, bias_tables: jax.Array,
+                  heads: Heads) -> jax.Array:
+    """Multi-window attention as batched einsums, one per distinct window size; returns
+    (batch, heads, length, head_dim) in the dtype of v. Inputs as ``check_call`` accepts them."""
+    window_sizes, shift, scale = heads.window_sizes, heads.shift, heads.scale
     groups: dict[int, list[int]] = {}
     for h, w in enumerate(window_sizes):
         groups.setdefault(w, []).append(h)
     outs, order = [], []
-    for w, heads in groups.items():
-        idx = np.asarray(heads)
+    for w, members in groups.items():
+        idx = np.asarray(members)
         qg, kg, vg = q[:, idx], k[:, idx], v[:, idx]
         if w == 0:
             outs.append(_global_attention(qg, kg, vg, scale))
         else:
             table = bias_tables[idx, : 2 * w - 1]
             outs.append(_windowed_attention(qg, kg, vg, table, w, shift, scale))
-        order.extend(heads)
+        order.extend(members)
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     if order != sorted(order):
         out = out[:, np.argsort(np.asarray(order))]

@@ -86,11 +86,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# What a resumed run may set differently from the run its workdir holds: length, cadences,
-# where data and logs come from, how the same math is laid out on devices. Everything else
-# (architecture, optimizer, seed, batch, the input pipeline's shape) fixes the run; a rerun that
-# changes it is refused. data.num_workers is not among them: the iterator state a checkpoint
-# holds is per input worker, so a checkpoint saved with N workers restores only with N.
 def paper_base_config(kind: str = "mwmae") -> ml_collections.ConfigDict:
     """The paper's base pretraining recipe, which the base configs vary: ViT-B encoder
     (12 x 768, 12 global heads), decoder 4 x 384 with 8 heads, mask ratio 0.8, bfloat16; AdamW
@@ -113,6 +108,17 @@ def paper_base_config(kind: str = "mwmae") -> ml_collections.ConfigDict:
     return c
 
 
+# The small model of the tiny and demo configs: a CPU trains it at several steps a second, and its
+# decoder still mixes windowed and global heads.
+TINY_MODEL = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
+                  decoder_num_heads=4, window_sizes=(0,), decoder_window_sizes=(5, 25, 0, 0))
+
+
+# What a resumed run may set differently from the run its workdir holds: length, cadences,
+# where data and logs come from, how the same math is laid out on devices. Everything else
+# (architecture, optimizer, seed, batch, the input pipeline's shape) fixes the run; a rerun that
+# changes it is refused. data.num_workers is not among them: the iterator state a checkpoint
+# holds is per input worker, so a checkpoint saved with N workers restores only with N.
 MAY_CHANGE_ON_RESUME = (
     "num_train_steps", "num_epochs", "steps_per_epoch", "data.num_train_examples",
     "data.train_shards", "data.on_error",
