@@ -3,10 +3,14 @@ declared and every declared core package used."""
 
 import ast
 import importlib.metadata
+import json
 import pathlib
 import re
+import subprocess
 import sys
 import tomllib
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("mwmae", "tfrecord_tools", "hear_mwmae")
@@ -91,3 +95,32 @@ def test_install_script_and_image_use_the_constraints():
     install = (REPO / "scripts" / "install.sh").read_text()
     assert re.search(r"pip install .*-c constraints\.txt -e", install)
     assert "constraints.txt" in (REPO / "Dockerfile").read_text()
+
+
+def newer_pythons() -> list[str]:
+    """Interpreters newer than this one on the machine (PATH, pyenv): the ones a user of the
+    HEAR module might install it into."""
+    import glob
+    import shutil
+
+    found = {shutil.which(f"python3.{m}") for m in range(sys.version_info.minor + 1, 15)}
+    found |= set(glob.glob(str(pathlib.Path.home() / ".pyenv/versions/3.1[2-9]*/bin/python3")))
+    # A pyenv shim is on PATH even when it cannot run that version: keep those that run.
+    return sorted(p for p in found if p and subprocess.run(
+        [p, "-m", "pip", "--version"], capture_output=True).returncode == 0)
+
+
+@pytest.mark.slow
+def test_a_plain_pip_install_resolves_without_the_constraints(tmp_path):
+    """What `pip install .` would install, from the ranges alone (no constraints file): it must
+    resolve, to versions inside the ranges (pip checks that), with this interpreter and any newer
+    one present."""
+    for python in [sys.executable, *newer_pythons()[:1]]:
+        report = tmp_path / f"report-{pathlib.Path(python).parent.parent.name}.json"
+        out = subprocess.run(
+            [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+             "--report", str(report), str(REPO)],
+            capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, f"{python}: pip could not resolve:\n{out.stderr[-3000:]}"
+        names = {norm(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}
+        assert {"jax", "flax", "orbax-checkpoint", "mwmae"} <= names, (python, sorted(names))
