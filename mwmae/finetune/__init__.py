@@ -1,0 +1,1 @@
+"""Supervised training of the encoder: fine-tuning and probing with a classification head."""
