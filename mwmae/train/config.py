@@ -22,6 +22,11 @@ def default_config() -> ml_collections.ConfigDict:
         {k: tuple(v) if isinstance(v, list) else v for k, v in ModelConfig().to_dict().items()})
 
     c.seed = 0
+    # Start from pretrained weights: an exported artifact, an original-format checkpoint folder
+    # or a pretraining workdir (its checkpoint init_from_step; -1: the latest). Read on the
+    # run's first start only; a resume continues from the run's own checkpoint.
+    c.init_from = ""
+    c.init_from_step = -1
     c.batch_size = 1024            # global, over all hosts and devices
     c.num_epochs = 100
     c.num_train_steps = -1         # > 0 overrides num_epochs

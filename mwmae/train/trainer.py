@@ -17,7 +17,7 @@ from mwmae.data import PipelineConfig
 from mwmae.data.sources import ShardSource, Source, SyntheticSource
 from mwmae.data.workers import resolve_num_workers
 from mwmae.model import MaskedAutoencoder
-from mwmae.train import sharding
+from mwmae.train import init_from, sharding
 from mwmae.train.config import check_config, model_config_from, train_examples
 from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
@@ -107,7 +107,16 @@ class Trainer:
         return stack
 
     def initial_state(self):
-        return self.init_fn(jax.random.key(self.config.seed))
+        """Fresh state; with ``init_from``, its parameters replaced by the pretrained ones
+        (the optimizer's moments start at zero either way)."""
+        state = self.init_fn(jax.random.key(self.config.seed))
+        if not self.config.init_from:
+            return state
+        step = self.config.init_from_step if self.config.init_from_step >= 0 else None
+        taken = init_from.pretrained_params(self.config.init_from, step, self.model_config,
+                                            with_decoder=True)
+        return state.replace(params=init_from.place(state.params, self.state_sharding.params,
+                                                    taken))
 
     def global_batch(self, local: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
