@@ -158,13 +158,24 @@ class Block(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_rate: jax.Array | None = None) -> jax.Array:
+        """``drop_rate``: stochastic depth, each residual branch dropped per clip with this
+        probability (needs a "dropout" rng); None in pretraining and evaluation."""
         y = layer_norm(self.dtype, "norm1")(x)
-        x = x + MultiWindowAttention(self.dim, self.num_heads, self.window_sizes, self.shift,
-                                     self.dtype, self.attention_impl, name="attn")(y)
+        y = MultiWindowAttention(self.dim, self.num_heads, self.window_sizes, self.shift,
+                                 self.dtype, self.attention_impl, name="attn")(y)
+        x = x + self._drop_path(y, drop_rate)
         y = layer_norm(self.dtype, "norm2")(x)
-        x = x + Mlp(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
+        y = Mlp(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
+        x = x + self._drop_path(y, drop_rate)
         return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+    def _drop_path(self, y: jax.Array, rate: jax.Array | None) -> jax.Array:
+        if rate is None:
+            return y
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], 1, 1))
+        return y * (mask / keep).astype(y.dtype)
 
 
 class BlockGroup(nn.Module):
@@ -179,11 +190,13 @@ class BlockGroup(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, drop_rates: jax.Array | None = None
+                 ) -> tuple[jax.Array, None]:
         for i in range(self.period):
             x = Block(self.dim, self.num_heads, self.window_sizes, shift=i % 2 == 1,
                       mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                      attention_impl=self.attention_impl, name=f"block_{i}")(x)
+                      attention_impl=self.attention_impl, name=f"block_{i}")(
+                x, None if drop_rates is None else drop_rates[i])
         return x, None
 
 
@@ -201,13 +214,18 @@ class Stack(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str = "auto"
     unroll: int = 1
+    drop_path: float = 0.0  # stochastic depth of the last block; 0 at the first, linear between
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        groups = self.depth // self.period
+        rates = None
+        if self.drop_path > 0 and not deterministic:
+            rates = jnp.linspace(0.0, self.drop_path, self.depth).reshape(groups, self.period)
         scanned = nn.scan(
-            BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-            length=self.depth // self.period, unroll=self.unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"})
+            BlockGroup, variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": rates is not None},
+            length=groups, unroll=self.unroll, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = scanned(self.dim, self.num_heads, self.window_sizes, self.period,
-                       self.mlp_ratio, self.dtype, self.attention_impl, name="layers")(x, None)
+                       self.mlp_ratio, self.dtype, self.attention_impl, name="layers")(x, rates)
         return x

@@ -41,6 +41,7 @@ class Encoder(nn.Module):
     ``pos_embed``, (``cls_token``), ``encoder``, ``encoder_norm``, as in the original."""
 
     config: ModelConfig
+    drop_path: float = 0.0  # stochastic depth for supervised training (see ``Stack``)
 
     def setup(self) -> None:
         c = self.config
@@ -60,7 +61,8 @@ class Encoder(nn.Module):
                                                            (None, None, "embed")),
                                         (1, 1, c.embed_dim))
         self.encoder = Stack(c.depth, c.embed_dim, c.num_heads, c.window_sizes, c.block_period,
-                             c.mlp_ratio, dtype, c.attention_impl, c.scan_unroll)
+                             c.mlp_ratio, dtype, c.attention_impl, c.scan_unroll,
+                             self.drop_path)
         self.encoder_norm = layer_norm(dtype)
 
     def embed(self, imgs: jax.Array) -> jax.Array:
@@ -70,14 +72,14 @@ class Encoder(nn.Module):
         x = x.reshape(x.shape[0], c.num_patches, c.embed_dim)
         return x + self.pos_embed[:, c.num_extra_tokens:].astype(x.dtype)
 
-    def encode(self, tokens: jax.Array) -> jax.Array:
+    def encode(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         """Patch tokens (all, or the kept ones) -> normalised encoder outputs, cls first when the
-        config has one."""
+        config has one. ``deterministic=False`` applies stochastic depth."""
         x = tokens
         if self.config.use_cls_token:
             cls = (self.cls_token + self.pos_embed[:, :1]).astype(x.dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-        return self.encoder_norm(self.encoder(x))
+        return self.encoder_norm(self.encoder(x, deterministic))
 
     def __call__(self, imgs: jax.Array) -> jax.Array:
         """(B, T, F, 1) -> (B, T/p, (F/q) * D): all patches, no masking, encoder + norm.
