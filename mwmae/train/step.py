@@ -66,21 +66,31 @@ def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(audio), micro(noise)))
             loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        # Divergence guard: a non-finite loss or gradient leaves params and optimizer untouched;
-        # the loop then stops or carries on, as config.nonfinite_policy says.
-        grad_norm = global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params = keep_new(params, state.params)
-        opt_state = keep_new(opt_state, state.opt_state)
-        skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-        last_skipped = jnp.where(finite, state.last_skipped_step, state.step + 1)
-
-        metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm,
-                   "param_norm": global_norm(params), "skipped_steps": skipped}
-        return TrainState(state.step + 1, params, opt_state, skipped, last_skipped), metrics
+        new_state, grad_norm = guarded_update(state, loss, grads, tx)
+        return new_state, step_metrics(loss, schedule(state.step), grad_norm, new_state)
 
     return train_step
+
+
+def guarded_update(state: TrainState, loss: jax.Array, grads: Any,
+                   tx: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+    """The optimizer update and the next state, and the gradient's global norm.
+
+    Divergence guard: a non-finite loss or gradient leaves params and optimizer untouched and is
+    counted; the loop then stops or carries on, as config.nonfinite_policy says.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    last_skipped = jnp.where(finite, state.last_skipped_step, state.step + 1)
+    return TrainState(state.step + 1, keep_new(params, state.params),
+                      keep_new(opt_state, state.opt_state), skipped, last_skipped), grad_norm
+
+
+def step_metrics(loss: jax.Array, learning_rate: jax.Array, grad_norm: jax.Array,
+                 new_state: TrainState) -> dict[str, Any]:
+    return {"loss": loss, "learning_rate": learning_rate, "grad_norm": grad_norm,
+            "param_norm": global_norm(new_state.params), "skipped_steps": new_state.skipped_steps}
