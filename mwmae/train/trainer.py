@@ -109,12 +109,13 @@ class Trainer:
     def initial_state(self):
         """Fresh state; with ``init_from``, its parameters replaced by the pretrained ones
         (the optimizer's moments start at zero either way)."""
-        state = self.init_fn(jax.random.key(self.config.seed))
         if not self.config.init_from:
-            return state
+            return self.init_fn(jax.random.key(self.config.seed))
         step = self.config.init_from_step if self.config.init_from_step >= 0 else None
+        # Read and checked before the initialisation compiles: a bad source fails at once.
         taken = init_from.pretrained_params(self.config.init_from, step, self.model_config,
                                             with_decoder=True)
+        state = self.init_fn(jax.random.key(self.config.seed))
         return state.replace(params=init_from.place(state.params, self.state_sharding.params,
                                                     taken))
 
