@@ -32,6 +32,8 @@ RULES: dict[str, set[str]] = {
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
                     "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api"},
+    # The supervised task builds on the trainer's state, guarded update and sharding.
+    "mwmae.finetune": {"mwmae.model", "mwmae.train"},
     "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
