@@ -99,3 +99,13 @@ def test_missing_source_and_a_step_for_a_non_workdir_are_clear_errors(reference_
     with pytest.raises(InitFromError, match="applies to a training workdir only"):
         pretrained_params(str(original_checkpoint), 3, reference_model.config,
                           with_decoder=True)
+
+
+def test_a_bad_source_fails_before_the_workdir_is_written_so_a_fixed_rerun_starts(tmp_path):
+    from mwmae.train.loop import train
+
+    c = load_config("tiny")
+    c.init_from = str(tmp_path / "typo")
+    with pytest.raises(InitFromError, match="typo: no such file or directory"):
+        train(c, tmp_path / "wd", print_fn=lambda s: None)
+    assert not (tmp_path / "wd" / "config.json").exists()

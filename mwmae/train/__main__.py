@@ -34,9 +34,10 @@ def refusals() -> tuple[type[BaseException], ...]:
     traceback."""
     from mwmae.lease import LeaseHeld, LeaseLost
     from mwmae.train.config import ConfigError
+    from mwmae.train.init_from import InitFromError
     from mwmae.workdir import WorkdirError
 
-    return (ConfigError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
+    return (ConfigError, InitFromError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
 
 
 def unknown_override(argv: list[str]) -> str | None:

@@ -62,6 +62,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     wd = workdir_lib.Workdir(workdir)
     wd.check_resume(json.loads(config.to_json_best_effort()), MAY_CHANGE_ON_RESUME)
     t = Trainer(config, workdir)
+    if not wd.steps():
+        t.pretrained()  # a bad init_from fails here, before the workdir holds this config
     lease = take_lease(wd, config)
     closers: list[Callable[[], None]] = []
     try:

@@ -74,6 +74,7 @@ class Trainer:
                  devices: list[jax.Device] | None = None):
         check_config(config)
         self.config = config
+        self._pretrained: dict | None = None
         self.model_config = model_config_from(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         check_batch(config, self.mesh)
@@ -109,15 +110,23 @@ class Trainer:
     def initial_state(self):
         """Fresh state; with ``init_from``, its parameters replaced by the pretrained ones
         (the optimizer's moments start at zero either way)."""
-        if not self.config.init_from:
-            return self.init_fn(jax.random.key(self.config.seed))
-        step = self.config.init_from_step if self.config.init_from_step >= 0 else None
-        # Read and checked before the initialisation compiles: a bad source fails at once.
-        taken = init_from.pretrained_params(self.config.init_from, step, self.model_config,
-                                            with_decoder=True)
+        taken = self.pretrained()  # before the initialisation compiles: a bad source fails
         state = self.init_fn(jax.random.key(self.config.seed))
+        if taken is None:
+            return state
         return state.replace(params=init_from.place(state.params, self.state_sharding.params,
                                                     taken))
+
+    def pretrained(self) -> dict | None:
+        """The ``init_from`` weights this run starts from, read and checked once; None without
+        ``init_from``."""
+        if not self.config.init_from:
+            return None
+        if self._pretrained is None:
+            step = self.config.init_from_step if self.config.init_from_step >= 0 else None
+            self._pretrained = init_from.pretrained_params(
+                self.config.init_from, step, self.model_config, with_decoder=True)
+        return self._pretrained
 
     def global_batch(self, local: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(self.batch_sharding, local)
