@@ -135,7 +135,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None,
         config, params = load_original(path)
     elif path.is_dir() and Workdir.looks_like_one(path):
         try:
-            config, params, _ = Workdir(path).read_params(with_decoder=True)
+            config, params, _ = Workdir(path).read_params(with_decoder=None)
         except WorkdirError as e:
             raise CheckpointError(str(e)) from e
     else:

@@ -7,6 +7,7 @@
       checkpoints/<step>.damaged   a checkpoint that failed verification, set aside
       tensorboard/           metrics and images
       trace/host<i>.jsonl    per-step loss and clip ids, when ``trace_batches``
+      evaluations.jsonl      a tagger's evaluations on its held-out split, one line per step
 
 A checkpoint's three items: ``state`` (the TrainState as sharded arrays; every host writes its
 own shards), ``data`` (every host's input-pipeline position) and ``meta`` (counters, the config,
@@ -39,6 +40,7 @@ LEASE_FILE = "writer.lease"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 TRACE = "trace"
+EVALUATIONS = "evaluations.jsonl"
 DAMAGED_SUFFIX = ".damaged"
 ITEMS = ("state", "data", "meta")
 
@@ -123,6 +125,35 @@ class Workdir:
 
     def trace_file(self, host: int) -> epath.Path:
         return self.path / TRACE / f"host{host}.jsonl"
+
+    @property
+    def evaluations_path(self) -> epath.Path:
+        return self.path / EVALUATIONS
+
+    def read_evaluations(self) -> list[dict[str, Any]]:
+        """A tagger's evaluations, one dict per evaluated step (``step`` and its metrics),
+        ascending; a step evaluated again after a resume counts once, as last written."""
+        try:
+            text = self.evaluations_path.read_text()
+        except FileNotFoundError:
+            return []
+        rows: dict[int, dict[str, Any]] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise WorkdirError(f"{self.evaluations_path}: line {number} is not an "
+                                   f"evaluation ({e})") from e
+        return [rows[s] for s in sorted(rows)]
+
+    def append_evaluation(self, row: dict[str, Any]) -> None:
+        """Add one evaluation (call from one process). Rewritten whole: gs:// has no append."""
+        lines = [json.dumps(r) for r in self.read_evaluations() if r["step"] != row["step"]]
+        storage.write_text(str(self.evaluations_path), "\n".join([*lines, json.dumps(row)])
+                           + "\n")
 
     def checkpoint_path(self, step: int) -> epath.Path:
         return self.checkpoints / str(step)
@@ -211,19 +242,22 @@ class Workdir:
         return sorted(int(s) for s in ocp.utils.checkpoint_steps(self.checkpoints))
 
     def save(self, manager: Any, step: int, state: Any, hosts: list[dict], meta: dict, *,
-             force: bool = False) -> bool:
+             force: bool = False, metrics: dict | None = None) -> bool:
         """Save (all hosts call it) if the policies or ``force`` say so; whether a save started.
 
-        ``hosts`` is every host's input position; ``meta`` gets the state's checksums.
+        ``hosts`` is every host's input position; ``meta`` gets the state's checksums (and the
+        evaluation ``metrics``, which Orbax also keeps for its best-checkpoint policy).
         """
         import orbax.checkpoint as ocp
 
         if not force and not manager.should_save(step):
             return False
         meta = {**meta, "checksums": checksum.tree_checksums(state)}
+        if metrics is not None:
+            meta["evaluation"] = metrics
         return manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": hosts}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
 
     def read_meta(self, step: int, manager: Any = None) -> dict[str, Any]:
         """A checkpoint's ``meta`` item (counters, config, checksums)."""
@@ -326,13 +360,14 @@ class Workdir:
 
     # ------------------------------------------------------------------ params only
 
-    def read_params(self, step: int | None = None, *, with_decoder: bool = False
+    def read_params(self, step: int | None = None, *, with_decoder: bool | None = False
                     ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """(ModelConfig, params as numpy, info) of one checkpoint, latest by default.
 
-        Only the encoder's parameters are read unless ``with_decoder`` (the optimizer moments,
-        twice the parameters' size, never are); whole arrays on the host whatever mesh wrote
-        them, verified against the checkpoint's checksums.
+        Only the encoder's parameters are read unless ``with_decoder`` (None: the decoder's
+        too when the checkpoint has one; a tagger's has none). The optimizer moments, twice the
+        parameters' size, never are; whole arrays on the host whatever mesh wrote them,
+        verified against the checkpoint's checksums.
         """
         import orbax.checkpoint as ocp
         from flax.traverse_util import flatten_dict, unflatten_dict
@@ -358,6 +393,9 @@ class Workdir:
         if tree is None or "params" not in tree:
             raise WorkdirError(f"{path}: no 'params' in the checkpoint's state (entries: "
                                f"{sorted(tree or ())})")
+        if with_decoder is None:
+            stored = set(tree["params"])
+            with_decoder = set(param_shapes(config)) <= stored
         want_flat = flatten_dict(param_shapes(config, encoder_only=not with_decoder))
         # The checkpoint holds the decoder too: an encoder-only read takes a subset.
         problems = param_problems(config, tree["params"], encoder_only=not with_decoder,

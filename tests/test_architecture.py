@@ -32,8 +32,9 @@ RULES: dict[str, set[str]] = {
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
                     "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api"},
-    # The supervised task builds on the trainer's state, guarded update and sharding.
-    "mwmae.finetune": {"mwmae.model", "mwmae.train"},
+    # The supervised task is a task of the trainer (its loop, state, guarded update,
+    # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
+    "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},
     "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},

@@ -12,6 +12,7 @@ from mwmae.data.sources import SyntheticSource
 from mwmae.lease import LeaseHeld
 from mwmae.train import hooks as hooks_lib
 from mwmae.train.config import model_config_from
+from mwmae.train.trainer import Trainer
 from mwmae.workdir import Workdir
 
 
@@ -60,8 +61,10 @@ def make_run(tmp_path, *, manager=None, watch=None, verified=None, **config_over
     for k, v in config_overrides.items():
         setattr(config, k, v)
     trainer = types.SimpleNamespace(model_config=model_config_from(config), total_steps=10,
+                                    config=config, flops_per_example=lambda: 1e6,
                                     reconstructions=lambda params, audio, step: np.full(
                                         (4, 4, 3), step, np.uint8))
+    trainer.task_hooks = lambda run: Trainer.task_hooks(trainer, run)
     printed = []
     run = hooks_lib.Run(trainer, Workdir(tmp_path), config, Writer(), manager or Manager(),
                         SyntheticSource(8, 0, 200, 80), watch or Watch(), printed.append,
@@ -181,8 +184,8 @@ def test_images_use_the_steps_own_mask_index(tmp_path):
 def test_checkpointer_saves_by_policy_at_the_end_and_on_preemption(tmp_path, monkeypatch):
     saves = []
     monkeypatch.setattr(hooks_lib.ckpt, "save_checkpoint",
-                        lambda wd, manager, step, st, data, meta, force: saves.append(
-                            (step, data, meta["step"])) or True)
+                        lambda wd, manager, step, st, data, meta, force, metrics: saves.append(
+                            (step, data, meta["step"], metrics)) or True)
     run, printed = make_run(tmp_path, manager=Manager(policy={2}), watch=Watch(at=3))
     guard_calls = []
     save = hooks_lib.checkpointer(run, guard_calls.append)
@@ -193,7 +196,12 @@ def test_checkpointer_saves_by_policy_at_the_end_and_on_preemption(tmp_path, mon
     assert stop.value.status == "preempted" and printed[-1].startswith("preempted: saving step 3")
     assert [s[0] for s in saves] == [2, 3] and run.saved == [2, 3]
     assert saves[0][1] == {"position": 0} and len(guard_calls) == 2
+    assert saves[0][3] is None
     run.watch = Watch()
+    # An evaluated step is saved with its metrics (the best-checkpoint policy ranks by them).
+    run.evaluated[4] = {"mAP": 0.5}
+    save(info(4))
+    assert saves[-1][0] == 4 and saves[-1][3] == {"mAP": 0.5} and not run.evaluated
     save(info(10, done=True))
     assert run.saved[-1] == 10
 

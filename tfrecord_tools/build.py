@@ -5,7 +5,9 @@ Sources (subcommands):
 * ``folder DIR [--labels-from-subfolder]``: every audio file under DIR;
 * ``csv MANIFEST.csv [--audio-root DIR] [--vocabulary CSV]``: rows of ``path,labels``;
 * ``audioset --segments CSV [CSV...] --audio-dir DIR --class-labels class_labels_indices.csv``;
-* ``fsd50k --root DIR --split dev|train|val|eval``.
+* ``fsd50k --root DIR --split dev|train|val|eval``;
+* ``hear TASK_DIR --split train|valid|test``: one split of a HEAR scene task, with its labels
+  (shards for ``python -m mwmae.finetune``).
 
 Each clip is decoded (libsndfile: wav, flac, mp3, ogg, ...), downmixed, resampled to 16 kHz and
 turned into a float32 [frames, 80] log-mel (``mwmae.audio``), stored in the original project's
@@ -331,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("fsd50k", parents=[common], help="FSD50K ground truth + audio folders")
     d.add_argument("--root", required=True)
     d.add_argument("--split", choices=sources.FSD50K_SPLITS, required=True)
+    h = sub.add_parser("hear", parents=[common], help="one split of a HEAR scene task")
+    h.add_argument("task_dir")
+    h.add_argument("--split", choices=sources.HEAR_SPLITS, required=True)
     return p
 
 
@@ -342,6 +347,8 @@ def listing_from_args(args: argparse.Namespace) -> sources.Listing:
                                 vocabulary_csv=args.vocabulary)
     if args.source == "audioset":
         return sources.from_audioset(args.segments, args.audio_dir, args.class_labels)
+    if args.source == "hear":
+        return sources.from_hear(args.task_dir, args.split)
     return sources.from_fsd50k(args.root, args.split)
 
 

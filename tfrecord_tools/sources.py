@@ -232,3 +232,46 @@ def from_fsd50k(root: str, split: str) -> Listing:
     for name, i in ids.items():
         vocabulary[i] = name
     return Listing(items, vocabulary, missing)
+
+
+HEAR_SPLITS = ("train", "valid", "test")
+
+
+def from_hear(task_dir: str, split: str, sample_rate: int = 16000) -> Listing:
+    """One split of a HEAR 2021 scene task (``task_metadata.json``, ``labelvocabulary.csv``,
+    ``SPLIT.json`` mapping file -> labels, audio under ``16000/SPLIT/``), with the task's
+    vocabulary, so that a tagger can train and evaluate on it."""
+    import json
+
+    if split not in HEAR_SPLITS:
+        raise ValueError(f"split must be one of {HEAR_SPLITS}, got {split!r}")
+    meta_path = storage.join(task_dir, "task_metadata.json")
+    if not storage.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path}: missing; is {task_dir} a HEAR task folder?")
+    meta = json.loads(storage.read_text(meta_path))
+    if meta.get("embedding_type") != "scene":
+        raise ValueError(f"{meta_path}: a {meta.get('embedding_type')!r} task; only scene "
+                         "tasks (one label set per clip) become tagger shards")
+    rows = _read_csv_rows(storage.join(task_dir, "labelvocabulary.csv"))
+    header = [h.strip().lower() for h in rows[0]]
+    idx_col, label_col = header.index("idx"), header.index("label")
+    ids = {row[label_col]: int(row[idx_col]) for row in rows[1:]}
+    labels_path = storage.join(task_dir, f"{split}.json")
+    if not storage.exists(labels_path):
+        raise FileNotFoundError(f"{labels_path}: missing; this task has no {split!r} split")
+    table = json.loads(storage.read_text(labels_path))
+    audio_dir = storage.join(task_dir, str(sample_rate), split)
+    items, missing = [], []
+    for name in sorted(table):
+        path = storage.join(audio_dir, name)
+        unknown = [str(lab) for lab in table[name] if str(lab) not in ids]
+        if unknown:
+            missing.append((path, f"labels not in labelvocabulary.csv: {unknown}"))
+        elif not storage.exists(path):
+            missing.append((path, "no audio file"))
+        else:
+            items.append(Item(path, tuple(sorted(ids[str(lab)] for lab in table[name]))))
+    vocabulary = [""] * (max(ids.values()) + 1)
+    for name, i in ids.items():
+        vocabulary[i] = name
+    return Listing(items, vocabulary, missing)

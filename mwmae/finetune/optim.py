@@ -52,11 +52,13 @@ def frozen_encoder_labels(params: Any, config: ModelConfig) -> dict[str, str]:
 
 def tagger_optimizer(params: Any, config: ModelConfig, schedule: optax.Schedule, *,
                      weight_decay: float, layer_decay: float, freeze_encoder: bool,
-                     b1: float = 0.9, b2: float = 0.999, grad_clip_norm: float = 0.0
+                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                     grad_clip_norm: float = 0.0, mask: Any = None
                      ) -> optax.GradientTransformation:
     """AdamW on ``schedule``; ``layer_decay`` < 1 scales the encoder's updates per layer;
-    ``freeze_encoder`` leaves the encoder untouched (no update, no weight decay)."""
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    ``freeze_encoder`` leaves the encoder untouched (no update, no weight decay); ``mask``
+    (a tree or a function of the parameters) says where weight decay applies."""
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     if layer_decay < 1.0 and not freeze_encoder:
         adamw = optax.chain(adamw, scale_by_tree(layer_scales(params, config, layer_decay)))
     if freeze_encoder:

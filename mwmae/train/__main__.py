@@ -40,20 +40,25 @@ def refusals() -> tuple[type[BaseException], ...]:
     return (ConfigError, InitFromError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
 
 
-def unknown_override(argv: list[str]) -> str | None:
-    """The message for the first ``--config.x=...`` whose key the schema lacks (ml_collections
-    would fail on it with a traceback), or None."""
+def unknown_override(argv: list[str], schema=None) -> str | None:
+    """The message for the first ``--config.x=...`` whose key the schema (the pretraining
+    one unless given) lacks (ml_collections would fail on it with a traceback), or None."""
     from mwmae.train.config import all_keys, default_config, unknown_key_message
 
-    known = set(all_keys(default_config()))
+    schema = default_config() if schema is None else schema
+    known = set(all_keys(schema))
     for arg in argv[1:]:
         if arg == "--":
             break
         if arg.startswith("--config."):
             key = arg[len("--config."):].split("=", 1)[0]
             if key not in known and not any(k.startswith(key + ".") for k in known):
-                return unknown_key_message(key)
+                return unknown_key_message(key, schema)
     return None
+
+
+# The task this entry point trains: None is pretraining; mwmae.finetune sets its tagger.
+_TASK = None
 
 
 def main(argv: list[str]) -> None:
@@ -61,6 +66,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from mwmae.train.loop import train
+    from mwmae.train.trainer import Trainer
 
     # Orbax and JAX log every save at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
@@ -71,7 +77,7 @@ def main(argv: list[str]) -> None:
     elif _MULTIHOST.value:
         jax.distributed.initialize()
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(_CONFIG.value, _WORKDIR.value, task=_TASK or Trainer)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
         if isinstance(e, refusals()):
             _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
@@ -91,8 +97,11 @@ def _exit_with(message: str, code: int) -> None:
     os._exit(code)
 
 
-def run() -> None:
-    message = unknown_override(sys.argv)
+def run(task=None) -> None:
+    """The command line of ``task`` (a Trainer subclass; pretraining when None)."""
+    global _TASK
+    _TASK = task
+    message = unknown_override(sys.argv, task.schema() if task is not None else None)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -80,7 +80,10 @@ class PreemptionWatch:
         self._previous = {}
 
 
-def make_manager(workdir: Workdir, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def make_manager(workdir: Workdir, config: ml_collections.ConfigDict,
+                 best_metric: str | None = None) -> ocp.CheckpointManager:
+    """The run's manager. With ``best_metric``, the checkpoint saved with the highest value of
+    that metric (see :func:`save_checkpoint`'s ``metrics``) is kept beside the latest ones."""
     c = config.checkpoint
     policies: list[Any] = [save.PreemptionCheckpointingPolicy()]
     if c.every_steps > 0:
@@ -92,9 +95,15 @@ def make_manager(workdir: Workdir, config: ml_collections.ConfigDict) -> ocp.Che
     keepers: list[Any] = [keep.LatestN(c.keep_last)]
     if c.keep_every_steps > 0:
         keepers.append(keep.EveryNSteps(c.keep_every_steps))
+    if best_metric:
+        keepers.append(keep.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                  keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=save.AnySavePolicy(policies),
         preservation_policy=keep.AnyPreservationPolicy(keepers),
+        # best_fn makes Orbax write each save's metrics beside it (and read them back on a
+        # restart), which is what BestN ranks by; the keeping itself is the policy's.
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode="max",
         enable_async_checkpointing=c.asynchronous, cleanup_tmp_directories=True, create=True)
     return workdir.manager(options)
 
@@ -115,12 +124,15 @@ def gather_host_states(local: dict) -> list[dict]:
 
 
 def save_checkpoint(workdir: Workdir, manager: ocp.CheckpointManager, step: int, state: Any,
-                    data: dict, meta: dict, *, force: bool = False) -> bool:
+                    data: dict, meta: dict, *, force: bool = False,
+                    metrics: dict | None = None) -> bool:
     """Save (if the policies or ``force`` say so; all hosts call it) and return whether a save
-    started. ``data`` is this host's input position; the checkpoint keeps every host's."""
+    started. ``data`` is this host's input position; the checkpoint keeps every host's.
+    ``metrics``: the step's evaluation, kept with the checkpoint for the best-of policy."""
     if not force and not manager.should_save(step):
         return False
-    return workdir.save(manager, step, state, gather_host_states(data), meta, force=True)
+    return workdir.save(manager, step, state, gather_host_states(data), meta, force=True,
+                        metrics=metrics)
 
 
 def host_data_state(data: dict, where: str) -> dict:

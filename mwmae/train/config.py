@@ -161,9 +161,12 @@ def nearest_keys(key: str, known: Iterable[str], n: int = 3) -> list[str]:
     return list(dict.fromkeys(close + by_leaf))[:n]
 
 
-def unknown_key_message(key: str) -> str:
-    near = nearest_keys(key, all_keys(default_config()))
+def unknown_key_message(key: str, schema: ml_collections.ConfigDict | None = None) -> str:
+    near = nearest_keys(key, all_keys(default_config() if schema is None else schema))
     hint = f"; nearest valid: {', '.join(near)}" if near else ""
+    if key.split(".")[0] == "tagger":
+        hint += ("; a fine-tuning config (tagger.*) runs with python -m mwmae.finetune, not "
+                 "mwmae.train")
     return f"unknown config key {key!r}{hint}"
 
 
@@ -245,16 +248,19 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fail before any compilation on keys the schema does not know and values out of range;
-    the error is one line naming the key."""
+def check_config(config: ml_collections.ConfigDict,
+                 schema: ml_collections.ConfigDict | None = None) -> None:
+    """Fail before any compilation on keys the schema (:func:`default_config` unless given)
+    does not know and values out of range; the error is one line naming the key."""
+    schema = default_config() if schema is None else schema
+
     def walk(ref, got, prefix):
         for k in got.keys():
             if k not in ref:
-                raise ConfigError(unknown_key_message(f"{prefix}{k}"))
+                raise ConfigError(unknown_key_message(f"{prefix}{k}", schema))
             if isinstance(ref[k], ml_collections.ConfigDict) and k != "model":
                 walk(ref[k], got[k], f"{prefix}{k}.")
-    walk(default_config(), config, "")
+    walk(schema, config, "")
     try:
         problems = _check_values(config)
     except TypeError as e:  # e.g. a string where a number belongs

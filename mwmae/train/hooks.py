@@ -104,6 +104,10 @@ class Run:
     previous_seconds: float  # training time of earlier processes of this run
     saved: list[int] = dataclasses.field(default_factory=list)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last logged
+    # Evaluations of this process not yet saved with their step: step -> metrics. A task's
+    # evaluation hook fills it; the checkpoint hook saves that step with them (what Orbax's
+    # best-checkpoint policy ranks by).
+    evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def global_sum(value: int) -> int:
@@ -173,8 +177,7 @@ class MetricLogger:
     def __init__(self, run: Run, compile_seconds: float, bar: Any = None):
         self.run, self.bar = run, bar
         t, c = run.trainer, run.config
-        self.flops = (perf.train_flops_per_example(t.model_config) * c.batch_size
-                      / jax.device_count())
+        self.flops = t.flops_per_example() * c.batch_size / jax.device_count()
         self.peak = perf.device_peak_flops(dtype=t.model_config.dtype)
         self.compile_seconds = compile_seconds
         self.last_time, self.last_step = time.perf_counter(), run.start_step
@@ -227,11 +230,14 @@ def reconstruction_images(run: Run) -> Hook:
 
 
 def checkpointer(run: Run, guard: Hook) -> Hook:
-    """Saves when the policies say, at the run's last step, and at the step a preemption or
-    Ctrl-C was noticed (then ends the run). A diverged state is never saved."""
+    """Saves when the policies say, at the run's last step, at an evaluated step (with its
+    metrics) and at the step a preemption or Ctrl-C was noticed (then ends the run). A diverged
+    state is never saved."""
     def save(info: StepInfo) -> None:
         preempted = run.watch.reached(info.step, run.manager)
-        if not (preempted or info.done or run.manager.should_save(info.step)):
+        evaluation = run.evaluated.pop(info.step, None)
+        if not (preempted or info.done or evaluation is not None
+                or run.manager.should_save(info.step)):
             return
         guard(info)
         c = run.config
@@ -240,7 +246,7 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
                              global_sum(run.source.skipped_records()))
         t0 = time.perf_counter()
         if ckpt.save_checkpoint(run.workdir, run.manager, info.step, info.state,
-                                run.source.get_state(), meta, force=True):
+                                run.source.get_state(), meta, force=True, metrics=evaluation):
             run.saved.append(info.step)
             # The time the loop was held (the device-to-host copy when saves are async).
             run.writer.write_scalars(info.step, metrics_lib.tagged(
@@ -275,7 +281,7 @@ def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
     hooks.add("metrics", logger, c.log_every_steps, first=True, last=True)
     if bar is not None:
         hooks.add("progress_bar", progress_bar(bar))
-    hooks.add("images", reconstruction_images(run), c.image_every_steps,
-              last=c.image_every_steps > 0)
+    for name, fn, every, last in run.trainer.task_hooks(run):
+        hooks.add(name, fn, every, last=last)
     hooks.add("checkpoint", checkpointer(run, guard))
     return hooks

@@ -39,7 +39,7 @@ def read_source(path: str, step: int | None = None) -> tuple[ModelConfig, dict[s
         raise InitFromError(f"init_from={path}: no such file or directory")
     if Workdir.looks_like_one(path):
         try:
-            config, params, _ = Workdir(path).read_params(step, with_decoder=True)
+            config, params, _ = Workdir(path).read_params(step, with_decoder=None)
         except WorkdirError as e:
             raise InitFromError(f"init_from={path}: {e}") from e
         return config, params

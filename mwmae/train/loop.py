@@ -19,9 +19,8 @@ from mwmae import workdir as workdir_lib
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
-from mwmae.train.config import MAY_CHANGE_ON_RESUME, check_config
 from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
-from mwmae.train.trainer import Trainer, make_source
+from mwmae.train.trainer import Trainer
 
 
 def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) -> Lease | None:
@@ -48,20 +47,22 @@ def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) 
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pretrain until ``num_train_steps``, resuming from the newest verified checkpoint.
+          print_fn: Callable[[str], None] = print, task: type[Trainer] = Trainer
+          ) -> dict[str, Any]:
+    """Train ``task`` (pretraining by default) until ``num_train_steps``, resuming from the
+    newest verified checkpoint.
 
     Before anything is written the config is validated and compared with the workdir's
-    (:data:`MAY_CHANGE_ON_RESUME`), and the workdir's writer lease is taken.
+    (``task.may_change``), and the workdir's writer lease is taken.
 
     Returns the last logged metrics plus ``status``: "done", "preempted" (SIGTERM or a
     multi-host preemption notice; a checkpoint of the current step was committed) or
     "interrupted" (Ctrl-C; saved likewise).
     """
-    check_config(config)
+    task.check(config)
     wd = workdir_lib.Workdir(workdir)
-    wd.check_resume(json.loads(config.to_json_best_effort()), MAY_CHANGE_ON_RESUME)
-    t = Trainer(config, workdir)
+    wd.check_resume(json.loads(config.to_json_best_effort()), task.may_change)
+    t = task(config, workdir)
     if not wd.steps():
         t.pretrained()  # a bad init_from fails here, before the workdir holds this config
     lease = take_lease(wd, config)
@@ -73,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             wait_start = time.perf_counter()
             audio, ids = run.source.next_local()
             input_wait = time.perf_counter() - wait_start
-            state, metrics = compiled(state, t.global_batch(audio))
+            state, metrics = compiled(state, t.global_batch(audio, ids))
             try:
                 hooks(StepInfo(step, state, metrics, audio, ids, input_wait,
                                done=step == t.total_steps))
@@ -102,11 +103,11 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
                                                   just_logging=not is_main, asynchronous=True)
     closers.append(writer.close)
     writer.write_hparams(metrics_lib.hparams(config))
-    manager = ckpt.make_manager(wd, config)
+    manager = t.make_manager(wd)
     closers += [manager.close, manager.wait_until_finished]
     watch = ckpt.PreemptionWatch()
     closers.append(watch.restore)
-    source = make_source(config)
+    source = t.make_source()
     closers.append(source.close)
 
     restored = ckpt.restore_latest(wd, manager, t.abstract_state())

@@ -20,6 +20,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
              "compile_seconds"),
     "data": ("input_wait_ms_per_step", "input_wait_fraction", "skipped_records"),
     "checkpoint": ("save_seconds",),
+    # A tagger's held-out evaluation (mwmae.finetune): over the whole split, never per batch.
+    "eval": ("mAP", "mAUC", "d_prime", "classes_scored", "top1", "clips", "eval_seconds"),
 }
 _GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
 IMAGE_TAG = "train/reconstruction"

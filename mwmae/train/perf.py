@@ -84,3 +84,14 @@ def train_flops_per_example(c) -> float:
         n_dec, dd // c.decoder_num_heads, c.decoder_window_sizes))
     fwd += 2.0 * n_dec * dd * c.patch_dim                             # decoder_pred
     return 3.0 * fwd
+
+
+def encoder_flops_per_example(c) -> float:
+    """Analytic matmul FLOPs of the encoder's forward over every patch (no masking): what a
+    tagger's step runs forward, and three times that with its backward."""
+    n = c.num_patches + c.num_extra_tokens
+    d = c.embed_dim
+    fwd = 2.0 * c.num_patches * c.patch_dim * d
+    fwd += c.depth * (2.0 * n * d * d * (4 + 2 * c.mlp_ratio)
+                      + _attention_flops(n, d // c.num_heads, c.window_sizes))
+    return fwd

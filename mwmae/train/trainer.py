@@ -6,22 +6,32 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from mwmae import workdir as workdir_lib
 from mwmae.data import PipelineConfig
 from mwmae.data.sources import ShardSource, Source, SyntheticSource
 from mwmae.data.workers import resolve_num_workers
 from mwmae.model import MaskedAutoencoder
-from mwmae.train import init_from, sharding
-from mwmae.train.config import check_config, model_config_from, train_examples
+from mwmae.train import checkpoint as ckpt
+from mwmae.train import init_from, perf, sharding
+from mwmae.train.config import (
+    MAY_CHANGE_ON_RESUME,
+    check_config,
+    default_config,
+    model_config_from,
+    train_examples,
+)
 from mwmae.train.images import reconstruction_grid
 from mwmae.train.optim import make_optimizer
-from mwmae.train.step import init_state, make_train_step
+from mwmae.train.step import TrainState, init_state, make_train_step
 
 
 def schedule_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -68,37 +78,97 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
 
 
 class Trainer:
-    """Everything a run needs, built once: mesh, shardings, jitted step, state, writers."""
+    """Everything a run needs, built once: mesh, shardings, jitted step, state, writers.
+
+    The pretraining task. A task of its own (the tagger of :mod:`mwmae.finetune`) overrides the
+    methods between the markers below: its config schema, state, step, batches, hooks and
+    checkpoint policy; the loop, the workdir's guarantees and the hooks it shares stay these.
+    """
+
+    # What a resumed run may set differently (see mwmae.train.config).
+    may_change = MAY_CHANGE_ON_RESUME
+    # init_from also takes the source's decoder (continued pretraining).
+    takes_decoder = True
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                  devices: list[jax.Device] | None = None):
-        check_config(config)
+        self.check(config)
         self.config = config
         self._pretrained: dict | None = None
         self.model_config = model_config_from(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         check_batch(config, self.mesh)
         self.steps_per_epoch, self.total_steps = schedule_lengths(config)
-        self.tx, self.schedule = make_optimizer(config, self.steps_per_epoch, self.total_steps)
+        self.tx, self.schedule = self.make_optimizer()
         self.workdir = workdir_lib.Workdir(workdir)  # local paths or gs:// alike
 
         # Shardings come from the logical axis names on the (abstract) boxed state.
-        abstract = jax.eval_shape(lambda: init_state(self.model_config, self.tx,
-                                                     jax.random.key(0), boxed=True))
+        abstract = jax.eval_shape(lambda: self.init_state(jax.random.key(0), boxed=True))
         self.state_sharding = sharding.logical_shardings(abstract, self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh, 4)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         # Initialised outside the mesh context: flax initialises DenseGeneral kernels through a
         # flattened 2-D shape, to which the 4-D logical constraint cannot apply.
-        self.init_fn = jax.jit(lambda rng: init_state(self.model_config, self.tx, rng),
+        self.init_fn = jax.jit(lambda rng: self.init_state(rng),
                                out_shardings=self.state_sharding)
-        step_fn = make_train_step(self.model_config, self.tx, self.schedule,
-                                  mask_seed=config.seed + 1,
-                                  grad_accum_steps=config.grad_accum_steps)
-        self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding,
-                                                         self.batch_sharding),
+        batch_shardings = jax.tree.map(lambda s: s.sharding, self.batch_spec())
+        self.train_step = jax.jit(self.make_step(), in_shardings=(self.state_sharding,
+                                                                  batch_shardings),
                                   out_shardings=(self.state_sharding, replicated),
                                   donate_argnums=0)
+
+    # ---------------------------------------------------------------- what a task overrides
+
+    @staticmethod
+    def schema() -> ml_collections.ConfigDict:
+        """Every key this task's configs may hold, with its default."""
+        return default_config()
+
+    @classmethod
+    def check(cls, config: ml_collections.ConfigDict) -> None:
+        """Raise ConfigError (one line naming the key) for a config this task cannot run."""
+        check_config(config, cls.schema())
+
+    def make_optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        return make_optimizer(self.config, self.steps_per_epoch, self.total_steps)
+
+    def init_state(self, rng: jax.Array, *, boxed: bool = False) -> TrainState:
+        return init_state(self.model_config, self.tx, rng, boxed=boxed)
+
+    def make_step(self):
+        """``step(state, batch) -> (state, metrics)``, not yet jitted."""
+        return make_train_step(self.model_config, self.tx, self.schedule,
+                               mask_seed=self.config.seed + 1,
+                               grad_accum_steps=self.config.grad_accum_steps)
+
+    def batch_spec(self) -> Any:
+        """The global batch the step takes: shapes, dtypes and shardings."""
+        return jax.ShapeDtypeStruct((self.config.batch_size, *self.model_config.input_shape),
+                                    np.float32, sharding=self.batch_sharding)
+
+    def global_batch(self, audio: np.ndarray, labels: np.ndarray | None = None) -> Any:
+        """This host's rows of a batch -> the global batch the step takes (pretraining uses
+        the audio alone)."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, audio)
+
+    def make_source(self) -> Source:
+        return make_source(self.config)
+
+    def make_manager(self, wd: workdir_lib.Workdir) -> Any:
+        return ckpt.make_manager(wd, self.config)
+
+    def task_hooks(self, run: Any) -> list[tuple[str, Callable, int, bool]]:
+        """(name, hook, every, last) of this task's own periodic work, run before the
+        checkpoint hook: for pretraining, the reconstruction images."""
+        from mwmae.train.hooks import reconstruction_images  # the hooks know the Trainer
+
+        every = self.config.image_every_steps
+        return [("images", reconstruction_images(run), every, every > 0)]
+
+    def flops_per_example(self) -> float:
+        return perf.train_flops_per_example(self.model_config)
+
+    # ---------------------------------------------------------------- shared by every task
 
     def mesh_context(self):
         """Rules + mesh in scope, so activation constraints in the model resolve."""
@@ -125,24 +195,20 @@ class Trainer:
         if self._pretrained is None:
             step = self.config.init_from_step if self.config.init_from_step >= 0 else None
             self._pretrained = init_from.pretrained_params(
-                self.config.init_from, step, self.model_config, with_decoder=True)
+                self.config.init_from, step, self.model_config, with_decoder=self.takes_decoder)
         return self._pretrained
-
-    def global_batch(self, local: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(self.batch_sharding, local)
 
     def abstract_state(self):
         """Shapes, dtypes and shardings of the state, without allocating it."""
-        shapes = jax.eval_shape(lambda: init_state(self.model_config, self.tx, jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: self.init_state(jax.random.key(0)))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_sharding)
 
     def lower(self, state=None):
         """Lower the step for the state's shapes (abstract by default: no data, no devices)."""
-        batch = jax.ShapeDtypeStruct((self.config.batch_size, *self.model_config.input_shape),
-                                     np.float32, sharding=self.batch_sharding)
         with self.mesh_context():
-            return self.train_step.lower(self.abstract_state() if state is None else state, batch)
+            return self.train_step.lower(self.abstract_state() if state is None else state,
+                                         self.batch_spec())
 
     def compile(self, state=None):
         """AOT-compile the step once; the loop calls the executable, so nothing recompiles."""

@@ -1,0 +1,18 @@
+"""python -m mwmae.finetune --config configs/tag.py[:VARIANT] --workdir DIR [--config.key=value]
+
+Fine-tunes or probes an encoder (``--config.init_from``: an artifact, an original-format
+checkpoint folder or a pretraining workdir) on labelled shards. The flags, the multi-host
+options and the exit status are the trainer's (``python -m mwmae.train --help``).
+"""
+
+from mwmae.train import __main__ as trainer_cli
+
+
+def run() -> None:
+    from mwmae.finetune.trainer import Tagger
+
+    trainer_cli.run(Tagger)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,132 @@
+"""The schema of a tagger (fine-tuning or probing) config: the trainer's, plus ``tagger.*``.
+
+Files in ``configs/tag.py`` start from :func:`tag_config`. The keys shared with pretraining
+(``batch_size``, ``optimizer``, ``mesh``, ``data``, ``checkpoint``, ``init_from`` ...) mean the
+same; ``model`` must match the encoder that ``init_from`` names (the decoder fields are unused).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mwmae.data import storage
+from mwmae.finetune.model import HEADS
+from mwmae.finetune.step import TASKS
+from mwmae.train.config import MAY_CHANGE_ON_RESUME, ConfigError, check_config, default_config
+
+# The metric that ranks evaluations (and picks the checkpoint kept as the best), per task.
+MAIN_METRIC = {"multilabel": "mAP", "multiclass": "top1"}
+
+
+def tag_config() -> ml_collections.ConfigDict:
+    c = default_config()
+    c.data.source = "shards"
+    c.image_every_steps = 0            # no reconstructions: there is no decoder
+    c.optimizer.base_learning_rate = 1e-3   # scaled by batch_size / 256, as in pretraining
+    c.optimizer.warmup_epochs = 1.0
+    c.tagger = ml_collections.ConfigDict()
+    t = c.tagger
+    t.task = "multilabel"              # "multilabel" (sigmoid BCE; mAP) | "multiclass" (top-1)
+    # Classes: -1 reads them from the labels CSV (index,label) that tfrecord_tools.build writes
+    # beside the manifest; labels_csv "" means PREFIX-labels.csv beside data.train_shards.
+    t.num_classes = -1
+    t.labels_csv = ""
+    t.head = "linear"                  # "linear" | "mlp" (one hidden layer of the encoder width)
+    t.freeze_encoder = False           # True: a probe; only the head learns
+    t.dropout = 0.0                    # on the pooled features (and the MLP's hidden layer)
+    t.drop_path = 0.1                  # stochastic depth over the encoder's blocks
+    t.layer_decay = 0.75               # layer-wise lr decay (1.0: none)
+    t.label_smoothing = 0.0            # multiclass only
+    # Augmentation on the device (random 2 s crops are the input pipeline's).
+    t.mixup_alpha = 0.0                # > 0: mixup with Beta(alpha, alpha) weights, labels mixed
+    t.time_masks = 0                   # SpecAugment: masks per clip, and their largest width
+    t.time_mask_frames = 0
+    t.freq_masks = 0
+    t.freq_mask_bins = 0
+    # Held-out evaluation: every clip of these shards in full (2 s windows, logits averaged
+    # over each clip's windows weighted by their frames); every eval_every_steps and at the end.
+    t.eval_shards = ""                 # manifest CSV, glob or path; "" : no evaluation
+    t.eval_every_steps = 500           # 0: only at the end
+    t.eval_batch_size = 64             # windows per evaluation batch, over all hosts
+    t.keep_best = True                 # keep the checkpoint of the best evaluation too
+    return c
+
+
+MAY_CHANGE = (*MAY_CHANGE_ON_RESUME, "tagger.eval_shards", "tagger.eval_every_steps",
+              "tagger.eval_batch_size")
+
+
+def labels_csv(config: ml_collections.ConfigDict) -> str | None:
+    """The labels CSV this run reads its classes from, or None when it has none."""
+    if config.tagger.labels_csv:
+        return config.tagger.labels_csv
+    train = config.data.train_shards
+    if isinstance(train, str) and train.endswith("-manifest.csv"):
+        return train[: -len("-manifest.csv")] + "-labels.csv"
+    return None
+
+
+def read_vocabulary(path: str) -> list[str]:
+    """Label names by index from an ``index,label`` CSV; an error naming the file otherwise."""
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no labels CSV here (tfrecord_tools.build writes "
+                          "PREFIX-labels.csv for labelled sources); set tagger.labels_csv or "
+                          "tagger.num_classes") from e
+    rows = [line.split(",", 1) for line in text.splitlines()[1:] if line.strip()]
+    try:
+        indices = [int(r[0]) for r in rows]
+    except ValueError as e:
+        raise ConfigError(f"{path}: not an index,label CSV ({e})") from e
+    if not rows or indices != list(range(len(rows))):
+        raise ConfigError(f"{path}: expected rows index,label with indices 0..N-1 in order")
+    return [r[1] if len(r) > 1 else "" for r in rows]
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """tagger.num_classes, or the rows of the labels CSV when it is -1."""
+    if config.tagger.num_classes > 0:
+        return config.tagger.num_classes
+    path = labels_csv(config)
+    if path is None:
+        raise ConfigError("tagger.num_classes=-1 (read the labels CSV) but data.train_shards is "
+                          "not a manifest (PREFIX-manifest.csv): set tagger.labels_csv or "
+                          "tagger.num_classes")
+    return len(read_vocabulary(path))
+
+
+def check_tag_config(config: ml_collections.ConfigDict) -> None:
+    """The schema's keys and the trainer's rules, then the tagger's own (one line, naming the
+    key)."""
+    check_config(config, tag_config())
+    t = config.tagger
+    problems = []
+    if t.task not in TASKS:
+        problems.append(f"tagger.task={t.task!r}: must be one of {', '.join(map(repr, TASKS))}")
+    if t.head not in HEADS:
+        problems.append(f"tagger.head={t.head!r}: must be one of {', '.join(map(repr, HEADS))}")
+    if t.num_classes == 0 or t.num_classes < -1:
+        problems.append(f"tagger.num_classes={t.num_classes}: must be >= 1, or -1 for the "
+                        "labels CSV")
+    for key in ("dropout", "drop_path"):
+        if not 0 <= t[key] < 1:
+            problems.append(f"tagger.{key}={t[key]}: must lie in [0, 1)")
+    if not 0 < t.layer_decay <= 1:
+        problems.append(f"tagger.layer_decay={t.layer_decay}: must lie in (0, 1]")
+    if not 0 <= t.label_smoothing < 1:
+        problems.append(f"tagger.label_smoothing={t.label_smoothing}: must lie in [0, 1)")
+    for key in ("mixup_alpha", "time_masks", "time_mask_frames", "freq_masks",
+                "freq_mask_bins", "eval_every_steps"):
+        if t[key] < 0:
+            problems.append(f"tagger.{key}={t[key]}: must be >= 0")
+    if t.eval_batch_size < 1:
+        problems.append(f"tagger.eval_batch_size={t.eval_batch_size}: must be >= 1")
+    if config.data.source != "shards":
+        problems.append(f"data.source={config.data.source!r}: a tagger trains on labelled "
+                        "shards ('shards')")
+    if config.grad_accum_steps != 1:
+        problems.append(f"grad_accum_steps={config.grad_accum_steps}: the tagger's step takes "
+                        "whole batches (1)")
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))

@@ -1,0 +1,240 @@
+"""The tagger as a task of the trainer: the same loop, mesh, workdir, checkpoints, preemption
+and metrics as pretraining, with a classifier's state and step, labelled batches, a whole-clip
+evaluation hook and the best evaluated checkpoint kept beside the latest.
+
+    python -m mwmae.finetune --config configs/tag.py[:VARIANT] --workdir DIR \\
+        --config.init_from=ARTIFACT_OR_CHECKPOINT_OR_WORKDIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mwmae.data import PipelineConfig
+from mwmae.finetune import augment
+from mwmae.finetune.config import (
+    MAIN_METRIC,
+    MAY_CHANGE,
+    check_tag_config,
+    labels_csv,
+    num_classes,
+    read_vocabulary,
+    tag_config,
+)
+from mwmae.finetune.evaluate import EvalSplit, evaluate
+from mwmae.finetune.model import Classifier, HeadConfig
+from mwmae.finetune.optim import tagger_optimizer
+from mwmae.finetune.step import make_supervised_step
+from mwmae.train import checkpoint as ckpt
+from mwmae.train import metrics as metrics_lib
+from mwmae.train import perf, sharding
+from mwmae.train.config import ConfigError
+from mwmae.train.optim import decay_mask, learning_rate_schedule
+from mwmae.train.step import TrainState
+from mwmae.train.trainer import Trainer
+
+# Label slots per clip in a batch: the input pipeline's padded label ids.
+MAX_LABELS = PipelineConfig.max_labels
+
+
+class Tagger(Trainer):
+    """Fine-tuning (or probing) the encoder with a classification head."""
+
+    may_change = MAY_CHANGE
+    takes_decoder = False  # init_from takes the encoder; the head starts fresh
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Any,
+                 devices: list[jax.Device] | None = None):
+        self.check(config)
+        t = config.tagger
+        self.num_classes = num_classes(config)
+        _check_vocabularies(config)
+        self.task = t.task
+        self.main_metric = MAIN_METRIC[t.task]
+        self.head_config = HeadConfig(self.num_classes, t.head, t.dropout, t.drop_path,
+                                      t.freeze_encoder)
+        self._eval_split: EvalSplit | None = None
+        super().__init__(config, workdir, devices)
+        self.model = self._classifier()
+        self.label_sharding = sharding.batch_sharding(self.mesh, 2)
+        # Evaluation logits stay split over the batch: each host takes back its own rows.
+        self._predict = jax.jit(lambda params, x: self.model.apply({"params": params}, x),
+                                in_shardings=(self.state_sharding.params, self.batch_sharding),
+                                out_shardings=sharding.batch_sharding(self.mesh, 2))
+
+    @staticmethod
+    def schema() -> ml_collections.ConfigDict:
+        return tag_config()
+
+    @classmethod
+    def check(cls, config: ml_collections.ConfigDict) -> None:
+        check_tag_config(config)
+
+    def _classifier(self) -> Classifier:
+        return Classifier(self.model_config, self.head_config)
+
+    def _param_shapes(self) -> Any:
+        x = jnp.zeros((1, *self.model_config.input_shape), jnp.float32)
+        model = Classifier(dataclasses.replace(self.model_config, attention_impl="xla"),
+                           self.head_config)
+        return jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), x)["params"]))
+
+    def make_optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        c, o, t = self.config, self.config.optimizer, self.config.tagger
+        schedule = learning_rate_schedule(o.base_learning_rate, c.batch_size,
+                                          int(o.warmup_epochs * self.steps_per_epoch),
+                                          self.total_steps)
+        tx = tagger_optimizer(self._param_shapes(), self.model_config, schedule,
+                              weight_decay=o.weight_decay, layer_decay=t.layer_decay,
+                              freeze_encoder=t.freeze_encoder, b1=o.b1, b2=o.b2, eps=o.eps,
+                              grad_clip_norm=o.grad_clip_norm,
+                              mask=decay_mask if o.decay_exempt_1d else None)
+        return tx, schedule
+
+    def init_state(self, rng: jax.Array, *, boxed: bool = False) -> TrainState:
+        # Traced with the XLA attention, as pretraining's: parameters do not depend on it.
+        model = Classifier(dataclasses.replace(self.model_config, attention_impl="xla"),
+                           self.head_config)
+        x = jnp.zeros((1, *self.model_config.input_shape), jnp.float32)
+        params = model.init(rng, x)["params"]
+        # Boxed parameters give the optimizer's moments their logical axes too.
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=self.tx.init(params),
+                           skipped_steps=jnp.zeros((), jnp.int32),
+                           last_skipped_step=jnp.full((), -1, jnp.int32))
+        return state if boxed else nn.meta.unbox(state)
+
+    def make_step(self) -> Callable:
+        t = self.config.tagger
+        augmentation = augment.AugmentConfig(
+            mixup_alpha=t.mixup_alpha, time_masks=t.time_masks,
+            time_mask_frames=t.time_mask_frames, freq_masks=t.freq_masks,
+            freq_mask_bins=t.freq_mask_bins)
+        return make_supervised_step(self._classifier(), self.tx, self.schedule, task=t.task,
+                                    seed=self.config.seed + 1, augmentation=augmentation,
+                                    label_smoothing=t.label_smoothing)
+
+    def batch_spec(self) -> Any:
+        labels = jax.ShapeDtypeStruct((self.config.batch_size, MAX_LABELS), np.int32,
+                                      sharding=sharding.batch_sharding(self.mesh, 2))
+        return (super().batch_spec(), labels)
+
+    def global_batch(self, audio: np.ndarray, labels: np.ndarray | None = None) -> Any:
+        if labels is None or labels.ndim != 2 or labels.shape[1] != MAX_LABELS:
+            raise ValueError("the tagger's batches need their padded label ids "
+                             f"(B, {MAX_LABELS}); got {None if labels is None else labels.shape}")
+        return (super().global_batch(audio),
+                jax.make_array_from_process_local_data(self.label_sharding,
+                                                       np.asarray(labels, np.int32)))
+
+    def make_manager(self, wd: Any) -> Any:
+        best = self.main_metric if self.config.tagger.keep_best and self.evaluates else None
+        return ckpt.make_manager(wd, self.config, best_metric=best)
+
+    def flops_per_example(self) -> float:
+        # Forward and backward of the encoder over every patch (no masking), the head aside.
+        return 3 * perf.encoder_flops_per_example(self.model_config)
+
+    def reconstructions(self, params, audio, step):
+        raise NotImplementedError("a tagger has no decoder: there are no reconstructions")
+
+    # ---------------------------------------------------------------- evaluation
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.config.tagger.eval_shards)
+
+    def eval_split(self) -> EvalSplit:
+        if self._eval_split is None:
+            frames, n_mels = self.model_config.img_size
+            self._eval_split = EvalSplit(
+                self.config.tagger.eval_shards, frames=frames, n_mels=n_mels,
+                max_labels=MAX_LABELS, batch_size=self.config.tagger.eval_batch_size,
+                num_classes=self.num_classes)
+        return self._eval_split
+
+    def predict(self, params: Any, windows: np.ndarray) -> np.ndarray:
+        """This host's windows -> their logits (b, classes), as numpy on this host."""
+        with self.mesh_context():
+            out = self._predict(params, jax.make_array_from_process_local_data(
+                self.batch_sharding, windows))
+        if jax.process_count() == 1:
+            return np.asarray(out)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.global_array_to_host_local_array(
+            out, self.mesh, out.sharding.spec))
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """The held-out split's metrics for ``params`` (every host calls it)."""
+        return evaluate(self.eval_split(), lambda x: self.predict(params, x), self.task)
+
+    def task_hooks(self, run: Any) -> list[tuple[str, Callable, int, bool]]:
+        if not self.evaluates:
+            return []
+        split = self.eval_split()  # read once now: a bad split fails before training
+        run.print_fn(f"evaluation: {split.total_clips} clips of {self.config.tagger.eval_shards}"
+                     f" every {self.config.tagger.eval_every_steps or 'last'} step(s)")
+        return [("evaluate", self._evaluation_hook(run), self.config.tagger.eval_every_steps,
+                 True)]
+
+    def _evaluation_hook(self, run: Any) -> Callable:
+        main = self.main_metric
+        earlier = [r for r in run.workdir.read_evaluations() if r["step"] <= run.start_step]
+        best = max(earlier, key=lambda r: r[main], default=None)
+
+        def hook(info: Any) -> None:
+            nonlocal best
+            t0 = time.perf_counter()
+            result = self.evaluate(info.state.params)
+            result["eval_seconds"] = time.perf_counter() - t0
+            run.evaluated[info.step] = {main: result[main]}
+            row = {"step": info.step, **result}
+            if best is None or result[main] > best[main]:
+                best = row
+            if jax.process_index() == 0:
+                run.workdir.append_evaluation(row)
+            run.writer.write_scalars(info.step, metrics_lib.tagged(
+                {k: v for k, v in result.items() if not _is_nan(v)}))
+            run.print_fn(f"eval  {info.step:5d}/{self.total_steps}  {main} {result[main]:.4f}  "
+                         + "  ".join(f"{k} {result[k]:.4f}" for k in ("mAUC", "d_prime")
+                                     if k in result)
+                         + f"  ({result['clips']} clips, {result['eval_seconds']:.1f} s; best "
+                         f"{best[main]:.4f} at step {best['step']})")
+        return hook
+
+
+def _is_nan(value: float) -> bool:
+    return isinstance(value, float) and np.isnan(value)
+
+
+def _check_vocabularies(config: ml_collections.ConfigDict) -> None:
+    """The evaluation split must use the training split's labels (same names, same ids)."""
+    train_csv = labels_csv(config)
+    spec = config.tagger.eval_shards
+    if not (train_csv and isinstance(spec, str) and spec.endswith("-manifest.csv")):
+        return
+    eval_csv = spec[: -len("-manifest.csv")] + "-labels.csv"
+    try:
+        ours, theirs = read_vocabulary(train_csv), read_vocabulary(eval_csv)
+    except ConfigError:
+        return  # one side has no vocabulary: nothing to compare
+    if ours != theirs:
+        diff = next(i for i, (a, b) in enumerate(zip(ours + [None] * len(theirs),
+                                                     theirs + [None] * len(ours))) if a != b)
+        raise ConfigError(f"{eval_csv}: the evaluation split's labels are not the training "
+                          f"split's ({train_csv}): index {diff} is "
+                          f"{theirs[diff] if diff < len(theirs) else 'missing'!r} there, "
+                          f"{ours[diff] if diff < len(ours) else 'missing'!r} here; build both "
+                          "with one --vocabulary")
+

@@ -1,0 +1,190 @@
+"""The tagger as a task of the trainer: fine-tuning and probes on labelled shards, whole-clip
+evaluation over the split, the best checkpoint beside the latest, init_from, and its refusals."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from tag_helpers import CLASSES, FRAMES, tiny_tag_config, write_split
+
+import mwmae
+from mwmae.data import records
+from mwmae.export import export_workdir
+from mwmae.finetune import metrics as metrics_lib
+from mwmae.finetune.config import tag_config
+from mwmae.finetune.evaluate import EvalSplit, evaluate
+from mwmae.finetune.trainer import Tagger
+from mwmae.model import encoder_keys
+from mwmae.train.config import ConfigError, check_config
+from mwmae.train.loop import train
+from mwmae.workdir import Workdir
+
+
+def flat(params):
+    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(jax.device_get(params)).items()}
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tag-data")
+    return {"train": write_split(d, "train", 48, seed=0),
+            "eval": write_split(d, "eval", 18, seed=1),
+            "multi_train": write_split(d, "mtrain", 48, seed=2, multilabel=True),
+            "multi_eval": write_split(d, "meval", 18, seed=3, multilabel=True)}
+
+
+def fast(c):
+    c.optimizer.base_learning_rate = 3e-2 * 256 / c.batch_size
+    return c
+
+
+def test_a_tagger_learns_evaluates_and_keeps_the_best_beside_the_latest(splits, tmp_path):
+    c = fast(tiny_tag_config(splits["train"], splits["eval"], steps=16))
+    printed = []
+    result = train(c, tmp_path / "wd", print_fn=printed.append, task=Tagger)
+    assert result["status"] == "done"
+    wd = Workdir(tmp_path / "wd")
+    rows = wd.read_evaluations()
+    assert [r["step"] for r in rows] == [4, 8, 12, 16]
+    assert all(r["clips"] == 18 for r in rows)
+    assert rows[-1]["top1"] > 1 / len(CLASSES) + 0.3, rows   # a band per class: learnable
+    best = max(rows, key=lambda r: (r["top1"], r["step"]))["step"]  # ties: the later
+    assert wd.steps() == sorted({best, 16})        # keep_last=1, plus the best
+    assert wd.read_meta(best)["evaluation"] == {"top1": max(r["top1"] for r in rows)}
+    assert any(line.startswith("eval     16/16  top1") for line in printed), printed
+    # The fine-tuned encoder exports, and equals the checkpoint's encoder entries.
+    export_workdir(tmp_path / "wd", str(tmp_path / "art"))
+    art = mwmae.load(tmp_path / "art")
+    _, params, _ = wd.read_params()
+    assert flat(art.params).keys() == flat(params).keys()
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(flat(art.params)[k], v, err_msg=k)
+    assert mwmae.load(tmp_path / "wd").config == art.config   # a tagger workdir loads too
+
+
+def test_a_multilabel_probe_never_moves_the_encoder(splits, tmp_path):
+    # First a short fine-tuning run whose workdir is the probe's init_from.
+    c = fast(tiny_tag_config(splits["multi_train"], splits["multi_eval"], task="multilabel",
+                             steps=4))
+    train(c, tmp_path / "src", print_fn=lambda s: None, task=Tagger)
+    p = fast(tiny_tag_config(splits["multi_train"], splits["multi_eval"], task="multilabel",
+                             steps=8))
+    p.init_from, p.tagger.freeze_encoder = str(tmp_path / "src"), True
+    train(p, tmp_path / "probe", print_fn=lambda s: None, task=Tagger)
+    _, start, _ = Workdir(tmp_path / "src").read_params()
+    _, end, _ = Workdir(tmp_path / "probe").read_params()
+    for k, v in flat(start).items():
+        np.testing.assert_array_equal(flat(end)[k], v, err_msg=k)
+    rows = Workdir(tmp_path / "probe").read_evaluations()
+    assert {"mAP", "mAUC", "d_prime", "classes_scored"} <= set(rows[-1])
+    assert rows[-1]["classes_scored"] == len(CLASSES)
+
+
+def test_the_evaluation_scores_every_clip_by_its_frame_weighted_windows(splits):
+    split = EvalSplit(splits["multi_eval"], frames=FRAMES, n_mels=80, max_labels=32,
+                      batch_size=8, num_classes=len(CLASSES))
+    w = np.random.default_rng(0).normal(size=(FRAMES * 80, len(CLASSES)))
+    predict = lambda x: x.reshape(x.shape[0], -1) @ w  # noqa: E731 - a linear "model"
+    got = evaluate(split, predict, "multilabel")
+
+    # By hand: every record, normalised whole, cut into windows, logits weighted by frames.
+    from mwmae.data import shards
+    from mwmae.data.clips import prepare_audio
+
+    scores, hot = [], []
+    for shard in shards.resolve(splits["multi_eval"]):
+        for record in shards.iter_records(shard):
+            logmel, labels = records.decode_example(record)
+            t = logmel.shape[0]
+            n = math.ceil(t / FRAMES)
+            x = prepare_audio(logmel, crop_frames=n * FRAMES, n_mels=80, crop=None)
+            windows = x.reshape(n, FRAMES, 80, 1)
+            weights = [min(FRAMES, t - i * FRAMES) / t for i in range(n)]
+            scores.append(sum(wt * predict(windows[i:i + 1])[0]
+                              for i, wt in enumerate(weights)))
+            hot.append(np.isin(np.arange(len(CLASSES)), labels).astype(np.float32))
+    want = metrics_lib.multilabel(np.array(hot), np.array(scores))
+    assert got["clips"] == 18 and split.batches >= math.ceil(18 * 2 / 8)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9), k
+
+
+def test_init_from_the_released_checkpoint_gives_its_encoder_features(
+        reference_model, original_checkpoint, fixtures, splits, tmp_path):
+    c = tiny_tag_config(splits["train"], "")
+    c.model.update({k: tuple(v) if isinstance(v, list) else v
+                    for k, v in reference_model.config.to_dict().items()})
+    c.init_from = str(original_checkpoint)
+    t = Tagger(c, tmp_path / "wd", devices=jax.devices()[:2])
+    params = jax.device_get(t.initial_state().params)
+    assert set(params) == set(encoder_keys(reference_model.config)) | {"head"}
+    encoder = {k: params[k] for k in encoder_keys(reference_model.config)}
+    started = mwmae.api.Model(reference_model.config, encoder)
+    np.testing.assert_array_equal(np.asarray(started.features(fixtures["input"])),
+                                  np.asarray(reference_model.features(fixtures["input"])))
+
+
+def test_careless_configs_are_refused_with_the_reason(splits, tmp_path):
+    c = tiny_tag_config(splits["train"], splits["eval"])
+    c.tagger.task = "multi-label"
+    with pytest.raises(ConfigError, match="tagger.task='multi-label': must be one of"):
+        Tagger(c, tmp_path / "a")
+    c = tiny_tag_config(str(tmp_path / "nowhere" / "*.tfrecord"), "")
+    with pytest.raises(ConfigError, match="not a manifest.*tagger.num_classes"):
+        Tagger(c, tmp_path / "b")
+    # Synthetic clips have no labels; a tagger's config is not pretraining's.
+    c = tag_config()
+    c.data.source = "synthetic"
+    with pytest.raises(ConfigError, match="a tagger trains on labelled shards"):
+        Tagger.check(c)
+    with pytest.raises(ConfigError, match="runs with python -m mwmae.finetune"):
+        check_config(tiny_tag_config(splits["train"], ""))
+
+
+def test_an_evaluation_split_of_other_classes_is_refused(splits, tmp_path):
+    d = tmp_path / "other"
+    manifest = write_split(d, "eval", 6, seed=4)
+    (d / "eval-labels.csv").write_text("index,label\n0,low\n1,high\n2,mid\n")
+    c = tiny_tag_config(splits["train"], manifest)
+    with pytest.raises(ConfigError, match="index 1 is 'high' there, 'mid' here"):
+        Tagger(c, tmp_path / "wd")
+    # A record whose label the run does not have names the file and record.
+    (d / "eval-labels.csv").unlink()
+    shard = d / "eval-00000.tfrecord"
+    with open(shard, "wb") as f:
+        w = records.TFRecordWriter(f)
+        w.write(records.encode_example(np.zeros((50, 80), np.float32), [7]))
+        w.close()
+    (d / "eval-manifest.csv").write_text("shard,num_records\neval-00000.tfrecord,1\n")
+    with pytest.raises(records.RecordError, match=r"eval-00000.tfrecord: record 0: label ids "
+                                                  r"\[7\] outside \[0, 3\)"):
+        EvalSplit(str(d / "eval-manifest.csv"), frames=FRAMES, n_mels=80, max_labels=32,
+                  batch_size=8, num_classes=3)
+
+
+def test_the_best_checkpoint_is_kept_beside_the_latest_across_restarts(tmp_path):
+    from mwmae.train import checkpoint as ckpt
+
+    config = tiny_tag_config("unused", "")
+    wd = Workdir(tmp_path / "wd")
+
+    def save(manager, step, top1):
+        state = {"x": jax.numpy.full((3,), float(step))}
+        ckpt.save_checkpoint(wd, manager, step, state, {"position": step}, {"step": step},
+                             force=True, metrics=None if top1 is None else {"top1": top1})
+        manager.wait_until_finished()
+
+    manager = ckpt.make_manager(wd, config, best_metric="top1")
+    for step, top1 in ((1, 0.5), (2, 0.9), (3, 0.3), (4, None)):
+        save(manager, step, top1)
+    assert wd.steps() == [2, 4]            # the best (0.9) and the latest (keep_last=1)
+    manager.close()
+    # A restarted run's manager reads the kept metrics back: step 2 stays until beaten.
+    manager = ckpt.make_manager(wd, config, best_metric="top1")
+    save(manager, 5, 0.8)
+    assert wd.steps() == [2, 5]
+    save(manager, 6, 0.95)
+    assert wd.steps() == [6]
+    manager.close()
