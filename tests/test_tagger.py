@@ -188,3 +188,90 @@ def test_the_best_checkpoint_is_kept_beside_the_latest_across_restarts(tmp_path)
     save(manager, 6, 0.95)
     assert wd.steps() == [6]
     manager.close()
+
+
+def _finetune_cmd(workdir, art, splits, steps):
+    import sys
+
+    from train_helpers import REPO
+
+    return [sys.executable, "-m", "mwmae.finetune", "--config", f"{REPO}/configs/tag.py:demo",
+            "--workdir", str(workdir), f"--config.init_from={art}",
+            f"--config.model.img_size=({FRAMES}, 80)", "--config.batch_size=8",
+            f"--config.num_train_steps={steps}", "--config.steps_per_epoch=6",
+            f"--config.data.train_shards={splits['train']}",
+            f"--config.tagger.eval_shards={splits['eval']}", "--config.tagger.eval_every_steps=8",
+            "--config.tagger.eval_batch_size=8", "--config.tagger.mixup_alpha=0.3",
+            "--config.tagger.drop_path=0.1", "--config.tagger.dropout=0.1",
+            "--config.checkpoint.every_steps=8", "--config.log_every_steps=1",
+            "--config.trace_batches=True", "--config.lease_seconds=5"]
+
+
+@pytest.mark.slow  # three trainer processes, one killed
+def test_fine_tuning_from_an_artifact_resumes_identically_after_kill_9(splits, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from multihost_helpers import read_trace
+
+    from mwmae.artifact import save_artifact
+    from mwmae.model import init_params
+    from mwmae.train.config import TINY_MODEL
+
+    config = mwmae.ModelConfig(**{**TINY_MODEL, "img_size": (FRAMES, 80)})
+    art = tmp_path / "pretrained"
+    save_artifact(str(art), config, jax.device_get(init_params(config, jax.random.key(3))),
+                  source="test", encoder_only=True)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONUNBUFFERED": "1"}
+    steps = 40
+    whole = subprocess.run(_finetune_cmd(tmp_path / "a", art, splits, steps), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    proc = subprocess.Popen(_finetune_cmd(tmp_path / "b", art, splits, steps), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            # Past the step-8 evaluation; killed once its (asynchronous) save has committed.
+            if line.startswith("step    13/"):
+                break
+        deadline = time.monotonic() + 120
+        while not Workdir(tmp_path / "b").steps() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    kept = Workdir(tmp_path / "b").steps()
+    assert kept and kept[-1] < steps, kept
+    again = subprocess.run(_finetune_cmd(tmp_path / "b", art, splits, steps), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {kept[-1]}" in again.stdout + again.stderr
+
+    # Every step saw the same clips and computed the same loss, bit for bit; every evaluation
+    # came out the same.
+    a, b = read_trace(tmp_path / "a", 0), read_trace(tmp_path / "b", 0)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert all(a[s] == b[s] for s in a), [s for s in a if a[s] != b[s]]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "eval_seconds"}  # noqa: E731
+                         for r in rows]
+    ra, rb = Workdir(tmp_path / "a").read_evaluations(), Workdir(tmp_path / "b").read_evaluations()
+    assert [r["step"] for r in ra] == [8, 16, 24, 32, 40] and drop(ra) == drop(rb)
+
+    # The fine-tuned encoder exports through the usual command and differs from the start.
+    r = subprocess.run([os.sys.executable, "-m", "mwmae.export", "--workdir", str(tmp_path / "b"),
+                        "--out", str(tmp_path / "tuned")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tuned, start = flat(mwmae.load(tmp_path / "tuned").params), flat(mwmae.load(art).params)
+    assert tuned.keys() == start.keys()
+    assert any(not np.array_equal(tuned[k], start[k]) for k in start)
+    _, final_a, _ = Workdir(tmp_path / "a").read_params()
+    for k, v in flat(final_a).items():
+        np.testing.assert_array_equal(tuned[k], v, err_msg=k)
