@@ -88,6 +88,10 @@ def get_config(variant: str = "audioset20k"):
         t.time_masks, t.time_mask_frames, t.freq_masks, t.freq_mask_bins = 1, 20, 1, 8
         t.drop_path = 0.0
         t.eval_every_steps, t.eval_batch_size = 0, 32
+        # Where scripts/demo.sh puts them (it passes its own WORKDIR's paths).
+        c.init_from = "runs/demo/export"
+        c.data.train_shards = "runs/demo/digits/train-manifest.csv"
+        t.eval_shards = "runs/demo/digits/test-manifest.csv"
         c.data.shuffle_buffer, c.data.num_workers = 512, 0
         c.mesh.preset = "dp"
         c.log_every_steps = 100

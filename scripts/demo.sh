@@ -6,7 +6,8 @@
 # Every stage below is one documented command; read them in order to learn the system.
 # Environment: PYTHON=path/to/python skips the install and uses that interpreter;
 # DEMO_CLIPS (corpus size, default 1200), DEMO_STEPS (pretraining steps, default 2000),
-# DEMO_TASK_CLIPS (downstream clips per class, default 60), DEMO_DEVICES (CPU devices, default 2).
+# DEMO_TASK_CLIPS (downstream clips per class, default 60), DEMO_DEVICES (CPU devices, default 2),
+# DEMO_TAG_STEPS (fine-tuning steps, default 300), DEMO_TAG_SEEDS (seeds per mode, default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/demo}
@@ -14,6 +15,8 @@ clips=${DEMO_CLIPS:-1200}
 steps=${DEMO_STEPS:-2000}
 task_clips=${DEMO_TASK_CLIPS:-60}
 devices=${DEMO_DEVICES:-2}
+tag_steps=${DEMO_TAG_STEPS:-300}
+tag_seeds=${DEMO_TAG_SEEDS:-3}
 
 if [[ -z "${PYTHON:-}" ]]; then
   scripts/install.sh .venv hear,demo
@@ -86,6 +89,35 @@ evaluate_both() {
 }
 stage evaluate evaluate_both
 
-# 8. Summary table + WORKDIR/demo.png (spectrograms, masks, reconstructions, loss curve).
+# 8. Fine-tune the pretrained encoder on the digits task (its train split as labelled shards),
+#    against the same network from its initial weights and a frozen-encoder probe, each with
+#    DEMO_TAG_SEEDS seeds; every clip of the test split is scored at the end. Finished runs are
+#    kept; an interrupted one resumes.
+finetune_all() {
+  local task=$work/tasks/mwmae_digits split seed mode wd
+  for split in train test; do
+    "$PYTHON" -m tfrecord_tools.build hear "$task" --split "$split" --out "$work/digits" \
+      --prefix "$split" --shard-size 100 --workers 1 --no-progress >/dev/null || return
+  done
+  for seed in $(seq 1 "$tag_seeds"); do
+    for mode in finetuned initial probe; do
+      wd=$work/finetune/$mode-$seed
+      if grep -qs "\"step\": $tag_steps," "$wd/evaluations.jsonl"; then
+        echo "$mode seed $seed: done ($wd)"
+        continue
+      fi
+      "$PYTHON" -m mwmae.finetune --config configs/tag.py:demo --workdir "$wd" \
+        --config.init_from="$work/$([[ $mode == initial ]] && echo initial || echo export)" \
+        --config.tagger.freeze_encoder="$([[ $mode == probe ]] && echo True || echo False)" \
+        --config.seed="$seed" --config.num_train_steps="$tag_steps" \
+        --config.data.train_shards="$work/digits/train-manifest.csv" \
+        --config.tagger.eval_shards="$work/digits/test-manifest.csv" || return
+    done
+  done
+}
+stage finetune finetune_all
+
+# 9. Summary table + WORKDIR/demo.png (spectrograms, masks, reconstructions, loss curve, and
+#    the downstream scores).
 stage report "$PYTHON" -m mwmae.demo.report "$work"
 echo "total $(awk -F'\t' '{s += $2} END {print s}' "$work/timings.tsv") s; picture: $work/demo.png"

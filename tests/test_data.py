@@ -359,3 +359,48 @@ def test_prepare_audio_is_normalise_then_crop_bit_for_bit():
     bad[3, 4] = np.nan
     with pytest.raises(RecordError, match="NaN"):
         clips.prepare_audio(bad, crop_frames=200, n_mels=80, crop=None)
+
+
+def _clip_labels(manifest, label_of) -> str:
+    """A clip-labels table for ``write_dataset``'s shards (clip k labelled ``label_of(k)``)."""
+    rows = ["shard,record,labels"]
+    for shard in shards.resolve(manifest):
+        for r in range(shard.num_records):
+            k = int(shard.path.rsplit("-", 3)[1]) * shard.num_records + r
+            rows.append(f"{shard.path.rsplit('/', 1)[-1]},{r},{label_of(k)}")
+    path = manifest.replace("-manifest.csv", "-clip-labels.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return path
+
+
+def test_balanced_sampling_draws_a_rare_class_as_often_as_a_common_one(array_records):
+    # 24 clips: 3 of class "rare" (1), 21 of class 0: balanced, each class is half the draws.
+    table = _clip_labels(array_records, lambda k: "1" if k in (2, 11, 19) else "0")
+    it = iterator(array_records, config(balanced_labels=table))
+    drawn = ids(take(it, 60))   # 10 epochs of 24 draws
+    it.close()
+    rare = sum(k in (2, 11, 19) for k in drawn) / len(drawn)
+    assert 0.4 < rare < 0.6, rare          # 3/24 = 0.125 unweighted
+    assert len(set(drawn)) == 24           # the common clips still all come up
+    # A resume draws exactly what an uninterrupted run draws.
+    run = iterator(array_records, config(balanced_labels=table))
+    take(run, 7)
+    state = run.get_state()
+    run.close()
+    resumed = iterator(array_records, config(balanced_labels=table))
+    resumed.set_state(state)
+    assert ids(take(resumed, 53)) == drawn[7 * 4:]
+    resumed.close()
+
+
+def test_balanced_sampling_refuses_sequential_shards_and_a_foreign_table(array_records, dataset,
+                                                                         tmp_path):
+    table = _clip_labels(array_records, lambda k: "0")
+    with pytest.raises(ValueError, match="needs ArrayRecord shards"):
+        next(iterator(dataset, config(balanced_labels=table)))
+    short = tmp_path / "short-clip-labels.csv"
+    short.write_text("shard,record,labels\n" + "".join(
+        open(table).read().splitlines(keepends=True)[1:10]))
+    with pytest.raises(ValueError, match=r"short-clip-labels.csv: 3 rows for clips-00001-of-00004.array_record \(6 records\)"):
+        next(iterator(array_records, config(balanced_labels=str(short))))

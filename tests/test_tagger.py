@@ -134,6 +134,10 @@ def test_careless_configs_are_refused_with_the_reason(splits, tmp_path):
     c = tiny_tag_config(str(tmp_path / "nowhere" / "*.tfrecord"), "")
     with pytest.raises(ConfigError, match="not a manifest.*tagger.num_classes"):
         Tagger(c, tmp_path / "b")
+    c = tiny_tag_config(splits["train"], "")
+    c.data.balanced_sampling = True   # the helper writes no clip-labels table
+    with pytest.raises(ConfigError, match="train-clip-labels.csv: missing; data.balanced_samp"):
+        Tagger(c, tmp_path / "c").make_source()
     # Synthetic clips have no labels; a tagger's config is not pretraining's.
     c = tag_config()
     c.data.source = "synthetic"

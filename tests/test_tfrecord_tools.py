@@ -100,6 +100,11 @@ def test_round_trip_folder_with_rejects(audio_dir, tmp_path):
 
     with open(tmp_path / "out" / "data-labels.csv") as f:
         assert list(csv.reader(f))[1:] == [["0", "cat"], ["1", "dog"], ["2", "owl"]]
+    # Every record's labels, in shard and record order (what balanced sampling weighs).
+    with open(tmp_path / "out" / "data-clip-labels.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["labels"]) for r in table] == [labels.tolist()[0] for _, labels in got]
+    assert [r["shard"] for r in table] == sorted(r["shard"] for r in table)
     report = inspect_lib.inspect_shards([summary["manifest"]])
     assert report["ok"] and report["records"] == len(CLIPS) and report["mel_bins"] == [80]
     assert report["label_histogram"] == {0: 3, 1: 2, 2: 2}

@@ -12,11 +12,16 @@ from mwmae.train.trainer import Trainer
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name: str):
+def load_config(name: str, *args: str):
+    """configs/NAME.py's get_config(*args) (a variant, as ``--config configs/NAME.py:ARG``)."""
+    return config_module(name).get_config(*args)
+
+
+def config_module(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return mod
 
 
 def run_steps(config, devices: list[jax.Device], steps: int = 5) -> list[float]:

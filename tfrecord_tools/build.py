@@ -18,7 +18,8 @@ interrupted build resumes where it stopped.
 
 Output, beside the shards (``PREFIX-00000-of-00012.tfrecord`` ...):
 ``PREFIX-manifest.csv`` (shard,num_records), ``PREFIX-rejects.csv`` (path,reason),
-``PREFIX-labels.csv`` (index,label) when the source names its labels, ``PREFIX-build.json``
+``PREFIX-labels.csv`` (index,label) when the source names its labels, ``PREFIX-clip-labels.csv``
+(shard,record,labels: every record's label ids, for class-balanced sampling), ``PREFIX-build.json``
 (the build's settings, checked on resume) and ``_build/`` (one small file per finished shard).
 A JSON summary goes to stdout.
 """
@@ -87,8 +88,10 @@ def _done_marker(options: BuildOptions, name: str) -> str:
     return storage.join(options.output, "_build", name + ".json")
 
 
-def _write_records(task: _ShardTask, path: str) -> tuple[int, int, list[tuple[str, str]]]:
+def _write_records(task: _ShardTask, path: str
+                   ) -> tuple[int, int, list[tuple[str, str]], list[list[int]]]:
     rejects: list[tuple[str, str]] = []
+    labels: list[list[int]] = []  # of every record written, in order
     count = size = 0
 
     def encoded():
@@ -98,6 +101,7 @@ def _write_records(task: _ShardTask, path: str) -> tuple[int, int, list[tuple[st
             except (DecodeError, ValueError, OSError) as e:
                 rejects.append((item.path, str(e) or type(e).__name__))
                 continue
+            labels.append(list(item.labels))
             yield records.encode_example(logmel, item.labels)
 
     if task.options.format == ARRAY_RECORD:
@@ -110,14 +114,14 @@ def _write_records(task: _ShardTask, path: str) -> tuple[int, int, list[tuple[st
                 count, size = count + 1, size + len(record)
         finally:
             writer.close()
-        return count, size, rejects
+        return count, size, rejects, labels
     with open(path, "wb") as f:
         writer = records.TFRecordWriter(f, compression=task.options.compression)
         for record in encoded():
             writer.write(record)
             count, size = count + 1, size + len(record)
         writer.close()
-    return count, size, rejects
+    return count, size, rejects, labels
 
 
 def write_shard(task: _ShardTask) -> dict:
@@ -129,7 +133,7 @@ def write_shard(task: _ShardTask) -> dict:
     # Local: a temporary name in the destination folder, so the rename cannot cross devices.
     tmp = os.path.join(tmp_dir, task.name) if remote else f"{final}.tmp-{os.getpid()}"
     try:
-        count, size, rejects = _write_records(task, tmp)
+        count, size, rejects, labels = _write_records(task, tmp)
         if remote:
             storage.put_file(tmp, final)  # a GCS object appears only once fully uploaded
         else:
@@ -144,6 +148,7 @@ def write_shard(task: _ShardTask) -> dict:
         "num_records": count,
         "record_bytes": size,
         "rejects": rejects,
+        "labels": labels,
         "seconds": time.perf_counter() - start,
     }
     storage.write_text(_done_marker(task.options, task.name), json.dumps(done))
@@ -275,6 +280,13 @@ def build(listing: sources.Listing, options: BuildOptions) -> dict:
     if listing.vocabulary is not None:
         storage.write_text(f"{prefix}-labels.csv",
                            _csv_text(("index", "label"), list(enumerate(listing.vocabulary))))
+    # Every record's labels without reading the shards: what class-balanced sampling weighs
+    # clips by (shards marked done by an older version lack them: no table then).
+    if any(item.labels for item in listing.items) and all("labels" in d for d in ordered):
+        storage.write_text(f"{prefix}-clip-labels.csv", _csv_text(
+            ("shard", "record", "labels"),
+            [(d["shard"], r, ";".join(map(str, ids)))
+             for d in ordered for r, ids in enumerate(d["labels"])]))
     seconds = time.perf_counter() - start
     built = [results[t.index] for t in todo]
     clips_built = sum(d["num_records"] for d in built)

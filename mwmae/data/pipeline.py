@@ -84,6 +84,9 @@ class PipelineConfig:
     # `InputIterator.errors`, skip the record (or the rest of a shard whose stream is damaged).
     on_error: str = "raise"
     tfrecord_compression: str | None = "zlib"
+    # Class-balanced sampling (training, ArrayRecord shards): the shard builder's
+    # PREFIX-clip-labels.csv; clips drawn with replacement, weighted by their labels' rarity.
+    balanced_labels: str | None = None
 
     def __post_init__(self):
         if self.global_batch_size <= 0:
@@ -122,6 +125,11 @@ def host_dataset(
     errors = errors if errors is not None else ErrorLog()
     host_shards = list(host_shards)
     workers = config.num_workers
+    if config.balanced_labels and not all(s.format == shards.ARRAY_RECORD
+                                          for _, s in host_shards):
+        raise ValueError("balanced sampling draws clips by index, which needs ArrayRecord shards "
+                         f"(random access); {host_shards[0][1].path} is not one: rebuild with "
+                         "tfrecord_tools.build --format array_record")
     if all(s.format == shards.ARRAY_RECORD for _, s in host_shards):
         ds = random_access.clip_stream(host_shards, config, process_index=process_index,
                                        errors=errors, epochs=config.epochs,

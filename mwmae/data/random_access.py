@@ -7,9 +7,16 @@ element ``i`` of the endless stream is clip ``permute_e(i mod n)`` of epoch ``e 
 iterator's state is the next ``i``: a few integers, however many clips there are.
 
 Worker processes slice the index stream (worker ``w`` of ``N`` takes ``w, w + N, ...``), so each
-epoch is still every clip exactly once. ArrayRecord shards must be written with
-``group_size:1`` (the shard builder does): one record per compressed chunk, so a random read
-decompresses only the clip it wants.
+epoch is still every clip exactly once.
+
+Class-balanced sampling (``PipelineConfig.balanced_labels``, the builder's clip-labels table):
+each epoch is ``n`` draws with replacement, clip ``j`` drawn with probability proportional to
+``sum over its labels c of 1 / count(c)`` (counts over the whole table: all hosts weigh alike),
+so every class is drawn about equally often (AudioSet's balanced sampler). Draw ``i`` of epoch
+``e`` is a pure function of ``(seed, host, e, i)``, so a resume repeats the draws exactly.
+
+ArrayRecord shards must be written with ``group_size:1`` (the shard builder does): one record
+per compressed chunk, so a random read decompresses only the clip it wants.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from mwmae.data import shards
+from mwmae.data import shards, storage
+from mwmae.data.clips import crop_key
 from mwmae.data.errors import ErrorLog
 from mwmae.data.records import RecordError
 from mwmae.data.sequential import Preparer, seed_of
@@ -31,12 +39,19 @@ class ClipIndex(grain.MapDataset):
     """Element ``i``: ``(epoch, position)`` of the ``i``-th clip to read (endless if epochs is
     None); ``position`` numbers the host's clips across its shards."""
 
-    def __init__(self, num_clips: int, config: Any, process_index: int, epochs: int | None):
+    def __init__(self, num_clips: int, config: Any, process_index: int, epochs: int | None,
+                 weights: np.ndarray | None = None):
         super().__init__()
         if num_clips <= 0:
             raise ValueError("the host's ArrayRecord shards hold no records")
         self._n, self._config, self._epochs = num_clips, config, epochs
         self._seed = seed_of(config.seed, process_index, 3)
+        self._cumulative = None
+        if weights is not None:
+            if weights.shape != (num_clips,) or not np.all(weights >= 0) or weights.sum() <= 0:
+                raise ValueError(f"sampling weights: expected {num_clips} non-negative values "
+                                 "with a positive sum")
+            self._cumulative = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
         return sys.maxsize if self._epochs is None else self._n * self._epochs
@@ -45,6 +60,10 @@ class ClipIndex(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         epoch, i = divmod(int(index), self._n)
+        if self._cumulative is not None and self._config.train:
+            u = crop_key(self._seed, epoch, i) / 2.0**64   # uniform in [0, 1)
+            j = int(np.searchsorted(self._cumulative, u, side="right"))
+            return epoch, min(j, self._n - 1)
         if self._config.train and self._n > 1:
             i = grain.experimental.index_shuffle(
                 i, max_index=self._n - 1, seed=(self._seed + epoch) % (1 << 32), rounds=4)
@@ -103,9 +122,45 @@ def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
     """Prepared clips of one host (or, once sliced, one worker) in shuffled index order."""
     counts = [s.num_records if s.num_records is not None else shards.count_records(s)
               for _, s in host_shards]
-    index = ClipIndex(sum(counts), config, process_index, epochs)
+    weights = None
+    if config.balanced_labels:
+        weights = balanced_weights(config.balanced_labels, [s for _, s in host_shards], counts)
+    index = ClipIndex(sum(counts), config, process_index, epochs, weights)
     clips = index.map(ReadClip(host_shards, counts, config, errors))
     if config.on_error == "skip":
         clips = clips.filter(lambda element: element is not None)
     return clips.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                    prefetch_buffer_size=4 * read_threads))
+
+
+def balanced_weights(table: str, host_shards: list[shards.Shard], counts: list[int]
+                     ) -> np.ndarray:
+    """Each of the host's clips' sampling weight, ``sum over its labels of 1 / count(label)``
+    with counts over the whole clip-labels ``table`` (``shard,record,labels``, written by the
+    shard builder); an error naming the table when it does not cover the host's shards."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(table))))
+    if not rows or set(rows[0]) != {"shard", "record", "labels"}:
+        raise ValueError(f"{table}: not a clip-labels table (shard,record,labels)")
+    by_shard: dict[str, dict[int, list[int]]] = {}
+    frequency: dict[int, int] = {}
+    for row in rows:
+        ids = [int(x) for x in row["labels"].split(";") if x]
+        by_shard.setdefault(row["shard"], {})[int(row["record"])] = ids
+        for c in ids:
+            frequency[c] = frequency.get(c, 0) + 1
+    weights = []
+    for shard, count in zip(host_shards, counts, strict=True):
+        name = shard.path.rsplit("/", 1)[-1]
+        table_rows = by_shard.get(name)
+        if table_rows is None or len(table_rows) != count:
+            found = "no rows" if table_rows is None else f"{len(table_rows)} rows"
+            raise ValueError(f"{table}: {found} for {name} ({count} records): the table is not "
+                             "these shards' (rebuild them, or turn balanced sampling off)")
+        weights += [sum(1.0 / frequency[c] for c in table_rows[r]) for r in range(count)]
+    w = np.asarray(weights, np.float64)
+    # A clip without labels still gets drawn, as rarely as the rarest labelled clip.
+    floor = w[w > 0].min() if np.any(w > 0) else 1.0
+    return np.where(w > 0, w, floor)

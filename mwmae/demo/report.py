@@ -3,12 +3,15 @@
     python -m mwmae.demo.report WORKDIR
 
 Reads what the earlier stages of ``scripts/demo.sh`` left in WORKDIR (``timings.tsv``,
-``corpus/``, ``shards/``, ``train/``, ``hear/{pretrained,initial}/results.json``) and writes
+``corpus/``, ``shards/``, ``train/``, ``hear/{pretrained,initial}/results.json``,
+``finetune/<mode>-<seed>/evaluations.jsonl``) and writes
 
-* ``WORKDIR/summary.md`` and ``summary.json``: per stage its time and result, and the
-  downstream score of the pretrained model against the same network before training;
+* ``WORKDIR/summary.md`` and ``summary.json``: per stage its time and result, the downstream
+  score of the pretrained model against the same network before training (HEAR's probe), and
+  the fine-tuned, initial-weights and frozen-probe taggers' test scores (mean ± std over seeds);
 * ``WORKDIR/demo.png``: input log-mel spectrograms of a few corpus clips, the masked input the
-  encoder saw (80% of the patches removed) and the reconstruction, plus the loss curve.
+  encoder saw (80% of the patches removed) and the reconstruction, the loss curve, and the
+  downstream scores.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ from mwmae import cli
 from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
 from mwmae.workdir import Workdir
 
-STAGES = ("corpus", "shards", "train", "export", "validate", "tasks", "evaluate", "report")
+STAGES = ("corpus", "shards", "train", "export", "validate", "tasks", "evaluate", "finetune",
+          "report")
+# The finetune stage's runs, as scripts/demo.sh names their workdirs (MODE-SEED).
+TAG_MODES = {"finetuned": "fine-tuned", "initial": "initial weights, fine-tuned",
+             "probe": "frozen-encoder probe"}
 
 
 def read_timings(workdir: pathlib.Path) -> dict[str, dict[str, str]]:
@@ -110,27 +117,61 @@ def downstream(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def finetuning(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """{mode: {"metric", "mean", "std", "n", "scores", "seeds"}} from the taggers' last
+    evaluations (the test split, at their final step)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode in TAG_MODES:
+        runs = []
+        for wd in sorted((workdir / "finetune").glob(f"{mode}-*")):
+            rows = Workdir(wd).read_evaluations()
+            if rows and wd.name.rsplit("-", 1)[1].isdigit():
+                runs.append((int(wd.name.rsplit("-", 1)[1]), rows[-1]))
+        if runs:
+            metric = "top1" if "top1" in runs[0][1] else "mAP"
+            scores = [r[metric] for _, r in sorted(runs)]
+            out[mode] = {"metric": metric, "mean": float(np.mean(scores)),
+                         "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+                         "n": len(scores), "scores": scores, "seeds": sorted(s for s, _ in runs),
+                         "step": int(runs[0][1]["step"])}
+    return out
+
+
 def make_figure(path: pathlib.Path, panels: np.ndarray, names: list[str], steps: np.ndarray,
-                losses: np.ndarray) -> None:
+                losses: np.ndarray, bars: dict[str, tuple[float, float]] | None = None) -> None:
+    """The reconstructions, the loss curve and, with ``bars`` ({label: (mean, std)}), the
+    downstream scores beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(panels)
-    fig, axes = plt.subplots(n + 1, 1, figsize=(10, 1.9 * n + 2.6),
-                             gridspec_kw={"height_ratios": [1] * n + [1.4]})
-    for ax, img, name in zip(axes[:n], panels, names):
+    fig = plt.figure(figsize=(10, 1.9 * n + 2.8))
+    grid = fig.add_gridspec(n + 1, 2, height_ratios=[1] * n + [1.5],
+                            width_ratios=[1.4, 1] if bars else [1, 0.001])
+    for i, (img, name) in enumerate(zip(panels, names)):
+        ax = fig.add_subplot(grid[i, :])
         ax.imshow(img, origin="upper", aspect="auto", cmap="magma", interpolation="nearest")
         ax.set_title(f"{name}: input | masked input (80% of patches removed) | reconstruction",
                      fontsize=9)
         ax.set_yticks([])
         ax.set_xticks([])
-    ax = axes[n]
+    ax = fig.add_subplot(grid[n, 0] if bars else grid[n, :])
     ax.plot(steps, losses, color="tab:blue")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (masked patches, MSE)")
     ax.grid(alpha=0.3)
+    if bars:
+        ax = fig.add_subplot(grid[n, 1])
+        labels = list(bars)
+        ax.barh(range(len(labels)), [bars[k][0] for k in labels],
+                xerr=[bars[k][1] for k in labels], color="tab:orange", alpha=0.8, capsize=3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("digits top-1 (test; mean ± std over seeds)", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -156,11 +197,15 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
     checkpoints = train_dir.steps()
     artifact = json.loads((workdir / "export" / ARTIFACT_CONFIG).read_text())
     scores = downstream(workdir)
+    tagged = finetuning(workdir)
 
     clips = [sorted((workdir / "corpus" / kind).glob("*.wav"))[0] for kind in corpus]
     panels = reconstructions(workdir, clips)
     png = workdir / "demo.png"
-    make_figure(png, panels, list(corpus), steps, losses)
+    bars = {f"HEAR probe, {m}": (r["mean"], r["std"]) for m, r in
+            ((m, scores.get(m, {}).get("mwmae_digits")) for m in ("pretrained", "initial")) if r}
+    bars.update({TAG_MODES[m]: (r["mean"], r["std"]) for m, r in tagged.items()})
+    make_figure(png, panels, list(corpus), steps, losses, bars)
 
     results = {
         "corpus": ", ".join(f"{v} {k}" for k, v in corpus.items()) + " clips",
@@ -179,6 +224,11 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
             line += f" vs {init['mean']:.3f} ± {init['std']:.3f} initial weights"
         task_lines.append(line)
     results["evaluate"] = "; ".join(task_lines) or "no results"
+    results["finetune"] = "; ".join(
+        f"{TAG_MODES[m]} {r['mean']:.3f} ± {r['std']:.3f}" for m, r in tagged.items()) + (
+        f" (digits {next(iter(tagged.values()))['metric']} on the test split after "
+        f"{next(iter(tagged.values()))['step']} steps, {next(iter(tagged.values()))['n']} "
+        "seeds)" if tagged else "no runs")
     results["report"] = f"{png} ({png.stat().st_size:,} bytes)"
 
     rows = [(stage, _fmt_seconds(timings.get(stage, {}).get("seconds", "")), results.get(
@@ -195,7 +245,8 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
         "total_seconds": total,
         "loss_first": float(losses[0]), "loss_final": float(losses[-1]),
         "final_step": int(steps[-1]), "checkpoints": checkpoints,
-        "downstream": scores, "shards": shard_info, "corpus": corpus, "png": str(png),
+        "downstream": scores, "finetune": tagged, "shards": shard_info, "corpus": corpus,
+        "png": str(png),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     text = "\n".join(table) + f"\n\ntotal: {total:.0f} s\n"

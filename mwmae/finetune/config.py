@@ -21,6 +21,9 @@ MAIN_METRIC = {"multilabel": "mAP", "multiclass": "top1"}
 def tag_config() -> ml_collections.ConfigDict:
     c = default_config()
     c.data.source = "shards"
+    # Class-balanced sampling (ArrayRecord shards): clips drawn with replacement, weighted by
+    # the rarity of their labels (PREFIX-clip-labels.csv beside the train manifest).
+    c.data.balanced_sampling = False
     c.image_every_steps = 0            # no reconstructions: there is no decoder
     c.optimizer.base_learning_rate = 1e-3   # scaled by batch_size / 256, as in pretraining
     c.optimizer.warmup_epochs = 1.0
@@ -66,6 +69,19 @@ def labels_csv(config: ml_collections.ConfigDict) -> str | None:
     return None
 
 
+def clip_labels_csv(config: ml_collections.ConfigDict) -> str:
+    """The clip-labels table beside the train manifest, for class-balanced sampling."""
+    train = config.data.train_shards
+    if not (isinstance(train, str) and train.endswith("-manifest.csv")):
+        raise ConfigError("data.balanced_sampling needs data.train_shards to be the builder's "
+                          "PREFIX-manifest.csv (its PREFIX-clip-labels.csv gives the weights)")
+    path = train[: -len("-manifest.csv")] + "-clip-labels.csv"
+    if not storage.exists(path):
+        raise ConfigError(f"{path}: missing; data.balanced_sampling weighs clips by this table, "
+                          "which tfrecord_tools.build writes for labelled sources (rebuild)")
+    return path
+
+
 def read_vocabulary(path: str) -> list[str]:
     """Label names by index from an ``index,label`` CSV; an error naming the file otherwise."""
     try:
@@ -89,6 +105,9 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
     if config.tagger.num_classes > 0:
         return config.tagger.num_classes
     path = labels_csv(config)
+    if not config.data.train_shards:
+        raise ConfigError("data.train_shards is empty: give the labelled shards (the manifest "
+                          "CSV that tfrecord_tools.build writes, local or gs://)")
     if path is None:
         raise ConfigError("tagger.num_classes=-1 (read the labels CSV) but data.train_shards is "
                           "not a manifest (PREFIX-manifest.csv): set tagger.labels_csv or "
@@ -99,6 +118,9 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 def check_tag_config(config: ml_collections.ConfigDict) -> None:
     """The schema's keys and the trainer's rules, then the tagger's own (one line, naming the
     key)."""
+    if "tagger" not in config:
+        raise ConfigError("not a tagger config (it has no tagger.* keys; a pretraining config?): "
+                          "start from configs/tag.py or mwmae.finetune.config.tag_config()")
     check_config(config, tag_config())
     t = config.tagger
     problems = []

@@ -26,6 +26,7 @@ from mwmae.finetune.config import (
     MAIN_METRIC,
     MAY_CHANGE,
     check_tag_config,
+    clip_labels_csv,
     labels_csv,
     num_classes,
     read_vocabulary,
@@ -41,7 +42,7 @@ from mwmae.train import perf, sharding
 from mwmae.train.config import ConfigError
 from mwmae.train.optim import decay_mask, learning_rate_schedule
 from mwmae.train.step import TrainState
-from mwmae.train.trainer import Trainer
+from mwmae.train.trainer import Trainer, make_source
 
 # Label slots per clip in a batch: the input pipeline's padded label ids.
 MAX_LABELS = PipelineConfig.max_labels
@@ -136,6 +137,10 @@ class Tagger(Trainer):
         return (super().global_batch(audio),
                 jax.make_array_from_process_local_data(self.label_sharding,
                                                        np.asarray(labels, np.int32)))
+
+    def make_source(self) -> Any:
+        balanced = clip_labels_csv(self.config) if self.config.data.balanced_sampling else None
+        return make_source(self.config, balanced_labels=balanced)
 
     def make_manager(self, wd: Any) -> Any:
         best = self.main_metric if self.config.tagger.keep_best and self.evaluates else None

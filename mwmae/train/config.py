@@ -164,7 +164,7 @@ def nearest_keys(key: str, known: Iterable[str], n: int = 3) -> list[str]:
 def unknown_key_message(key: str, schema: ml_collections.ConfigDict | None = None) -> str:
     near = nearest_keys(key, all_keys(default_config() if schema is None else schema))
     hint = f"; nearest valid: {', '.join(near)}" if near else ""
-    if key.split(".")[0] == "tagger":
+    if key.split(".")[0] == "tagger" and "tagger" not in (schema or {}):
         hint += ("; a fine-tuning config (tagger.*) runs with python -m mwmae.finetune, not "
                  "mwmae.train")
     return f"unknown config key {key!r}{hint}"
@@ -260,6 +260,8 @@ def check_config(config: ml_collections.ConfigDict,
                 raise ConfigError(unknown_key_message(f"{prefix}{k}", schema))
             if isinstance(ref[k], ml_collections.ConfigDict) and k != "model":
                 walk(ref[k], got[k], f"{prefix}{k}.")
+    if "tagger" in config and "tagger" not in schema:  # say that first: it explains the rest
+        raise ConfigError(unknown_key_message("tagger", schema))
     walk(schema, config, "")
     try:
         problems = _check_values(config)

@@ -63,8 +63,10 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
         raise ValueError(f"batch_size {b} is not divisible by the {jax.process_count()} hosts")
 
 
-def make_source(config: ml_collections.ConfigDict) -> Source:
-    """The source of batches ``config.data.source`` names, sized by the config."""
+def make_source(config: ml_collections.ConfigDict, balanced_labels: str | None = None
+                ) -> Source:
+    """The source of batches ``config.data.source`` names, sized by the config
+    (``balanced_labels``: class-balanced sampling by that clip-labels table)."""
     frames, n_mels = config.model.img_size
     if config.data.source == "synthetic":
         return SyntheticSource(config.batch_size, config.seed, frames, n_mels)
@@ -73,7 +75,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         return ShardSource(d.train_shards, PipelineConfig(
             global_batch_size=config.batch_size, seed=config.seed, crop_frames=frames,
             n_mels=n_mels, shuffle_buffer=d.shuffle_buffer, cycle_length=d.cycle_length,
-            num_workers=resolve_num_workers(d.num_workers), on_error=d.on_error))
+            num_workers=resolve_num_workers(d.num_workers), on_error=d.on_error,
+            balanced_labels=balanced_labels))
     raise ValueError(f"data.source {config.data.source!r}: expected 'synthetic' or 'shards'")
 
 
