@@ -15,7 +15,7 @@ clips=${DEMO_CLIPS:-1200}
 steps=${DEMO_STEPS:-2000}
 task_clips=${DEMO_TASK_CLIPS:-60}
 devices=${DEMO_DEVICES:-2}
-tag_steps=${DEMO_TAG_STEPS:-300}
+tag_steps=${DEMO_TAG_STEPS:-150}
 tag_seeds=${DEMO_TAG_SEEDS:-3}
 
 if [[ -z "${PYTHON:-}" ]]; then
@@ -90,14 +90,25 @@ evaluate_both() {
 stage evaluate evaluate_both
 
 # 8. Fine-tune the pretrained encoder on the digits task (its train split as labelled shards),
-#    against the same network from its initial weights and a frozen-encoder probe, each with
-#    DEMO_TAG_SEEDS seeds; every clip of the test split is scored at the end. Finished runs are
-#    kept; an interrupted one resumes.
+#    against the same network from its initial weights and a frozen-encoder linear probe (at 5x
+#    the learning rate: only the head learns), each with DEMO_TAG_SEEDS seeds; every clip of the
+#    test split is scored at the end. Finished runs are
+#    kept and an interrupted one resumes, unless the weights or the step count changed.
 finetune_all() {
   local task=$work/tasks/mwmae_digits split seed mode wd
   for split in train test; do
     "$PYTHON" -m tfrecord_tools.build hear "$task" --split "$split" --out "$work/digits" \
       --prefix "$split" --shard-size 100 --workers 1 --no-progress >/dev/null || return
+  done
+  # What the runs start from: the two exports' checksums and the step count.
+  local key
+  key="$(grep -ho '"params_sha256": "[0-9a-f]*"' "$work/export/config.json" \
+         "$work/initial/config.json" | tr -d '\n') steps=$tag_steps"
+  for wd in "$work"/finetune/*/; do
+    if [[ -d $wd && "$(cat "$wd/demo-key" 2>/dev/null)" != "$key" ]]; then
+      echo "fine-tuning afresh: $wd was made from other weights or steps"
+      rm -rf "$wd"
+    fi
   done
   for seed in $(seq 1 "$tag_seeds"); do
     for mode in finetuned initial probe; do
@@ -106,9 +117,11 @@ finetune_all() {
         echo "$mode seed $seed: done ($wd)"
         continue
       fi
+      mkdir -p "$wd" && echo "$key" >"$wd/demo-key"
       "$PYTHON" -m mwmae.finetune --config configs/tag.py:demo --workdir "$wd" \
         --config.init_from="$work/$([[ $mode == initial ]] && echo initial || echo export)" \
         --config.tagger.freeze_encoder="$([[ $mode == probe ]] && echo True || echo False)" \
+        --config.optimizer.base_learning_rate="$([[ $mode == probe ]] && echo 0.04 || echo 0.008)" \
         --config.seed="$seed" --config.num_train_steps="$tag_steps" \
         --config.data.train_shards="$work/digits/train-manifest.csv" \
         --config.tagger.eval_shards="$work/digits/test-manifest.csv" || return

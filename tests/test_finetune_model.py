@@ -65,3 +65,16 @@ def test_bad_head_settings_are_refused():
         HeadConfig(3, "conv")
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         HeadConfig(3, drop_path=1.0)
+
+
+def test_time_pooling_is_the_mean_of_the_hear_features_over_time():
+    x = clips()
+    model = Classifier(CONFIG, HeadConfig(3, pooling="time"))
+    params = nn.meta.unbox(model.init(jax.random.key(0), x)["params"])
+    assert params["head"]["kernel"].shape == (CONFIG.grid_size[1] * CONFIG.embed_dim, 3)
+    enc = {k: params[k] for k in encoder_keys(CONFIG)}
+    pooled = Encoder(CONFIG).apply({"params": enc}, x).mean(axis=1)  # (B, F * D)
+    want = pooled @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(model.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        HeadConfig(3, pooling="max")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mwmae.data import storage
-from mwmae.finetune.model import HEADS
+from mwmae.finetune.model import HEADS, POOLINGS
 from mwmae.finetune.step import TASKS
 from mwmae.train.config import MAY_CHANGE_ON_RESUME, ConfigError, check_config, default_config
 
@@ -35,6 +35,9 @@ def tag_config() -> ml_collections.ConfigDict:
     t.num_classes = -1
     t.labels_csv = ""
     t.head = "linear"                  # "linear" | "mlp" (one hidden layer of the encoder width)
+    # "mean": all patch tokens averaged (the class token where the model has one); "time": each
+    # frequency band's tokens averaged over time, concatenated (the HEAR scene embedding).
+    t.pooling = "mean"
     t.freeze_encoder = False           # True: a probe; only the head learns
     t.dropout = 0.0                    # on the pooled features (and the MLP's hidden layer)
     t.drop_path = 0.1                  # stochastic depth over the encoder's blocks
@@ -126,6 +129,9 @@ def check_tag_config(config: ml_collections.ConfigDict) -> None:
     problems = []
     if t.task not in TASKS:
         problems.append(f"tagger.task={t.task!r}: must be one of {', '.join(map(repr, TASKS))}")
+    if t.pooling not in POOLINGS:
+        problems.append(f"tagger.pooling={t.pooling!r}: must be one of "
+                        f"{', '.join(map(repr, POOLINGS))}")
     if t.head not in HEADS:
         problems.append(f"tagger.head={t.head!r}: must be one of {', '.join(map(repr, HEADS))}")
     if t.num_classes == 0 or t.num_classes < -1:

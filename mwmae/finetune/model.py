@@ -12,6 +12,10 @@ from mwmae.model import Encoder, ModelConfig
 from mwmae.model.blocks import _part
 
 HEADS = ("linear", "mlp")
+# "mean": the mean of all patch tokens (D features; the class token instead where the model has
+# one). "time": the mean over time of each frequency band's tokens, concatenated (F * D
+# features, index f * D + d): the clip embedding the HEAR module gives (its scene embedding).
+POOLINGS = ("mean", "time")
 # The head's parameters, top level beside the encoder's (which keep the artifact layout).
 HEAD_KEYS = ("head", "head_hidden")
 
@@ -21,20 +25,23 @@ class HeadConfig:
     num_classes: int
     kind: str = "linear"         # "linear" | "mlp" (one hidden layer of the encoder's width)
     dropout: float = 0.0         # on the pooled features (and the MLP's hidden layer)
-    drop_path: float = 0.0       # stochastic depth of the encoder's last block
+    drop_path: float = 0.0       # stochastic depth over the encoder's blocks
     freeze_encoder: bool = False  # a probe: no gradient reaches the encoder
+    pooling: str = "mean"        # see POOLINGS
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.kind not in HEADS:
             raise ValueError(f"head {self.kind!r}: expected one of {HEADS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r}: expected one of {POOLINGS}")
         if not 0 <= self.dropout < 1 or not 0 <= self.drop_path < 1:
             raise ValueError("dropout and drop_path must lie in [0, 1)")
 
 
 class Classifier(nn.Module):
-    """Encoder -> mean of the patch tokens (the class token where the model has one) -> head.
+    """Encoder -> pooled tokens (:data:`POOLINGS`) -> head.
 
     Logits are float32 (clips, classes). With ``train=True`` dropout and stochastic depth apply
     and need a "dropout" rng.
@@ -64,7 +71,12 @@ class Classifier(nn.Module):
         c, h = self.config, self.head_config
         deterministic = not train or h.freeze_encoder
         tokens = self.backbone.encode(self.backbone.embed(imgs), deterministic=deterministic)
-        pooled = tokens[:, 0] if c.use_cls_token else tokens.mean(axis=1)
+        if h.pooling == "time":
+            t, f = c.grid_size  # patch tokens are time-major: token t * F + f
+            patches = tokens[:, c.num_extra_tokens:].reshape(tokens.shape[0], t, f, c.embed_dim)
+            pooled = patches.mean(axis=1).reshape(tokens.shape[0], f * c.embed_dim)
+        else:
+            pooled = tokens[:, 0] if c.use_cls_token else tokens.mean(axis=1)
         if h.freeze_encoder:
             pooled = jax.lax.stop_gradient(pooled)
         x = self.dropout(pooled, deterministic=not train)

@@ -63,7 +63,7 @@ class Tagger(Trainer):
         self.task = t.task
         self.main_metric = MAIN_METRIC[t.task]
         self.head_config = HeadConfig(self.num_classes, t.head, t.dropout, t.drop_path,
-                                      t.freeze_encoder)
+                                      t.freeze_encoder, t.pooling)
         self._eval_split: EvalSplit | None = None
         super().__init__(config, workdir, devices)
         self.model = self._classifier()
@@ -81,21 +81,24 @@ class Tagger(Trainer):
     def check(cls, config: ml_collections.ConfigDict) -> None:
         check_tag_config(config)
 
-    def _classifier(self) -> Classifier:
-        return Classifier(self.model_config, self.head_config)
+    def _classifier(self, *, for_init: bool = False) -> Classifier:
+        # Initialised with the XLA attention, as pretraining's: parameters do not depend on it.
+        config = (dataclasses.replace(self.model_config, attention_impl="xla") if for_init
+                  else self.model_config)
+        return Classifier(config, self.head_config)
 
-    def _param_shapes(self) -> Any:
+    def _init_params(self, rng: jax.Array) -> Any:
+        """Fresh parameters, boxed with their logical axes."""
         x = jnp.zeros((1, *self.model_config.input_shape), jnp.float32)
-        model = Classifier(dataclasses.replace(self.model_config, attention_impl="xla"),
-                           self.head_config)
-        return jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), x)["params"]))
+        return self._classifier(for_init=True).init(rng, x)["params"]
 
     def make_optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
         c, o, t = self.config, self.config.optimizer, self.config.tagger
         schedule = learning_rate_schedule(o.base_learning_rate, c.batch_size,
                                           int(o.warmup_epochs * self.steps_per_epoch),
                                           self.total_steps)
-        tx = tagger_optimizer(self._param_shapes(), self.model_config, schedule,
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(self._init_params(jax.random.key(0))))
+        tx = tagger_optimizer(shapes, self.model_config, schedule,
                               weight_decay=o.weight_decay, layer_decay=t.layer_decay,
                               freeze_encoder=t.freeze_encoder, b1=o.b1, b2=o.b2, eps=o.eps,
                               grad_clip_norm=o.grad_clip_norm,
@@ -103,11 +106,7 @@ class Tagger(Trainer):
         return tx, schedule
 
     def init_state(self, rng: jax.Array, *, boxed: bool = False) -> TrainState:
-        # Traced with the XLA attention, as pretraining's: parameters do not depend on it.
-        model = Classifier(dataclasses.replace(self.model_config, attention_impl="xla"),
-                           self.head_config)
-        x = jnp.zeros((1, *self.model_config.input_shape), jnp.float32)
-        params = model.init(rng, x)["params"]
+        params = self._init_params(rng)
         # Boxed parameters give the optimizer's moments their logical axes too.
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=self.tx.init(params),
@@ -188,8 +187,9 @@ class Tagger(Trainer):
         if not self.evaluates:
             return []
         split = self.eval_split()  # read once now: a bad split fails before training
+        every = self.config.tagger.eval_every_steps
         run.print_fn(f"evaluation: {split.total_clips} clips of {self.config.tagger.eval_shards}"
-                     f" every {self.config.tagger.eval_every_steps or 'last'} step(s)")
+                     + (f" every {every} steps and" if every else "") + " at the last step")
         return [("evaluate", self._evaluation_hook(run), self.config.tagger.eval_every_steps,
                  True)]
 
