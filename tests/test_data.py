@@ -402,5 +402,6 @@ def test_balanced_sampling_refuses_sequential_shards_and_a_foreign_table(array_r
     short = tmp_path / "short-clip-labels.csv"
     short.write_text("shard,record,labels\n" + "".join(
         open(table).read().splitlines(keepends=True)[1:10]))
-    with pytest.raises(ValueError, match=r"short-clip-labels.csv: 3 rows for clips-00001-of-00004.array_record \(6 records\)"):
+    with pytest.raises(ValueError, match=r"short-clip-labels.csv: 3 rows for "
+                                         r"clips-00001-of-00004.array_record \(6 records\)"):
         next(iterator(array_records, config(balanced_labels=str(short))))

@@ -64,6 +64,7 @@ def test_a_tagger_learns_evaluates_and_keeps_the_best_beside_the_latest(splits, 
     assert mwmae.load(tmp_path / "wd").config == art.config   # a tagger workdir loads too
 
 
+@pytest.mark.slow  # two trainings
 def test_a_multilabel_probe_never_moves_the_encoder(splits, tmp_path):
     # First a short fine-tuning run whose workdir is the probe's init_from.
     c = fast(tiny_tag_config(splits["multi_train"], splits["multi_eval"], task="multilabel",
