@@ -28,7 +28,11 @@ def main() -> None:
 
     labels, scores = fixed_split(seed=3)
     rows = split_rows(labels.shape[0], hosts, host)
-    ids, got_labels, got_scores = gather_rows(rows, labels[rows], scores[rows])
+    # Ids past 2**32 (as the evaluation's shard << 32 | record) and float64 scores that float32
+    # cannot hold: the gather must carry both bit for bit.
+    ids, got_labels, got_scores = gather_rows(rows.astype(np.int64) << 32, labels[rows],
+                                              scores[rows] + 1e-9 * np.pi)
+    ids = ids >> 32
     result = {k: float(v).hex() for k, v in metrics.multilabel(got_labels, got_scores).items()}
     result["rows"] = int(rows.size)
     result["ids"] = ids.tolist()

@@ -32,7 +32,8 @@ def write_id_shards(folder: pathlib.Path, clips: int, per_shard: int) -> str:
 
 
 def launch(workdir: pathlib.Path, overrides: list[str], num_processes: int = 2,
-           devices_per_process: int = 4, log_dir: pathlib.Path | None = None
+           devices_per_process: int = 4, log_dir: pathlib.Path | None = None,
+           module: str = "mwmae.train", config: str = "configs/tiny.py"
            ) -> list[subprocess.Popen]:
     port = portpicker.pick_unused_port()
     env = {**os.environ,
@@ -41,7 +42,7 @@ def launch(workdir: pathlib.Path, overrides: list[str], num_processes: int = 2,
     procs = []
     log_dir = log_dir or workdir.parent
     for i in range(num_processes):
-        cmd = [sys.executable, "-m", "mwmae.train", "--config", str(REPO / "configs/tiny.py"),
+        cmd = [sys.executable, "-m", module, "--config", f"{REPO}/{config}",
                "--workdir", str(workdir), f"--coordinator_address=127.0.0.1:{port}",
                f"--num_processes={num_processes}", f"--process_id={i}", *overrides]
         log = open(log_dir / f"{workdir.name}-host{i}.log", "ab")  # noqa: SIM115

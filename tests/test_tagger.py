@@ -280,3 +280,33 @@ def test_fine_tuning_from_an_artifact_resumes_identically_after_kill_9(splits, t
     _, final_a, _ = Workdir(tmp_path / "a").read_params()
     for k, v in flat(final_a).items():
         np.testing.assert_array_equal(tuned[k], v, err_msg=k)
+
+
+@pytest.mark.slow  # three tagger processes
+def test_two_hosts_evaluate_the_whole_split_to_the_same_bits_as_one(splits, tmp_path):
+    """Uneven shards (8, 8 and 2 clips: 10 on host 0, 8 on host 1); lr 0 keeps the weights at
+    their (seeded) start, so both runs evaluate the same network."""
+    from multihost_helpers import launch, wait_all
+
+    from mwmae.artifact import save_artifact
+    from mwmae.model import init_params
+    from mwmae.train.config import TINY_MODEL
+
+    config = mwmae.ModelConfig(**{**TINY_MODEL, "img_size": (FRAMES, 80)})
+    art = tmp_path / "pretrained"
+    save_artifact(str(art), config, jax.device_get(init_params(config, jax.random.key(5))),
+                  source="test", encoder_only=True)
+    args = [a for a in _finetune_cmd("unused", art, splits, 4)[7:]  # after --workdir DIR
+            if not a.startswith(("--config.trace_batches", "--config.tagger.eval_every"))]
+    args += ["--config.optimizer.base_learning_rate=0.0", "--config.tagger.eval_every_steps=2"]
+    rows = {}
+    for hosts in (1, 2):
+        wd = tmp_path / f"hosts{hosts}"
+        assert wait_all(launch(wd, args, num_processes=hosts, devices_per_process=2,
+                               module="mwmae.finetune", config="configs/tag.py:demo"),
+                        timeout=600) == [0] * hosts, (tmp_path / f"{wd.name}-host0.log"
+                                                      ).read_text()[-3000:]
+        rows[hosts] = [{k: v for k, v in r.items() if k != "eval_seconds"}
+                       for r in Workdir(wd).read_evaluations()]
+    assert [r["step"] for r in rows[1]] == [2, 4] and all(r["clips"] == 18 for r in rows[1])
+    assert rows[1] == rows[2]

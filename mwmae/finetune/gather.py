@@ -25,8 +25,7 @@ def gather_rows(ids: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         most = int(np.max(counts))
         pad = lambda a: np.concatenate(  # noqa: E731
             [a, np.zeros((most - a.shape[0], *a.shape[1:]), a.dtype)])
-        gathered = [np.asarray(multihost_utils.process_allgather(pad(a)))
-                    for a in (ids, *arrays)]
+        gathered = [_allgather_exact(multihost_utils, pad(a)) for a in (ids, *arrays)]
         keep = np.concatenate([np.arange(int(n)) + h * most
                                for h, n in enumerate(np.ravel(counts))])
         ids, *arrays = (g.reshape(-1, *g.shape[2:])[keep] for g in gathered)
@@ -34,3 +33,15 @@ def gather_rows(ids: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     if ids.size > 1 and np.any(ids[order][1:] == ids[order][:-1]):
         raise ValueError("clip ids repeat across hosts: each clip must be evaluated once")
     return (ids[order], *(a[order] for a in arrays))
+
+
+def _allgather_exact(multihost_utils, a: np.ndarray) -> np.ndarray:
+    """(hosts, *a.shape) of every host's ``a``, bit for bit. JAX without x64 would turn int64
+    ids and float64 scores into 32-bit values (colliding ids, rounded scores), so 8-byte
+    values travel as pairs of uint32 and are put back together."""
+    if a.dtype.itemsize != 8:
+        return np.asarray(multihost_utils.process_allgather(a))
+    halves = np.ascontiguousarray(a).reshape(*a.shape, 1).view(np.uint32)
+    got = np.ascontiguousarray(np.asarray(multihost_utils.process_allgather(halves)),
+                               dtype=np.uint32)
+    return got.view(a.dtype)[..., 0]
