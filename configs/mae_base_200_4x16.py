@@ -10,8 +10,9 @@ Expected: 100 epochs of 1984 steps; the paper's MAE-B-4x16 baseline, which MW-MA
 HEAR tasks.
 """
 
-from mwmae.train.config import paper_base_config
+from mwmae.train.family import pretrain_config
 
 
 def get_config():
-    return paper_base_config("mae")
+    # The family's mae-B-4x16 (configs/pretrain.py:mae-B-4x16 is the same config).
+    return pretrain_config("mae-B-4x16")

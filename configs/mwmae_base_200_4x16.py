@@ -16,8 +16,9 @@ the 10 warmup epochs and flattens; the resulting encoder scores in line with the
 results (the figures of the paper's Table 1 for MW-MAE-B-4x16).
 """
 
-from mwmae.train.config import paper_base_config
+from mwmae.train.family import pretrain_config
 
 
 def get_config():
-    return paper_base_config("mwmae")
+    # The family's mwmae-B-4x16 (configs/pretrain.py:mwmae-B-4x16 is the same config).
+    return pretrain_config("mwmae-B-4x16")

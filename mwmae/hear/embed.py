@@ -2,20 +2,25 @@
 
 Per clip: the log-mel of :mod:`mwmae.audio` (numpy, float64 transform), normalised over the
 whole clip with the UNBIASED std + 1e-8 (:func:`mwmae.audio.normalize_for_hear`), then cut into
-200-frame (2 s) chunks that go through the encoder; each chunk yields 50 embedding frames of
-40 ms, concatenated over the clip.
+200-frame (2 s) chunks that go through the encoder; with a temporal patch of ``p`` STFT frames
+(the model's ``patch_size[0]``: 4 for the paper's 4x16) each chunk yields ``200 / p`` embedding
+frames of ``10 p`` ms (40 ms for p = 4), concatenated over the clip.
 
 Padding. The original pads ``200 - T % 200`` frames by reflection at the end (a whole extra
-chunk when T is a multiple of 200) and drops the last ``floor(pad / 4)`` embedding frames.
+chunk when T is a multiple of 200) and drops the last ``floor(pad / p)`` embedding frames.
 Chunks are independent and the padding comes after normalisation, so an all-padding chunk only
 produces frames that are dropped; this implementation pads ``-T % 200`` frames instead, which
-gives the same embeddings (``ceil(T / 4)`` frames) without computing a discarded chunk. The
-tests compare it with a literal transcription of the original's rule, multiples of 200 included.
+gives the same embeddings (``ceil(T / p)`` frames) without computing a discarded chunk. The
+tests compare it with a literal transcription of the original's rule, multiples of 200 included,
+for p = 2, 4 and 8.
 
-Timestamps. Embedding frame ``i`` covers STFT frames ``4i .. 4i+3``, whose (centred) windows are
-centred at ``40i, 40i+10, 40i+20, 40i+30`` ms, so the frame is centred at ``40i + 15`` ms: the
-timestamp reported here. The original module reported ``i * duration / n_frames`` (starting at
-0, a step of duration/n_frames, e.g. 39.68 ms for 2.5 s) - frame starts on a slightly wrong grid.
+Timestamps. Embedding frame ``i`` covers STFT frames ``p i .. p i + p - 1``, whose (centred)
+windows are centred at ``10 p i, 10 p i + 10, ...`` ms, so the frame is centred at
+``10 p i + 5 (p - 1)`` ms (``40 i + 15`` for p = 4): the timestamp reported here. The original
+module reported ``i * duration / n_frames`` (starting at 0, a step of duration/n_frames, e.g.
+39.68 ms for 2.5 s) - frame starts on a slightly wrong grid. The last frame of a clip may hold
+padding (up to ``p - 1`` STFT frames), so its centre can lie up to ``5 (p - 1)`` ms past the
+clip's last STFT frame.
 
 Compilation. Chunks from all clips of a call are flattened and run through the encoder in
 batches of at most ``max_batch``; the last batch is zero-padded up to the next power of two. The
@@ -35,20 +40,26 @@ import numpy as np
 
 from mwmae import audio
 
-FRAME_MS = 40.0          # hop of one embedding frame: 4 STFT frames of 10 ms
-FRAME_CENTRE_MS = 15.0   # centre of frame 0 (see the module docstring)
+STFT_HOP_MS = 1000.0 * audio.HOP_LENGTH / audio.SAMPLE_RATE   # 10 ms
 MIN_SAMPLES = audio.N_FFT // 2 + 1
 
 
-def num_embedding_frames(num_samples: int) -> int:
-    """Embedding frames for a clip of ``num_samples`` samples: ceil(STFT frames / 4)."""
-    return -(-audio.num_frames(num_samples) // 4)
+def frame_hop_ms(patch_frames: int = 4) -> float:
+    """Hop of one embedding frame: ``patch_frames`` STFT frames (40 ms for the 4x16 patch)."""
+    return patch_frames * STFT_HOP_MS
 
 
-def timestamps_ms(num_samples: int) -> np.ndarray:
-    """Centres of the embedding frames in ms, float32."""
-    n = num_embedding_frames(num_samples)
-    return (np.arange(n, dtype=np.float64) * FRAME_MS + FRAME_CENTRE_MS).astype(np.float32)
+def num_embedding_frames(num_samples: int, patch_frames: int = 4) -> int:
+    """Embedding frames for a clip of ``num_samples`` samples: ceil(STFT frames / p)."""
+    return -(-audio.num_frames(num_samples) // patch_frames)
+
+
+def timestamps_ms(num_samples: int, patch_frames: int = 4) -> np.ndarray:
+    """Centres of the embedding frames in ms, float32: ``10 p i + 5 (p - 1)``."""
+    n = num_embedding_frames(num_samples, patch_frames)
+    centre = (patch_frames - 1) * STFT_HOP_MS / 2
+    return (np.arange(n, dtype=np.float64) * frame_hop_ms(patch_frames) + centre
+            ).astype(np.float32)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -127,6 +138,7 @@ class Embedder:
         self._params = jax.device_put(self.model.params, self.device)
         self.chunk_frames, self.n_mels, _ = self.model.config.input_shape
         self.frames_per_chunk = self.model.config.grid_size[0]
+        self.patch_frames = self.model.config.patch_size[0]   # STFT frames per embedding frame
         self.embedding_size = int(self.model.config.feature_dim)
 
     # Normalised log-mel -> frames ----------------------------------------------------------
@@ -153,7 +165,7 @@ class Embedder:
             yield pending[0], np.asarray(pending[2])[:pending[1]]
 
     def embed_normalised(self, features: np.ndarray) -> np.ndarray:
-        """(B, T, 80) normalised log-mel -> (B, ceil(T / 4), D) float32 frame embeddings."""
+        """(B, T, 80) normalised log-mel -> (B, ceil(T / p), D) float32 frame embeddings."""
         features = np.asarray(features, np.float32)
         if features.ndim == 4 and features.shape[-1] == 1:
             features = features[..., 0]
@@ -168,13 +180,13 @@ class Embedder:
                                                              self.n_mels)):
             out[start:start + len(emb)] = emb
         out = out.reshape(b, n_chunks * self.frames_per_chunk, self.embedding_size)
-        return out[:, :-(-t // 4)]
+        return out[:, :-(-t // self.patch_frames)]
 
     def scene_normalised(self, features: np.ndarray) -> np.ndarray:
         """(B, T, 80) -> (B, D): mean of the frame embeddings, without holding them all."""
         features = np.asarray(features, np.float32)
         b, t = features.shape[:2]
-        n_frames = -(-t // 4)
+        n_frames = -(-t // self.patch_frames)  # the clip's frames: padding-only ones left out
         chunks = chunk_features(features, self.chunk_frames)
         n_chunks = chunks.shape[1]
         sums = np.zeros((b, self.embedding_size), np.float64)
@@ -197,7 +209,7 @@ class Embedder:
         """(B, samples) -> ((B, n, D) embeddings, (B, n) timestamps in ms at frame centres)."""
         x = check_audio(audio_batch, sample_rate=sample_rate)
         emb = self.embed_normalised(self.normalised_logmel(x))
-        ts = np.broadcast_to(timestamps_ms(x.shape[1]), emb.shape[:2]).copy()
+        ts = np.broadcast_to(timestamps_ms(x.shape[1], self.patch_frames), emb.shape[:2]).copy()
         return emb, ts
 
     def scene_embeddings(self, audio_batch: Any, *, sample_rate: int | None = None

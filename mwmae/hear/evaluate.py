@@ -1,7 +1,8 @@
 """Evaluate an artifact on HEAR tasks with hear-eval-kit, over several predictor seeds.
 
     python -m mwmae.hear.evaluate --artifact DIR --tasks-dir TASKS --out OUT \
-        [--seeds 3] [--grid faster] [--grid-points 8] [--tasks a,b] [--model-options JSON]
+        [--seeds 10] [--grid faster] [--grid-points 8] [--tasks a,b | --preset hear2021]
+        [--model-options JSON]
 
 1. Embeddings: hear-eval-kit's embedding step (``heareval.embeddings.task_embeddings``) with the
    HEAR module ``--module`` (default ``mwmae.hear``) and the artifact as ``model_file_path``,
@@ -12,7 +13,9 @@
    ``OUT/predictions/seed_S/TASK`` (links to the embeddings, so seeds never share outputs).
    The predictor seeds everything with a constant; here seed S replaces that constant.
 3. ``OUT/results.json`` and ``OUT/results.md``: the primary test score of each task per seed,
-   and mean +- std (sample std over seeds) per task.
+   and per task the mean, the sample std and the half-width of the 95% Student-t interval of
+   the mean, ``t(0.975, n - 1) * std / sqrt(n)`` (the paper reports the mean over 10 seeds with
+   this interval; ``--seeds 10`` is the default, fewer seeds are for smoke runs).
 
 Steps whose outputs are complete are skipped on a rerun (resume after preemption), as long as
 they were made from the same weights and task: ``OUT/fingerprint.json`` records the artifact's
@@ -264,23 +267,54 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
     return score
 
 
+# HEAR 2021's tasks as the paper's table names them, by their HEAR task folder names.
+PRESETS: dict[str, dict[str, str]] = {"hear2021": {
+    "beijing_opera-v1.0-hear2021-full": "Beijing Opera",
+    "tfds_crema_d-1.0.0-full": "CREMA-D",
+    "esc50-v2.0.0-full": "ESC-50",
+    "libricount-v1.0.0-hear2021-full": "LibriCount",
+    "mridangam_stroke-v1.5-full": "Mridangam Stroke",
+    "mridangam_tonic-v1.5-full": "Mridangam Tonic",
+    "nsynth_pitch-v2.2.3-5h": "NSynth Pitch 5h",
+    "speech_commands-v0.0.2-5h": "Speech Commands 5h",
+    "fsd50k-v1.0-full": "FSD50K",
+    "vox_lingua_top10-hear2021-full": "VoxLingua107 top 10",
+}}
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> float:
+    """Half-width of the Student-t confidence interval of the mean of ``values``:
+    ``t((1 + confidence) / 2, n - 1) * s / sqrt(n)`` with the sample std ``s``; NaN for n < 2."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    from scipy import stats
+
+    return float(stats.t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(values)
+                 / n ** 0.5)
+
+
 def summarise(scores: dict[str, list[float]], metrics: dict[str, str]) -> dict[str, Any]:
     out = {}
     for task, values in scores.items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         out[task] = {"metric": metrics[task], "scores": values,
-                     "mean": statistics.fmean(values), "std": std, "n": len(values)}
+                     "mean": statistics.fmean(values), "std": std, "ci95": t_interval(values),
+                     "n": len(values)}
     return out
 
 
 def markdown_table(summary: dict[str, Any], title: str) -> str:
-    lines = [f"### {title}", "", "| task | metric | mean ± std | seeds |", "|---|---|---|---|"]
+    lines = [f"### {title}", "", "| task | metric | mean ± 95% CI | std | seeds |",
+             "|---|---|---|---|---|"]
     for task, s in summary.items():
-        lines.append(f"| {task} | {s['metric']} | {s['mean']:.4f} ± {s['std']:.4f} | {s['n']} |")
+        ci = "n/a" if s["ci95"] != s["ci95"] else f"{s['ci95']:.4f}"  # NaN: one seed
+        lines.append(f"| {task} | {s['metric']} | {s['mean']:.4f} ± {ci} | {s['std']:.4f} | "
+                     f"{s['n']} |")
     return "\n".join(lines) + "\n"
 
 
-def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 3, grid: str = "default",
+def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: str = "default",
              grid_points: int = 8, task_names: Sequence[str] | None = None,
              module: str = "mwmae.hear", model_options: dict[str, Any] | None = None,
              log=print) -> dict[str, Any]:
@@ -338,10 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of HEAR task folders")
     p.add_argument("--out", required=True, help="output folder (embeddings, predictions, "
                    "results.json, results.md)")
-    p.add_argument("--seeds", type=int, default=3, help="predictor seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=10,
+                   help="predictor seeds 0..N-1 (10 as the paper; fewer for smoke runs)")
     p.add_argument("--grid", choices=GRIDS, default="default", help="hear-eval-kit grid")
     p.add_argument("--grid-points", dest="grid_points", type=int, default=8)
     p.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the tasks of a benchmark by their HEAR folder names (hear2021: the "
+                        "paper's ten); those missing from --tasks-dir are an error")
     p.add_argument("--module", default="mwmae.hear", help="HEAR module to import")
     p.add_argument("--model-options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
@@ -355,10 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: --model-options {a.model_options!r}: {e}", file=sys.stderr)
         return 2
+    names = [t for t in a.tasks.split(",") if t]
+    if a.preset and names:
+        print("error: --preset and --tasks both name tasks; give one", file=sys.stderr)
+        return 2
+    if a.preset:
+        names = list(PRESETS[a.preset])
     try:
         evaluate(a.artifact, a.tasks_dir, a.out, seeds=a.seeds, grid=a.grid,
-                 grid_points=a.grid_points,
-                 task_names=[t for t in a.tasks.split(",") if t] or None,
+                 grid_points=a.grid_points, task_names=names or None,
                  module=a.module, model_options=options)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@
 
 ``audio`` is a (n_sounds, n_samples) float tensor of 16 kHz mono in [-1, 1], on any device; the
 outputs come back on the input's device. See :mod:`mwmae.hear.embed` for the chunking, the
-padding rule and the timestamps (frame centres, 40 ms apart, the first at 15 ms).
+padding rule and the timestamps (frame centres, 10 p ms apart for a temporal patch of p STFT
+frames: 40 ms apart from 15 ms for the paper's 4x16).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _check_model(model: Any) -> EmbeddingModel:
 def get_timestamp_embeddings(audio: torch.Tensor, model: EmbeddingModel
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_sounds, n_samples) -> embeddings (n_sounds, n_frames, D) float32 and timestamps
-    (n_sounds, n_frames) in ms at the centre of each 40 ms frame."""
+    (n_sounds, n_frames) in ms at the centre of each frame (40 ms frames for 4x16 patches)."""
     x, device = _to_numpy(audio)
     emb, ts = _check_model(model).embedder.timestamp_embeddings(x)
     return torch.from_numpy(emb).to(device), torch.from_numpy(ts).to(device)
