@@ -55,14 +55,16 @@ def tiny() -> Model:
 
 def original_rule(features: np.ndarray, model: Model) -> np.ndarray:
     """The original HEAR module's chunking, transcribed literally: pad 200 - T % 200 frames by
-    reflection (a whole chunk when T % 200 == 0), run every chunk, drop floor(pad / 4) frames."""
+    reflection (a whole chunk when T % 200 == 0), run every chunk, drop floor(pad / 4) frames
+    (the original's 4 is the temporal patch p: floor(pad / p) for other patches)."""
+    p = model.config.patch_size[0]
     b, t, m = features.shape
     pad = 200 - t % 200
     padded = np.pad(features, ((0, 0), (0, pad), (0, 0)), mode="reflect")
     chunks = padded.reshape(b, -1, 200, m)
     out = np.concatenate([np.asarray(model.features(chunks[:, i, :, :, None]))
                           for i in range(chunks.shape[1])], axis=1)
-    return out[:, :out.shape[1] - pad // 4]
+    return out[:, :out.shape[1] - pad // p]
 
 
 # ---- parity with the recorded original -------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from test_hear import original_rule
 
 import mwmae
 from mwmae import audio
@@ -31,19 +32,6 @@ def tiny(p: int) -> Model:
 @pytest.fixture(scope="module", params=PATCHES)
 def model(request) -> Model:
     return tiny(request.param)
-
-
-def original_rule(features: np.ndarray, model: Model) -> np.ndarray:
-    """The original HEAR module's chunking with its 4 replaced by the patch's p: pad
-    200 - T % 200 frames by reflection, run every chunk, drop floor(pad / p) frames."""
-    p = model.config.patch_size[0]
-    b, t, m = features.shape
-    pad = 200 - t % 200
-    padded = np.pad(features, ((0, 0), (0, pad), (0, 0)), mode="reflect")
-    chunks = padded.reshape(b, -1, 200, m)
-    out = np.concatenate([np.asarray(model.features(chunks[:, i, :, :, None]))
-                          for i in range(chunks.shape[1])], axis=1)
-    return out[:, :out.shape[1] - pad // p]
 
 
 def test_frames_follow_the_patch_and_equal_the_originals_rule(model):
