@@ -87,6 +87,7 @@ class _ShardIterator(grain.DatasetIterator):
         self._yielded = 0
         self._done = False
         self._reader = None
+        self._ahead: bytes | None = None  # the record at self._next, already read
 
     def _fail(self, index: int, error: Exception, records: int = 1) -> None:
         if self._config.on_error == "raise":
@@ -105,27 +106,38 @@ class _ShardIterator(grain.DatasetIterator):
                             f"{listed}")
         self._fail(self._next, error, records=max(0, listed - self._next))
 
+    def _read(self) -> bytes | None:
+        """The record at ``self._next``, or None when the shard has ended (cleanly or not)."""
+        if self._reader is None:
+            self._reader = shards.iter_records(
+                self._shard, start=self._next, compression=self._config.tfrecord_compression
+            )
+        index = self._next
+        try:
+            return next(self._reader)
+        except StopIteration:
+            self._done = True
+            self._check_count()
+        except (RecordError, OSError) as e:
+            # The stream itself is damaged or gone: nothing after this point is readable.
+            self._done = True
+            self._close_reader()
+            listed = self._shard.num_records
+            self._fail(index, e, records=max(1, listed - index) if listed else 1)
+        return None
+
     def __next__(self) -> dict[str, np.ndarray]:
         while not self._done:
-            if self._reader is None:
-                self._reader = shards.iter_records(
-                    self._shard, start=self._next, compression=self._config.tfrecord_compression
-                )
+            raw = self._ahead if self._ahead is not None else self._read()
+            self._ahead = None
+            if raw is None:
+                break
             index = self._next
-            try:
-                raw = next(self._reader)
-            except StopIteration:
-                self._done = True
-                self._check_count()
-                break
-            except (RecordError, OSError) as e:
-                # The stream itself is damaged or gone: nothing after this point is readable.
-                self._done = True
-                self._close_reader()
-                listed = self._shard.num_records
-                self._fail(index, e, records=max(1, listed - index) if listed else 1)
-                break
             self._next += 1
+            # Read one record ahead: a shard's end (a short count, a damaged tail) is then
+            # logged before its last clip leaves, so the state that comes with the pipeline's
+            # last element already counts it.
+            self._ahead = self._read()
             try:
                 element = self._prepare(raw, self._epoch, self._key, index)
             except (RecordError, ValueError) as e:
@@ -149,6 +161,7 @@ class _ShardIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         self._close_reader()
+        self._ahead = None
         self._next = int(state["record"])
         self._done = bool(state["done"])
         self._yielded = int(self._next > 0)
