@@ -7,8 +7,9 @@
 # and the NVIDIA Container Toolkit. EXTRAS adds more extras of the package (comma-separated).
 # The package is installed by scripts/install.sh, the same script CI runs (.ci/run ->
 # scripts/test.sh -> scripts/install.sh), so the image and the tests install the same pins.
-# Entry point: the training CLI (python -m mwmae.train --config ... --workdir ...); other tools
-# with --entrypoint python (-m mwmae.export, -m mwmae.hear.evaluate, -m pytest).
+# Entry point: python -m mwmae.job, the training CLI (IMAGE --config ... --workdir ...), or with
+# a command first another tool (IMAGE export|evaluate|finetune|sweep ...: jobs whose launcher
+# passes only arguments); or --entrypoint python (-m mwmae.export, -m pytest, ...).
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -52,5 +53,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     MWMAE_TARGET=${TARGET}
 USER 1000:1000
 WORKDIR /src
-ENTRYPOINT ["python", "-m", "mwmae.train"]
+ENTRYPOINT ["python", "-m", "mwmae.job"]
 CMD ["--helpshort"]

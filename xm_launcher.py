@@ -1,7 +1,10 @@
 """XManager launcher for mwmae pretraining: local docker runs and Vertex AI jobs, with sweeps.
 
 Every job runs the project's Docker image (built by ``cloudbuild.yaml`` or ``docker build``),
-whose entry point is ``python -m mwmae.train``; this script only adds the trainer's flags.
+whose entry point (``python -m mwmae.job``) is the trainer; this script only adds its flags.
+With ``--hear_tasks`` each job instead runs the whole point, ``mwmae.job sweep point``: pretrain,
+export the encoder, evaluate it on the HEAR tasks (``WORKDIR/<point>/hear/results.json``); then
+``python -m mwmae.sweep collect WORKDIR`` makes the sweep's one table (sweep.md, sweep.json).
 
   pip install -e ".[launch]"      # xmanager
 
@@ -16,6 +19,11 @@ whose entry point is ``python -m mwmae.train``; this script only adds the traine
       --sweep_decoder_windows=2,5,10,25,50,125,0,0 --sweep_decoder_windows=5,25,0,0,0,0,0,0 \\
       --sweep_mask_ratio=0.7,0.8
 
+  # the same, each point also exported and evaluated on HEAR tasks (the cuda and cpu images
+  # carry hear-eval-kit; a tpu image needs EXTRAS=hear), then the table:
+  python xm_launcher.py ... --hear_tasks=gs://BUCKET/hear/tasks --hear_args="--seeds 10"
+  python -m mwmae.sweep collect gs://BUCKET/sweeps/dw     (or a local copy of it)
+
 Each point of the sweep (the product of the swept values) is one work unit with its own workdir,
 ``WORKDIR/<point>``, so that runs never share checkpoints and a rerun resumes each of them.
 Vertex AI offers TPU v2/v3 (tpu_v2 / tpu_v3 with 8 cores); for TPU v4 and later slices use
@@ -28,10 +36,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import re
 import sys
 
 from absl import app, flags
+
+from mwmae.sweep import format_value, point_name
 
 EXECUTORS = ("local", "vertex")
 GPUS = ("t4", "v100", "p100", "a100", "a100_80gib", "h100", "l4")
@@ -57,6 +66,10 @@ _SWEEP_MASK = flags.DEFINE_list("sweep_mask_ratio", [], "Mask ratios to sweep ov
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "KEY=VALUE config override for every job, "
                                        "e.g. --override=batch_size=512 (adds --config.KEY=VALUE).")
 _TITLE = flags.DEFINE_string("title", "mwmae", "Experiment title.")
+_HEAR_TASKS = flags.DEFINE_string("hear_tasks", None, "HEAR task folder (as the job sees it): "
+                                  "each job pretrains, exports and evaluates its point.")
+_HEAR_ARGS = flags.DEFINE_string("hear_args", "", "Extra mwmae.hear.evaluate flags for "
+                                 "--hear_tasks, e.g. \"--seeds 10 --preset hear2021\".")
 
 CONTAINER_WORKDIR = "/mnt/workdir"
 
@@ -76,6 +89,8 @@ class Launch:
     sweep_mask_ratio: tuple[float, ...] = ()
     overrides: tuple[tuple[str, str], ...] = ()
     title: str = "mwmae"
+    hear_tasks: str | None = None
+    hear_args: str = ""
 
     def validate(self) -> None:
         if not self.image:
@@ -103,6 +118,8 @@ class Launch:
         for ratio in self.sweep_mask_ratio:
             if not 0.0 < ratio < 1.0:
                 raise ValueError(f"a mask ratio must be in (0, 1), got {ratio}")
+        if self.hear_args and not self.hear_tasks:
+            raise ValueError("--hear_args needs --hear_tasks (the tasks to evaluate on)")
 
     def points(self) -> list[dict[str, object]]:
         """The sweep: one dict of config overrides per work unit (one empty dict: no sweep)."""
@@ -113,8 +130,9 @@ class Launch:
             axes.append([("model.mask_ratio", r) for r in self.sweep_mask_ratio])
         return [dict(combo) for combo in itertools.product(*axes)]
 
-    def job_args(self, point: dict[str, object]) -> dict[str, object]:
-        """The trainer's flags for one point (the image's entry point is the trainer)."""
+    def job_args(self, point: dict[str, object]) -> dict[str, object] | list[str]:
+        """The trainer's flags for one point (the image's entry point is the trainer), or with
+        ``hear_tasks`` the arguments of ``mwmae.job sweep point`` (pretrain, export, evaluate)."""
         workdir = self.workdir.rstrip("/")
         if point:
             workdir = f"{workdir}/{point_name(point)}"
@@ -128,24 +146,13 @@ class Launch:
             args[f"config.{key}"] = value
         for key, value in point.items():
             args[f"config.{key}"] = format_value(value)
+        if self.hear_tasks:
+            settings = [f"--set={k[len('config.'):]}={v}" for k, v in args.items()
+                        if k.startswith("config.")]
+            chained = ["sweep", "point", f"--config={self.config}", f"--workdir={workdir}",
+                       f"--tasks-dir={self.hear_tasks}", *settings]
+            return chained + ([f"--evaluate={self.hear_args}"] if self.hear_args else [])
         return args
-
-
-def format_value(value: object) -> str:
-    """A config value as ml_collections reads it from the command line (tuples in parentheses)."""
-    if isinstance(value, tuple):
-        return "(" + ",".join(str(v) for v in value) + ")"
-    return str(value)
-
-
-def point_name(point: dict[str, object]) -> str:
-    """A folder name for a sweep point, e.g. ``dw2-5-0-0_mr0.75``."""
-    short = {"model.decoder_window_sizes": "dw", "model.mask_ratio": "mr"}
-    parts = []
-    for key, value in point.items():
-        text = "-".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
-        parts.append(short.get(key, key.rsplit(".", 1)[-1]) + text)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(parts))
 
 
 def parse_windows(text: str) -> tuple[int, ...]:
@@ -177,7 +184,8 @@ def from_flags() -> Launch:
         accelerator_count=_ACCELERATOR_COUNT.value,
         sweep_decoder_windows=tuple(parse_windows(t) for t in _SWEEP_WINDOWS.value),
         sweep_mask_ratio=tuple(parse_ratio(r) for r in _SWEEP_MASK.value),
-        overrides=tuple(parse_override(t) for t in _OVERRIDES.value), title=_TITLE.value)
+        overrides=tuple(parse_override(t) for t in _OVERRIDES.value), title=_TITLE.value,
+        hear_tasks=_HEAR_TASKS.value, hear_args=_HEAR_ARGS.value)
 
 
 def requirements(launch: Launch):

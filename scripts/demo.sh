@@ -7,7 +7,7 @@
 # Environment: PYTHON=path/to/python skips the install and uses that interpreter;
 # DEMO_CLIPS (corpus size, default 1200), DEMO_STEPS (pretraining steps, default 2000),
 # DEMO_TASK_CLIPS (downstream clips per class, default 60), DEMO_DEVICES (CPU devices, default 2),
-# DEMO_TAG_STEPS (fine-tuning steps, default 300), DEMO_TAG_SEEDS (seeds per mode, default 3).
+# DEMO_TAG_STEPS (fine-tuning steps, default 150), DEMO_TAG_SEEDS (seeds per mode, default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/demo}
@@ -80,12 +80,14 @@ stage validate "$bin/hear-validator" hear_mwmae -m "$work/export"
 stage tasks "$PYTHON" -m mwmae.hear.tasks "$work/tasks" --kind digits \
   --per-class "$task_clips" --seed 1
 
-# 7. hear-eval-kit: embeddings once, then its MLP probe over 3 seeds, for both models.
+# 7. hear-eval-kit: embeddings once, then its MLP probe over 10 seeds (mean and 95% interval),
+#    for both models; the pretrained one beside the initial weights, with the overall score.
 evaluate_both() {
-  for model in export initial; do
-    "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/$model" --tasks-dir "$work/tasks" \
-      --out "$work/hear/${model/export/pretrained}" --seeds 3 --grid faster --grid-points 1 || return
-  done
+  local common=(--tasks-dir "$work/tasks" --preset demo --seeds 10 --grid faster --grid-points 1)
+  "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/initial" --name initial \
+    --out "$work/hear/initial" "${common[@]}" || return
+  "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/export" --name pretrained \
+    --out "$work/hear/pretrained" "${common[@]}" --compare "$work/hear/initial/results.json"
 }
 stage evaluate evaluate_both
 

@@ -40,6 +40,9 @@ RULES: dict[str, set[str]] = {
                   "mwmae.workdir", "mwmae.audio"},
     "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech"},
     "hear_mwmae": {"mwmae.hear"},
+    # The closed loop of a sweep runs the tools as processes; it reads only their results.
+    "mwmae.sweep": {"mwmae.hear"},
+    "mwmae.job": set(),  # the image's entry point: runs the tools by module name
     "mwmae.demo": {"mwmae", "mwmae.speech", "mwmae.hear", "mwmae.api", "mwmae.data",
                    "mwmae.train", "mwmae.artifact", "mwmae.audio", "mwmae.workdir"},
 }

@@ -67,8 +67,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert "validate" in first.stdout and "hear-validator" in first.stdout
     # Pretraining beat the same network's initial weights on the downstream task.
     digits = {m: summary["downstream"][m]["mwmae_digits"] for m in ("pretrained", "initial")}
-    assert digits["pretrained"]["n"] == 3 and digits["initial"]["n"] == 3
+    assert digits["pretrained"]["n"] == 10 and digits["initial"]["n"] == 10
     assert digits["pretrained"]["mean"] > digits["initial"]["mean"], digits
+    # ... reported as the paper does: mean ± 95% interval, and the overall score beside them.
+    assert "mean ± 95% interval over 10 seeds" in first.stdout
+    comparison = (work / "hear" / "pretrained" / "comparison.md").read_text()
+    assert "| Spoken digits |" in comparison and "**overall score s(m)** | 100.0 | 0.0" in \
+        comparison, comparison
     # Fine-tuning the pretrained encoder beat fine-tuning the same network from its initial
     # weights on the test split, and every run scored all test clips.
     tuned = summary["finetune"]

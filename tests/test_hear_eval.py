@@ -166,8 +166,18 @@ def test_rerun_with_other_weights_or_a_changed_task_never_reuses_old_outputs(tmp
     run(tmp_path / "a")
     assert any("already done" in line for line in logs)
     logs.clear()
-    run(_random_artifact(tmp_path / "b", seed=1))  # other weights, same output folder
+    (tmp_path / "a.json").write_text((out / "results.json").read_text())
+    # other weights, same output folder; beside the first run's results
+    result = ev.evaluate(str(_random_artifact(tmp_path / "b", seed=1)), str(tmp_path / "tasks"),
+                         str(out), seeds=2, grid="faster", grid_points=1, log=logs.append,
+                         compare=[str(tmp_path / "a.json")])
     assert any("evaluating afresh" in line for line in logs), logs
+    assert sorted(result["overall_score"]) == ["a", "b"]
+    assert sorted(result["overall_score"].values()) == [0.0, 100.0] or \
+        result["overall_score"]["a"] == result["overall_score"]["b"] == 100.0
+    comparison = (out / "comparison.md").read_text()
+    assert comparison.startswith("| task | b | a | diff | inside |"), comparison
+    assert "**overall score s(m)**" in comparison and comparison in logs[-1]
     assert not any("already done" in line for line in logs)
     second = json.loads((out / "embeddings" / "mwmae.hear" / "mwmae_noise" /
                          "profile.embeddings.json").read_text())

@@ -379,7 +379,7 @@ def test_dockerfile_installs_with_the_shared_script(tmp_path, target, extras):
     assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS base$", dockerfile, re.M)
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
     assert re.search(r"^USER 1000:1000$", dockerfile, re.M)
-    assert '\nENTRYPOINT ["python", "-m", "mwmae.train"]\n' in dockerfile
+    assert '\nENTRYPOINT ["python", "-m", "mwmae.job"]\n' in dockerfile
     log = tmp_path / "install.log"
     stub_install(tmp_path, log)
     result = subprocess.run(["bash", "-o", "pipefail", "-c", dockerfile_install_run()],
@@ -553,12 +553,34 @@ def test_xm_launcher_builds_a_local_docker_run(tmp_path):
     assert (tmp_path / "home" / ".xmanager").exists()  # the local experiment's database
 
 
+def test_xm_launcher_chains_pretrain_export_and_evaluation_per_point(tmp_path):
+    result, rec = run_launcher(tmp_path, [
+        "--executor=vertex", f"--image={IMAGE_CUDA}", "--workdir=gs://my-bucket/sweep",
+        "--accelerator=a100", "--sweep_mask_ratio=0.7,0.8", "--override=batch_size=512",
+        "--hear_tasks=gs://my-bucket/hear/tasks", "--hear_args=--seeds 10 --preset hear2021"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [job["argv"] for job in rec["jobs"]][0] == [
+        "sweep", "point", "--config=configs/mwmae_base_200_4x16.py",
+        "--workdir=gs://my-bucket/sweep/mr0.7", "--tasks-dir=gs://my-bucket/hear/tasks",
+        "--set=batch_size=512", "--set=model.mask_ratio=0.7",
+        "--evaluate=--seeds 10 --preset hear2021"]
+    # What the image's entry point makes of those arguments: the sweep's point command.
+    from mwmae import job
+
+    module, args = job.module_and_args(rec["jobs"][1]["argv"])
+    assert module == "mwmae.sweep" and args[:2] == ["point",
+                                                    "--config=configs/mwmae_base_200_4x16.py"]
+    assert job.module_and_args(["--config=c", "--workdir=w"]) == ("mwmae.train",
+                                                                  ["--config=c", "--workdir=w"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--executor=vertex", "--image=i", "--workdir=runs/x"], "must be on gs:// for Vertex AI"),
     (["--executor=vertex", "--image=i", "--workdir=gs://b/w", "--accelerator=tpu_v3",
       "--accelerator_count=32"], "launch/tpu_vm.sh"),
     (["--workdir=runs/x"], "--image is required"),
     (["--image=i", "--workdir=w", "--sweep_mask_ratio=0.8,1.5"], "mask ratio must be in (0, 1)"),
+    (["--image=i", "--workdir=w", "--hear_args=--seeds 3"], "--hear_args needs --hear_tasks"),
 ])
 def test_xm_launcher_rejects_bad_flags(args, message):
     result = subprocess.run([sys.executable, "xm_launcher.py", *args], cwd=REPO,

@@ -117,6 +117,17 @@ def downstream(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def overall_scores(workdir: pathlib.Path) -> dict[str, float]:
+    """{model: overall score} of the pretrained model's comparison with the initial weights."""
+    path = workdir / "hear" / "pretrained" / "results.json"
+    return json.loads(path.read_text()).get("overall_score", {}) if path.exists() else {}
+
+
+def _ci(summary: dict[str, Any]) -> str:
+    ci = summary.get("ci95", float("nan"))
+    return "n/a" if ci != ci else f"{ci:.3f}"
+
+
 def finetuning(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
     """{mode: {"metric", "mean", "std", "n", "scores", "seeds"}} from the taggers' last
     evaluations (the test split, at their final step)."""
@@ -219,10 +230,14 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
     task_lines = []
     for task, pre in scores.get("pretrained", {}).items():
         init = scores.get("initial", {}).get(task)
-        line = f"{task}: {pre['metric']} {pre['mean']:.3f} ± {pre['std']:.3f} pretrained"
+        line = f"{task}: {pre['metric']} {pre['mean']:.3f} ± {_ci(pre)} pretrained"
         if init:
-            line += f" vs {init['mean']:.3f} ± {init['std']:.3f} initial weights"
-        task_lines.append(line)
+            line += f" vs {init['mean']:.3f} ± {_ci(init)} initial weights"
+        task_lines.append(line + f" (mean ± 95% interval over {pre['n']} seeds)")
+    overall = overall_scores(workdir)
+    if overall:
+        task_lines.append("overall score " + " vs ".join(
+            f"{v:.1f} {k}" for k, v in overall.items()))
     results["evaluate"] = "; ".join(task_lines) or "no results"
     results["finetune"] = "; ".join(
         f"{TAG_MODES[m]} {r['mean']:.3f} ± {r['std']:.3f}" for m, r in tagged.items()) + (

@@ -2,7 +2,7 @@
 
     python -m mwmae.hear.evaluate --artifact DIR --tasks-dir TASKS --out OUT \
         [--seeds 10] [--grid faster] [--grid-points 8] [--tasks a,b | --preset hear2021]
-        [--model-options JSON]
+        [--model-options JSON] [--name NAME] [--compare RESULTS.json ...]
 
 1. Embeddings: hear-eval-kit's embedding step (``heareval.embeddings.task_embeddings``) with the
    HEAR module ``--module`` (default ``mwmae.hear``) and the artifact as ``model_file_path``,
@@ -15,7 +15,12 @@
 3. ``OUT/results.json`` and ``OUT/results.md``: the primary test score of each task per seed,
    and per task the mean, the sample std and the half-width of the 95% Student-t interval of
    the mean, ``t(0.975, n - 1) * std / sqrt(n)`` (the paper reports the mean over 10 seeds with
-   this interval; ``--seeds 10`` is the default, fewer seeds are for smoke runs).
+   this interval; ``--seeds 10`` is the default, fewer seeds are for smoke runs), and the
+   mean score over the tasks.
+4. With ``--compare``: ``OUT/comparison.md``, this run beside the models of the given results
+   files (other runs' ``results.json``, or published numbers typed into a table): per task the
+   difference and whether it lies inside this run's interval, and the overall score
+   (:mod:`mwmae.hear.compare` states the formula).
 
 Steps whose outputs are complete are skipped on a rerun (resume after preemption), as long as
 they were made from the same weights and task: ``OUT/fingerprint.json`` records the artifact's
@@ -40,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mwmae import cli
+from mwmae.hear import compare as compare_lib
 
 GRIDS = ("default", "fast", "faster")
 
@@ -268,7 +274,8 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
 
 
 # HEAR 2021's tasks as the paper's table names them, by their HEAR task folder names.
-PRESETS: dict[str, dict[str, str]] = {"hear2021": {
+# "demo": the one task of the demo (scripts/demo.sh).
+PRESETS: dict[str, dict[str, str]] = {"demo": {"mwmae_digits": "Spoken digits"}, "hear2021": {
     "beijing_opera-v1.0-hear2021-full": "Beijing Opera",
     "tfds_crema_d-1.0.0-full": "CREMA-D",
     "esc50-v2.0.0-full": "ESC-50",
@@ -311,16 +318,29 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
         ci = "n/a" if s["ci95"] != s["ci95"] else f"{s['ci95']:.4f}"  # NaN: one seed
         lines.append(f"| {task} | {s['metric']} | {s['mean']:.4f} ± {ci} | {s['std']:.4f} | "
                      f"{s['n']} |")
+    mean = statistics.fmean(s["mean"] for s in summary.values()) * 100
+    lines.append(f"| **mean score** (x 100) | | {mean:.1f} | | |")
     return "\n".join(lines) + "\n"
+
+
+def _labels() -> dict[str, str]:
+    return {t: label for preset in PRESETS.values() for t, label in preset.items()}
 
 
 def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: str = "default",
              grid_points: int = 8, task_names: Sequence[str] | None = None,
              module: str = "mwmae.hear", model_options: dict[str, Any] | None = None,
-             log=print) -> dict[str, Any]:
-    """Embeddings once, predictions per seed, summary; returns what results.json holds."""
+             name: str | None = None, compare: Sequence[str] = (), log=print
+             ) -> dict[str, Any]:
+    """Embeddings once, predictions per seed, summary (and the comparison with ``compare``'s
+    results files); returns what results.json holds."""
     if seeds < 1:
         raise EvaluationError(f"--seeds must be >= 1, got {seeds}")
+    # Read the files to compare with first: a typo there should not cost an evaluation.
+    try:
+        others = [m for path in compare for m in compare_lib.load(path)]
+    except compare_lib.ComparisonError as e:
+        raise EvaluationError(str(e)) from e
     if grid not in GRIDS:
         raise EvaluationError(f"--grid {grid!r}: expected one of {GRIDS}")
     # heareval's predictor reloads its own Lightning checkpoints, which torch >= 2.6 refuses
@@ -353,12 +373,22 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
                          s, grid=grid, grid_points=grid_points, log=log)
             for s in range(seeds)]
     summary = summarise(scores, metrics)
-    result = {"artifact": str(pathlib.Path(artifact).resolve()), "module": module,
+    name = name or pathlib.Path(artifact).resolve().name
+    result = {"name": name, "artifact": str(pathlib.Path(artifact).resolve()), "module": module,
               "grid": grid, "grid_points": grid_points, "seeds": list(range(seeds)),
               "model_options": model_options or {}, "tasks": summary}
+    result["mean_score"] = statistics.fmean(s["mean"] for s in summary.values()) * 100
+    table = markdown_table(summary, f"HEAR ({grid} grid, {seeds} seed(s)): {name}")
+    if others:
+        this = compare_lib.from_results(result, str(out_dir / "results.json"))
+        try:
+            side_by_side = compare_lib.table(this, others, _labels())
+        except compare_lib.ComparisonError as e:
+            raise EvaluationError(str(e)) from e
+        result["overall_score"] = compare_lib.overall_scores([this, *others])
+        (out_dir / "comparison.md").write_text(side_by_side)
+        table += "\n" + side_by_side
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    table = markdown_table(summary, f"HEAR ({grid} grid, {seeds} seed(s)): "
-                                    f"{pathlib.Path(artifact).name}")
     (out_dir / "results.md").write_text(table)
     log(table)
     return result
@@ -383,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", default="mwmae.hear", help="HEAR module to import")
     p.add_argument("--model-options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
+    p.add_argument("--name", default=None,
+                   help="this model's name in the tables (default: the artifact's folder name)")
+    p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
+                   help="results file to put beside this run (another run's results.json or "
+                        "a table of published numbers; see mwmae.hear.compare); repeatable")
     a = cli.parse_args(p, argv)
     # Before JAX starts: it must not take all GPU memory from torch.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -402,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate(a.artifact, a.tasks_dir, a.out, seeds=a.seeds, grid=a.grid,
                  grid_points=a.grid_points, task_names=names or None,
-                 module=a.module, model_options=options)
+                 module=a.module, model_options=options, name=a.name, compare=a.compare)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,235 @@
+"""HEAR results side by side: per-task differences, whether they fall in the interval, and the
+overall score.
+
+A *results file* is either what ``mwmae.hear.evaluate`` writes (``OUT/results.json``: one model,
+per task the scores of every seed, their mean and 95% interval) or a table of several models
+typed in from a publication::
+
+    {"source": "Author et al., Title, Venue Year, Table N",
+     "models": {"MODEL": {"TASK_FOLDER": {"mean": 0.961, "ci95": 0.004}, ...}, ...}}
+
+with TASK_FOLDER a HEAR task folder name (as in ``evaluate.PRESETS``), scores on the scale the
+predictor reports (0-1, not percent) and ``ci95`` optional.
+
+The overall score of model m over the tasks T that every compared model has is the min-max
+normalised mean
+
+    s(m) = 100 / |T| * sum_t (x_t(m) - min_m' x_t(m')) / (max_m' x_t(m') - min_m' x_t(m'))
+
+with x_t the mean test score on task t and the min and max taken over the models in the
+comparison (a task on which they all tie counts 100 for each). It ranks models within one table;
+its values depend on which models are in the table, so scores of different tables do not compare.
+The plain mean of the task scores (x 100) is reported beside it and needs no other model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class ComparisonError(ValueError):
+    """A results file that cannot be compared; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    mean: float
+    ci95: float = math.nan  # half-width; NaN when unknown (one seed, or not published)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    scores: dict[str, Score]  # by HEAR task folder name
+    source: str
+
+
+def _score(path: str, where: str, entry: Any) -> Score:
+    if isinstance(entry, (int, float)):
+        entry = {"mean": entry}
+    if not isinstance(entry, Mapping) or "mean" not in entry:
+        raise ComparisonError(f"{path}: {where}: expected a number or {{\"mean\": ...}}, got "
+                              f"{entry!r}")
+    try:
+        mean = float(entry["mean"])
+        ci = float(entry.get("ci95", math.nan))
+    except (TypeError, ValueError) as e:
+        raise ComparisonError(f"{path}: {where}: not a number ({e})") from e
+    if not 0.0 <= mean <= 1.0:
+        raise ComparisonError(f"{path}: {where}: mean {mean} is outside [0, 1] (scores are on "
+                              "the predictor's scale: a percentage must be divided by 100)")
+    return Score(mean, ci)
+
+
+def load(path: str | pathlib.Path) -> list[Model]:
+    """The models of a results file (an evaluation's ``results.json`` or a published table)."""
+    path = str(path)
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ComparisonError(f"{path}: results file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ComparisonError(f"{path}: not a JSON results file ({e})") from e
+    if isinstance(data, Mapping) and isinstance(data.get("tasks"), Mapping):
+        return [from_results(data, path)]
+    if isinstance(data, Mapping) and isinstance(data.get("models"), Mapping):
+        source = str(data.get("source") or path)
+        models = []
+        for name, tasks in data["models"].items():
+            if not isinstance(tasks, Mapping) or not tasks:
+                raise ComparisonError(f"{path}: model {name!r}: expected its tasks' scores")
+            models.append(Model(str(name), {t: _score(path, f"{name} / {t}", s)
+                                            for t, s in tasks.items()}, source))
+        if not models:
+            raise ComparisonError(f"{path}: \"models\" is empty")
+        return models
+    raise ComparisonError(f"{path}: neither an evaluation's results.json (with \"tasks\") nor "
+                          "a table of published results (with \"models\")")
+
+
+def from_results(result: Mapping[str, Any], source: str, name: str | None = None) -> Model:
+    """One evaluation's results (what ``results.json`` holds) as a model of the comparison."""
+    name = name or result.get("name") or pathlib.Path(str(result.get("artifact", source))).name
+    return Model(str(name), {t: _score(source, t, s) for t, s in result["tasks"].items()},
+                 str(source))
+
+
+def common_tasks(models: Sequence[Model]) -> list[str]:
+    """Tasks every model has, in the first model's order."""
+    return [t for t in models[0].scores if all(t in m.scores for m in models[1:])]
+
+
+def overall_scores(models: Sequence[Model], tasks: Sequence[str] | None = None
+                   ) -> dict[str, float]:
+    """The min-max normalised overall score of each model (see the module docstring)."""
+    tasks = common_tasks(models) if tasks is None else list(tasks)
+    if not tasks:
+        return {m.name: math.nan for m in models}
+    out = {}
+    for m in models:
+        parts = []
+        for t in tasks:
+            values = [o.scores[t].mean for o in models]
+            lo, hi = min(values), max(values)
+            parts.append(1.0 if hi == lo else (m.scores[t].mean - lo) / (hi - lo))
+        out[m.name] = 100.0 * statistics.fmean(parts)
+    return out
+
+
+def mean_scores(models: Sequence[Model], tasks: Sequence[str] | None = None
+                ) -> dict[str, float]:
+    """Plain mean of each model's task scores over ``tasks``, x 100."""
+    tasks = common_tasks(models) if tasks is None else list(tasks)
+    return {m.name: 100.0 * statistics.fmean(m.scores[t].mean for t in tasks) if tasks
+            else math.nan for m in models}
+
+
+def _fmt(s: Score) -> str:
+    return f"{s.mean:.4f}" if math.isnan(s.ci95) else f"{s.mean:.4f} ± {s.ci95:.4f}"
+
+
+def table(this: Model, others: Sequence[Model], labels: Mapping[str, str] | None = None) -> str:
+    """Markdown: per task this run's mean ± 95% interval, each other model's score, the
+    difference (this - other) and whether the other's mean lies inside this run's interval;
+    then the overall and mean scores over the tasks all have."""
+    labels = labels or {}
+    models = [this, *others]
+    tasks = common_tasks(models)
+    if not tasks:
+        raise ComparisonError(
+            f"no task in common between {this.source} ({sorted(this.scores)}) and "
+            + ", ".join(f"{o.source} ({sorted(o.scores)})" for o in others))
+    head = f"| task | {this.name} |"
+    rule = "|---|---|"
+    for o in others:
+        head += f" {o.name} | diff | inside |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for t in tasks:
+        mine = this.scores[t]
+        row = f"| {labels.get(t, t)} | {_fmt(mine)} |"
+        for o in others:
+            theirs = o.scores[t]
+            diff = mine.mean - theirs.mean
+            inside = "n/a" if math.isnan(mine.ci95) else (
+                "yes" if abs(diff) <= mine.ci95 else "no")
+            row += f" {_fmt(theirs)} | {diff:+.4f} | {inside} |"
+        lines.append(row)
+    overall, mean = overall_scores(models, tasks), mean_scores(models, tasks)
+    for title, values in (("overall score s(m)", overall), ("mean score", mean)):
+        row = f"| **{title}** | {values[this.name]:.1f} |"
+        for o in others:
+            row += f" {values[o.name]:.1f} | {values[this.name] - values[o.name]:+.1f} | |"
+        lines.append(row)
+    skipped = sorted({t for m in models for t in m.scores} - set(tasks))
+    notes = [f"Tasks in common: {len(tasks)}."]
+    if skipped:
+        notes.append(f"Not in every results file, so left out: {', '.join(skipped)}.")
+    notes.append("inside: the other model's mean lies within this run's 95% interval.")
+    sources = sorted({o.source for o in others})
+    notes.append("Compared with: " + "; ".join(sources) + ".")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def matrix(models: Sequence[Model], labels: Mapping[str, str] | None = None) -> str:
+    """Markdown: a row per task, a column per model (mean ± 95% interval), then each model's
+    overall and mean score over the tasks all have (a sweep's table)."""
+    labels = labels or {}
+    tasks = common_tasks(models)
+    if not tasks:
+        raise ComparisonError("no task in common between " + ", ".join(
+            f"{m.source} ({sorted(m.scores)})" for m in models))
+    lines = ["| task | " + " | ".join(m.name for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for t in tasks:
+        lines.append(f"| {labels.get(t, t)} | " + " | ".join(_fmt(m.scores[t]) for m in models)
+                     + " |")
+    for title, values in (("overall score s(m)", overall_scores(models, tasks)),
+                          ("mean score", mean_scores(models, tasks))):
+        lines.append(f"| **{title}** | " + " | ".join(f"{values[m.name]:.1f}" for m in models)
+                     + " |")
+    skipped = sorted({t for m in models for t in m.scores} - set(tasks))
+    note = f"{len(models)} models, {len(tasks)} tasks in common."
+    if skipped:
+        note += f" Not in every results file, so left out: {', '.join(skipped)}."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mwmae.hear.compare THIS.json OTHER.json ...``: the table of an existing run."""
+    import argparse
+    import sys
+
+    from mwmae import cli
+
+    p = argparse.ArgumentParser(prog="python -m mwmae.hear.compare",
+                                description="HEAR results side by side with the overall score")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json",
+                   help="the first file's (first) model is compared with all the others'")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    a = cli.parse_args(p, argv)
+    try:
+        models = [m for path in a.results for m in load(path)]
+        if len(models) < 2:
+            raise ComparisonError(f"{a.results[0]}: one model; give at least two to compare")
+        from mwmae.hear.evaluate import PRESETS
+
+        labels = {t: n for preset in PRESETS.values() for t, n in preset.items()}
+        text = table(models[0], models[1:], labels)
+    except ComparisonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.out:
+        pathlib.Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

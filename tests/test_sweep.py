@@ -1,0 +1,108 @@
+"""The closed loop of a sweep: points as the product of swept values, each pretrained, exported
+and evaluated on HEAR tasks in its own workdir, then one table with the overall score."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mwmae import sweep
+from mwmae.hear import tasks
+
+
+def test_the_sweep_is_the_product_of_its_axes_and_names_each_point():
+    settings = [sweep.parse_setting(t) for t in (
+        "config=configs/pretrain.py:mwmae-T-4x16", "model.mask_ratio=0.7",
+        "config=configs/pretrain.py:mae-T-4x16", "config.model.mask_ratio=0.8")]
+    points = sweep.grid(settings)
+    assert points == [
+        {"config": "configs/pretrain.py:mwmae-T-4x16", "model.mask_ratio": "0.7"},
+        {"config": "configs/pretrain.py:mwmae-T-4x16", "model.mask_ratio": "0.8"},
+        {"config": "configs/pretrain.py:mae-T-4x16", "model.mask_ratio": "0.7"},
+        {"config": "configs/pretrain.py:mae-T-4x16", "model.mask_ratio": "0.8"}]
+    assert [sweep.point_name(p) for p in points] == [
+        "mwmae-T-4x16_mr0.7", "mwmae-T-4x16_mr0.8", "mae-T-4x16_mr0.7", "mae-T-4x16_mr0.8"]
+    assert sweep.point_name({"model.decoder_window_sizes": "(2,5,0,0)"}) == "dw2-5-0-0"
+    assert sweep.point_name({"model.decoder_window_sizes": (2, 5, 0, 0)}) == "dw2-5-0-0"
+    assert sweep.grid([]) == [{}]
+    with pytest.raises(sweep.SweepError, match="expected KEY=VALUE"):
+        sweep.parse_setting("model.mask_ratio")
+    with pytest.raises(sweep.SweepError, match="given twice"):
+        sweep.grid([("a", "1"), ("a", "1")])
+
+
+def test_a_point_is_pretrain_then_export_then_evaluate_in_its_workdir():
+    train, export, evaluate = sweep.point_commands(
+        "configs/tiny.py", "runs/s/mr0.7/", "TASKS", overrides=[("model.mask_ratio", "0.7")],
+        evaluate_args=["--seeds", "10"], python="py")
+    assert train == ["py", "-m", "mwmae.train", "--config", "configs/tiny.py", "--workdir",
+                     "runs/s/mr0.7", "--config.model.mask_ratio=0.7"]
+    assert export == ["py", "-m", "mwmae.export", "--workdir", "runs/s/mr0.7", "--out",
+                      "runs/s/mr0.7/export"]
+    assert evaluate == ["py", "-m", "mwmae.hear.evaluate", "--artifact", "runs/s/mr0.7/export",
+                        "--tasks-dir", "TASKS", "--out", "runs/s/mr0.7/hear", "--name", "mr0.7",
+                        "--seeds", "10"]
+
+
+def _results(root, name, scores):
+    path = root / name / "hear" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"tasks": {t: {"mean": m, "ci95": 0.01}
+                                          for t, m in scores.items()}}))
+
+
+def test_collect_makes_one_table_with_the_overall_score(tmp_path, capsys):
+    _results(tmp_path, "mr0.7", {"esc50-v2.0.0-full": 0.80, "t2": 0.40, "only_here": 0.5})
+    _results(tmp_path, "mr0.8", {"esc50-v2.0.0-full": 0.70, "t2": 0.60})
+    (tmp_path / "unfinished").mkdir()  # a point still training: no results yet
+    assert sweep.main(["collect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| task | mr0.7 | mr0.8 |"
+    assert "| ESC-50 | 0.8000 ± 0.0100 | 0.7000 ± 0.0100 |" in out
+    assert "| **overall score s(m)** | 50.0 | 50.0 |" in out
+    assert "| **mean score** | 60.0 | 65.0 |" in out and "left out: only_here" in out
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["overall_score"] == {"mr0.7": 50.0, "mr0.8": 50.0}
+    assert (tmp_path / "sweep.md").read_text() in out
+    assert sweep.main(["collect", str(tmp_path / "unfinished")]) == 2
+    assert "no point has HEAR results yet" in capsys.readouterr().err
+
+
+def test_a_failed_step_stops_the_point_and_names_it(tmp_path, capsys):
+    (tmp_path / "tasks").mkdir()
+    code = sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
+                       "--tasks-dir", str(tmp_path / "tasks"), "--sweep", "model.mask_ratoi=0.7"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {tmp_path / 's' / 'mask_ratoi0.7'}: pretrain failed (exit 2); fix it " \
+                  "and rerun: finished steps are kept", err
+    assert sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
+                       "--tasks-dir", str(tmp_path / "none")]) == 2
+    assert "tasks directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~3 min: two points trained, exported and evaluated in subprocesses
+def test_a_sweep_runs_every_point_end_to_end_and_resumes(tmp_path):
+    tasks.make_task(tmp_path / "tasks", "noise", per_class=5, duration_s=1.0, seed=0)
+    cmd = [sys.executable, "-m", "mwmae.sweep", "run", "--config", "configs/tiny.py",
+           "--workdir", str(tmp_path / "s"), "--tasks-dir", str(tmp_path / "tasks"),
+           "--sweep", "model.mask_ratio=0.7", "--sweep", "model.mask_ratio=0.85",
+           "--set", "num_train_steps=4", "--set", "checkpoint.every_steps=4",
+           "--evaluate", "--seeds 2 --grid faster --grid-points 1"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sorted(summary["points"]) == ["mr0.7", "mr0.85"]
+    assert summary["tasks"] == ["mwmae_noise"]
+    for name in ("mr0.7", "mr0.85"):
+        config = json.loads((tmp_path / "s" / name / "export" / "config.json").read_text())
+        assert config["model"]["mask_ratio"] == float(name[2:])
+        result = json.loads((tmp_path / "s" / name / "hear" / "results.json").read_text())
+        assert result["name"] == name and result["tasks"]["mwmae_noise"]["n"] == 2
+    assert "| **overall score s(m)** |" in first.stdout
+    # A rerun finds every step done: training at its last step, embeddings and seeds reused.
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("already done") >= 2
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["points"] == summary["points"]
