@@ -50,3 +50,22 @@ def test_bad_variants_are_refused_with_the_grammar_or_the_field():
     assert pretrain_config("mwmae-B-8x16-w25").model.decoder_window_sizes == (25,) * 8
     with pytest.raises(ValueError, match="not a multiple of its 8 heads"):
         pretrain_config("mwmae-B-4x16-d4x100")
+
+
+def test_the_readme_family_table_lists_every_variant_with_its_counts():
+    import pathlib
+    import re
+
+    from mwmae.model_info import parameter_counts
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.findall(r"^\| `([a-z]+-[A-Z]-[\dx.dw-]+)` \| ([\d,]+) \| ([\d,]+) \|$", readme,
+                       re.M)
+    assert sorted(v for v, _, _ in found) == sorted(family() + list(DECODER_ABLATIONS))
+    decoder_side = ("decoder", "decoder_embed", "decoder_norm", "decoder_pos_embed",
+                    "decoder_pred", "mask_token")
+    for variant, total, encoder in found:
+        counts = parameter_counts(model_config_from(pretrain_config(variant)))
+        assert counts["total"] == int(total.replace(",", "")), variant
+        kept = counts["total"] - sum(counts.get(k, 0) for k in decoder_side)
+        assert kept == int(encoder.replace(",", "")), variant
