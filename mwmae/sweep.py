@@ -100,10 +100,24 @@ def point_commands(config: str, workdir: str, tasks_dir: str, *,
     return [train, export, evaluate]
 
 
+def check_tasks_dir(tasks_dir: str) -> None:
+    """Before hours of pretraining: a local tasks folder must hold HEAR task folders (the
+    evaluation checks each task fully when it starts)."""
+    if "://" in tasks_dir:
+        return
+    root = pathlib.Path(tasks_dir)
+    if not root.is_dir():
+        raise SweepError(f"{tasks_dir}: tasks directory not found")
+    if not any((p / "task_metadata.json").is_file() for p in root.iterdir()):
+        raise SweepError(f"{tasks_dir}: no HEAR task folders (each holds task_metadata.json); "
+                         "make them with hear-preprocess or python -m mwmae.hear.tasks")
+
+
 def run_point(config: str, workdir: str, tasks_dir: str, *,
               overrides: Sequence[tuple[str, str]] = (), evaluate_args: Sequence[str] = (),
               name: str | None = None, log=print) -> None:
     """Runs the point's steps in order; a failed step stops the point with its exit status."""
+    check_tasks_dir(tasks_dir)
     for step, argv in zip(("pretrain", "export", "evaluate"),
                           point_commands(config, workdir, tasks_dir, overrides=overrides,
                                          evaluate_args=evaluate_args, name=name)):
@@ -178,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             run_point(a.config, a.workdir, a.tasks_dir, overrides=fixed,
                       evaluate_args=evaluate_args)
             return 0
-        if not pathlib.Path(a.tasks_dir).is_dir() and "://" not in a.tasks_dir:
-            raise SweepError(f"{a.tasks_dir}: tasks directory not found")
+        check_tasks_dir(a.tasks_dir)
         points = grid(_settings(a.sweep, "--sweep"))
         names = [point_name(pt) or "run" for pt in points]
         if len(set(names)) != len(names):

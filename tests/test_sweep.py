@@ -70,7 +70,7 @@ def test_collect_makes_one_table_with_the_overall_score(tmp_path, capsys):
 
 
 def test_a_failed_step_stops_the_point_and_names_it(tmp_path, capsys):
-    (tmp_path / "tasks").mkdir()
+    tasks.make_task(tmp_path / "tasks", "noise", per_class=5, duration_s=0.5, seed=0)
     code = sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
                        "--tasks-dir", str(tmp_path / "tasks"), "--sweep", "model.mask_ratoi=0.7"])
     assert code == 2
@@ -80,6 +80,12 @@ def test_a_failed_step_stops_the_point_and_names_it(tmp_path, capsys):
     assert sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
                        "--tasks-dir", str(tmp_path / "none")]) == 2
     assert "tasks directory not found" in capsys.readouterr().err
+    # A folder without tasks is refused before any pretraining starts.
+    (tmp_path / "empty").mkdir()
+    assert sweep.main(["point", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "p"),
+                       "--tasks-dir", str(tmp_path / "empty")]) == 2
+    assert "no HEAR task folders" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.slow  # ~3 min: two points trained, exported and evaluated in subprocesses
