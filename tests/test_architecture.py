@@ -39,6 +39,10 @@ RULES: dict[str, set[str]] = {
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
     "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech"},
+    # The attention analysis reads weights (artifact, original format, workdir) and clips
+    # (shards) through their owners, and runs the model with its capture option.
+    "mwmae.analysis": {"mwmae.model", "mwmae.data", "mwmae.artifact", "mwmae.convert",
+                       "mwmae.workdir"},
     "hear_mwmae": {"mwmae.hear"},
     # The closed loop of a sweep runs the tools as processes; it reads only their results.
     "mwmae.sweep": {"mwmae.hear"},

@@ -13,6 +13,9 @@
   * ``"pallas_gpu_interpret"``: the GPU kernel under the generic Pallas interpreter.
 Every implementation has the same contract, supports jit and grad (bias tables included), and
 agrees with the reference to float32 rounding.
+
+``multi_window_attention_with_probs`` also returns the attention probabilities, for analysis;
+it always runs the reference, since the fused kernels never hold a whole probability matrix.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 
 import jax
 
-from mwmae.kernels.reference import attention_xla, check_call
+from mwmae.kernels.reference import attention_xla, attention_xla_with_probs, check_call
 
 IMPLEMENTATIONS = (
     "auto",
@@ -128,3 +131,19 @@ def multi_window_attention(
     from mwmae.kernels.pallas_gpu import attention_gpu
 
     return attention_gpu(q, k, v, bias_tables, heads, impl == "pallas_gpu_interpret")
+
+
+def multi_window_attention_with_probs(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    window_sizes: Sequence[int],
+    bias_tables: jax.Array,
+    shift: bool = False,
+    *,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The XLA reference's output and its attention probabilities, float32
+    (batch, heads, length, length), zero outside each windowed head's window."""
+    heads = check_call(q, k, v, window_sizes, bias_tables, shift, scale)
+    return attention_xla_with_probs(q, k, v, bias_tables, heads)

@@ -58,12 +58,16 @@ def check_window_sizes(window_sizes: Sequence[int], length: int) -> None:
 
 
 def _global_attention(q, k, v, scale: float):
+    """(output, float32 probabilities (b, g, L, L))."""
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out, probs
 
 
 def _windowed_attention(q, k, v, table, window: int, shift: bool, scale: float):
+    """(output, float32 probabilities per window (b, g, L / w, w, w) of the rolled sequence)."""
     b, g, length, d = q.shape
     s = window // 2 if shift else 0
     if s:
@@ -74,12 +78,27 @@ def _windowed_attention(q, k, v, table, window: int, shift: bool, scale: float):
     scores = scores + relative_bias(table.astype(jnp.float32), window)[None, :, None]
     if s:
         scores = scores + shift_mask(length, window)[None, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgnqk,bgnkd->bgnqd", probs, vw, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgnqk,bgnkd->bgnqd", probs.astype(v.dtype), vw,
+                     preferred_element_type=jnp.float32)
     out = out.reshape(b, g, length, d)
     if s:
         out = jnp.roll(out, s, axis=2)
-    return out
+    return out, probs
+
+
+def dense_window_probabilities(probs: jax.Array, window: int, shift: bool) -> jax.Array:
+    """Per-window probabilities (b, g, L / w, w, w) -> (b, g, L, L) over the whole sequence, in
+    the tokens' own order: exact zeros outside each query's window (shifted windows are rolled
+    back, so a query's window is where the shifted layer really looked)."""
+    b, g, n, w, _ = probs.shape
+    length = n * w
+    # Block diagonal: window m's (w, w) block lands at rows and columns m*w ... m*w + w - 1.
+    dense = jnp.einsum("bgnqk,nm->bgnqmk", probs, jnp.eye(n, dtype=probs.dtype))
+    dense = dense.reshape(b, g, length, length)
+    s = window // 2 if shift else 0
+    # Rolled position p held token p + s: rolling both axes by +s puts token i at row i.
+    return jnp.roll(dense, (s, s), axis=(2, 3)) if s else dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,21 +141,43 @@ def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, bias_tables: jax.Arr
                   heads: Heads) -> jax.Array:
     """Multi-window attention as batched einsums, one per distinct window size; returns
     (batch, heads, length, head_dim) in the dtype of v. Inputs as ``check_call`` accepts them."""
+    return _attention(q, k, v, bias_tables, heads, with_probs=False)[0]
+
+
+def attention_xla_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, bias_tables: jax.Array,
+                             heads: Heads) -> tuple[jax.Array, jax.Array]:
+    """:func:`attention_xla`'s output (the same computation, so the same numbers) and every
+    head's attention probabilities as one dense float32 (batch, heads, length, length) array:
+    row i is query i's distribution over the keys, zero outside a windowed head's window."""
+    return _attention(q, k, v, bias_tables, heads, with_probs=True)
+
+
+def _attention(q, k, v, bias_tables, heads: Heads, with_probs: bool):
     window_sizes, shift, scale = heads.window_sizes, heads.shift, heads.scale
     groups: dict[int, list[int]] = {}
     for h, w in enumerate(window_sizes):
         groups.setdefault(w, []).append(h)
-    outs, order = [], []
+    outs, dense, order = [], [], []
     for w, members in groups.items():
         idx = np.asarray(members)
         qg, kg, vg = q[:, idx], k[:, idx], v[:, idx]
         if w == 0:
-            outs.append(_global_attention(qg, kg, vg, scale))
+            out, probs = _global_attention(qg, kg, vg, scale)
         else:
             table = bias_tables[idx, : 2 * w - 1]
-            outs.append(_windowed_attention(qg, kg, vg, table, w, shift, scale))
+            out, probs = _windowed_attention(qg, kg, vg, table, w, shift, scale)
+            if with_probs:
+                probs = dense_window_probabilities(probs, w, shift)
+        outs.append(out)
+        dense.append(probs)
         order.extend(members)
-    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    out = _in_head_order(outs, order).astype(v.dtype)
+    return out, _in_head_order(dense, order) if with_probs else None
+
+
+def _in_head_order(parts: list[jax.Array], order: list[int]) -> jax.Array:
+    """Per-group arrays (heads on axis 1, grouped by window size) -> heads in their own order."""
+    out = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     if order != sorted(order):
         out = out[:, np.argsort(np.asarray(order))]
-    return out.astype(v.dtype)
+    return out

@@ -13,7 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mwmae.kernels import multi_window_attention, resolve_implementation
+from mwmae.kernels import (
+    multi_window_attention,
+    multi_window_attention_with_probs,
+    resolve_implementation,
+)
 from mwmae.kernels.sharded import sharded_multi_window_attention
 
 LN_EPS = 1e-6
@@ -34,7 +38,14 @@ def layer_norm(dtype: Any, name: str | None = None) -> nn.LayerNorm:
 
 
 class MultiWindowAttention(nn.Module):
-    """qkv projection, per-head windowed (or global) attention, output projection."""
+    """qkv projection, per-head windowed (or global) attention, output projection.
+
+    ``capture``: also sow, into the ``intermediates`` collection, ``attention`` (the float32
+    probabilities, (B, heads, L, L)) and ``head_outputs`` (each head's output before the
+    projection, float32 (B, L, heads, head_dim)). Capturing runs the XLA reference whatever
+    ``attention_impl`` says (the fused kernels never form the probabilities); the sown values
+    are kept only when the caller makes ``intermediates`` mutable.
+    """
 
     dim: int
     num_heads: int
@@ -42,6 +53,7 @@ class MultiWindowAttention(nn.Module):
     shift: bool = False
     dtype: Any = jnp.float32
     attention_impl: str = "auto"
+    capture: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,9 +67,16 @@ class MultiWindowAttention(nn.Module):
                        (2 * w - 1,))
             for h, w in enumerate(self.window_sizes) if w > 0
         ]
-        out = attention(q, k, v, self.window_sizes, stack_bias_tables(tables, self.window_sizes),
-                        self.shift, self.attention_impl)
+        tables = stack_bias_tables(tables, self.window_sizes)
+        if self.capture:
+            out, probs = multi_window_attention_with_probs(q, k, v, self.window_sizes, tables,
+                                                           self.shift)
+        else:
+            out = attention(q, k, v, self.window_sizes, tables, self.shift, self.attention_impl)
         out = jnp.swapaxes(out, 1, 2)  # (B, L, H, hd)
+        if self.capture:
+            self.sow("intermediates", "attention", probs)
+            self.sow("intermediates", "head_outputs", out.astype(jnp.float32))
         return HeadsDense((self.num_heads, head_dim), (self.dim,),
                           ("heads", "head_dim", "embed"), self.dtype, name="proj")(out)
 
@@ -156,6 +175,7 @@ class Block(nn.Module):
     mlp_ratio: int = 4
     dtype: Any = jnp.float32
     attention_impl: str = "auto"
+    capture: bool = False  # see MultiWindowAttention
 
     @nn.compact
     def __call__(self, x: jax.Array, drop_rate: jax.Array | None = None) -> jax.Array:
@@ -163,7 +183,7 @@ class Block(nn.Module):
         probability (needs a "dropout" rng); None in pretraining and evaluation."""
         y = layer_norm(self.dtype, "norm1")(x)
         y = MultiWindowAttention(self.dim, self.num_heads, self.window_sizes, self.shift,
-                                 self.dtype, self.attention_impl, name="attn")(y)
+                                 self.dtype, self.attention_impl, self.capture, name="attn")(y)
         x = x + self._drop_path(y, drop_rate)
         y = layer_norm(self.dtype, "norm2")(x)
         y = Mlp(self.dim, self.dim * self.mlp_ratio, self.dtype, name="mlp")(y)
@@ -188,6 +208,7 @@ class BlockGroup(nn.Module):
     mlp_ratio: int = 4
     dtype: Any = jnp.float32
     attention_impl: str = "auto"
+    capture: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, drop_rates: jax.Array | None = None
@@ -195,13 +216,19 @@ class BlockGroup(nn.Module):
         for i in range(self.period):
             x = Block(self.dim, self.num_heads, self.window_sizes, shift=i % 2 == 1,
                       mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                      attention_impl=self.attention_impl, name=f"block_{i}")(
+                      attention_impl=self.attention_impl, capture=self.capture,
+                      name=f"block_{i}")(
                 x, None if drop_rates is None else drop_rates[i])
         return x, None
 
 
 class Stack(nn.Module):
-    """``depth`` blocks as one ``nn.scan`` over groups: one compiled body, stacked parameters."""
+    """``depth`` blocks as one ``nn.scan`` over groups: one compiled body, stacked parameters.
+
+    With ``capture``, what the attention sows is stacked like the parameters: each entry under
+    ``layers/block_<i>`` of ``intermediates`` has a leading axis over the ``depth / period``
+    groups (block i of group g is layer g * period + i).
+    """
 
     # Deliberate repeat: the scan passes these through to BlockGroup, and flax modules declare
     # their attributes as fields.
@@ -215,6 +242,7 @@ class Stack(nn.Module):
     attention_impl: str = "auto"
     unroll: int = 1
     drop_path: float = 0.0  # stochastic depth of the last block; 0 at the first, linear between
+    capture: bool = False  # see MultiWindowAttention
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -223,9 +251,10 @@ class Stack(nn.Module):
         if self.drop_path > 0 and not deterministic:
             rates = jnp.linspace(0.0, self.drop_path, self.depth).reshape(groups, self.period)
         scanned = nn.scan(
-            BlockGroup, variable_axes={"params": 0},
+            BlockGroup, variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": rates is not None},
             length=groups, unroll=self.unroll, metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = scanned(self.dim, self.num_heads, self.window_sizes, self.period,
-                       self.mlp_ratio, self.dtype, self.attention_impl, name="layers")(x, rates)
+                       self.mlp_ratio, self.dtype, self.attention_impl, self.capture,
+                       name="layers")(x, rates)
         return x

@@ -42,6 +42,9 @@ class Encoder(nn.Module):
 
     config: ModelConfig
     drop_path: float = 0.0  # stochastic depth for supervised training (see ``Stack``)
+    # Sow every layer's attention probabilities and head outputs (``intermediates``, under
+    # ``encoder``; see ``MultiWindowAttention``), computed by the XLA reference.
+    capture_attention: bool = False
 
     def setup(self) -> None:
         c = self.config
@@ -62,7 +65,7 @@ class Encoder(nn.Module):
                                         (1, 1, c.embed_dim))
         self.encoder = Stack(c.depth, c.embed_dim, c.num_heads, c.window_sizes, c.block_period,
                              c.mlp_ratio, dtype, c.attention_impl, c.scan_unroll,
-                             self.drop_path)
+                             self.drop_path, self.capture_attention)
         self.encoder_norm = layer_norm(dtype)
 
     def embed(self, imgs: jax.Array) -> jax.Array:
@@ -93,15 +96,20 @@ class Encoder(nn.Module):
 
 
 class MaskedAutoencoder(nn.Module):
-    """The :class:`Encoder` plus the decoder that only pretraining needs."""
+    """The :class:`Encoder` plus the decoder that only pretraining needs.
+
+    ``capture_attention``: both stacks sow their attention (``intermediates`` under ``encoder``,
+    which then sees only the kept patches, and ``decoder``, over all of them).
+    """
 
     config: ModelConfig
+    capture_attention: bool = False
 
     def setup(self) -> None:
         c = self.config
         dtype = jnp.dtype(c.dtype)
         # The encoder's parameters stay at the top level of the tree (the original layout).
-        self.backbone = Encoder(c)
+        self.backbone = Encoder(c, capture_attention=self.capture_attention)
         nn.share_scope(self, self.backbone)
         self.decoder_embed = nn.Dense(c.decoder_embed_dim, dtype=dtype,
                                       kernel_init=_part(dense_init, ("embed", "decoder_embed")),
@@ -115,7 +123,7 @@ class MaskedAutoencoder(nn.Module):
                 (None, None, "decoder_embed")))
         self.decoder = Stack(c.decoder_depth, c.decoder_embed_dim, c.decoder_num_heads,
                              c.decoder_window_sizes, c.block_period, c.mlp_ratio, dtype,
-                             c.attention_impl, c.scan_unroll)
+                             c.attention_impl, c.scan_unroll, capture=self.capture_attention)
         self.decoder_norm = layer_norm(dtype)
         self.decoder_pred = nn.Dense(c.patch_dim, dtype=dtype,
                                      kernel_init=_part(dense_init, ("decoder_embed", None)),
