@@ -26,7 +26,11 @@ def module_and_args(argv: list[str]) -> tuple[str, list[str]]:
     return COMMANDS["train"], argv
 
 
-if __name__ == "__main__":
+def main() -> None:
     module, args = module_and_args(sys.argv[1:])
     sys.argv = [f"python -m {module}", *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

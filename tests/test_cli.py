@@ -14,7 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 BIN = pathlib.Path(sys.executable).parent
 ABSL_TOOLS = {"mwmae.train.__main__", "mwmae.finetune.__main__", "mwmae.train.compile_check",
-              "mwmae.train.partitioning", "mwmae.model_info"}
+              "mwmae.train.partitioning", "mwmae.model_info",
+              "mwmae.job"}  # the image's entry point: with no command, the trainer's flags
 
 
 def test_old_spellings_become_the_one_spelling():
