@@ -362,6 +362,13 @@ def test_cli_refuses_the_decoder_of_an_encoder_only_artifact(artifacts, tmp_path
     assert line.startswith("error: ") and "config.json: an encoder-only artifact" in line
     assert "--workdir" in line and "--part encoder" in line
     assert not (tmp_path / "o").exists()
+    # With no --part it analyses what the weights have, and says so.
+    rc = analysis_cli.main(["--artifact", artifacts["encoder"], "--shards",
+                            artifacts["shards"], "--out", str(tmp_path / "o"), "--clips", "4",
+                            "--batch", "4"])
+    assert rc == 0 and "no decoder; analysing the encoder" in capsys.readouterr().out
+    report = json.loads((tmp_path / "o" / "analysis.json").read_text())
+    assert list(report["parts"]) == ["encoder"]
 
 
 def test_cli_names_missing_shards_and_short_clips(artifacts, tmp_path, capsys):

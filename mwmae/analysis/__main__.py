@@ -11,9 +11,10 @@ ratio, masks drawn from ``--seed``) with the attention captured, and writes
 patches, along time in ms and along frequency in mel bins and Hz, entropy in nats, the same for
 uniform attention over the window; the CKA matrix of the heads' outputs with each row's layer,
 head and window) and the figures ``OUT/distance.png``, ``OUT/entropy.png``,
-``OUT/cka_<part>.png``. The decoder needs its weights: an encoder-only artifact analyses the
-encoder only (``--part encoder``); a pretraining workdir has both. Bad input is one line on
-stderr and exit status 2.
+``OUT/cka_<part>.png``. The decoder needs its weights: a pretraining workdir has both; with no
+``--part``, an encoder-only artifact (the default export) analyses its encoder and says so, and
+asking for its decoder (``--part decoder|both``) is an error. Bad input is one line on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for analysis.json and the figures")
     p.add_argument("--clips", type=int, default=64, help="clips to analyse (default 64)")
     p.add_argument("--batch", type=int, default=8, help="clips per forward pass (default 8)")
-    p.add_argument("--part", choices=sorted(PARTS), default="both",
-                   help="which stack to analyse (default both)")
+    p.add_argument("--part", choices=sorted(PARTS), default=None,
+                   help="which stack to analyse (default: both when the weights have a "
+                        "decoder, else the encoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the decoder pass's masks")
     return p
 
@@ -58,7 +60,10 @@ def run(a: argparse.Namespace) -> dict:
     started = time.perf_counter()
     w = (weights.from_artifact(a.artifact) if a.artifact
          else weights.from_workdir(a.workdir, a.step))
-    parts = PARTS[a.part]
+    if a.part is None and not w.has_decoder:
+        print("note: these weights have no decoder; analysing the encoder (a pretraining "
+              "workdir, --workdir, has both)")
+    parts = PARTS[a.part or ("both" if w.has_decoder else "encoder")]
     if "decoder" in parts and not w.has_decoder:
         raise AnalysisError(w.no_decoder)
     frames, n_mels = w.config.img_size
