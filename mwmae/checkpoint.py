@@ -5,7 +5,8 @@
 Lists every checkpoint with its step, size and state: ``complete`` (finished; restore and
 export may use it), ``incomplete`` (a crash mid-write; restore ignores it) or ``damaged`` (it
 failed verification and was set aside; never used), with its counters, then the architecture
-of the run's config and who holds the workdir's writer lease.
+of the run's config, the run's goodput over its restarts (see :mod:`mwmae.goodput`) and who
+holds the workdir's writer lease.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mwmae import cli
+from mwmae import cli, goodput
 from mwmae.lease import Lease
 from mwmae.workdir import CheckpointInfo, Workdir, WorkdirError
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None:
         model = config.get("model", {})
         print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()))
+    ledger, unreadable = wd.read_goodput()
+    if ledger or unreadable:
+        print(goodput.describe(goodput.summarise_rows(ledger, unreadable)))
     holder = Lease(wd.lease_path).holder()
     if holder is not None:
         state = "stale" if holder.is_stale() else "live"

@@ -8,6 +8,8 @@
       tensorboard/           metrics and images
       trace/host<i>.jsonl    per-step loss and clip ids, when ``trace_batches``
       evaluations.jsonl      a tagger's evaluations on its held-out split, one line per step
+      goodput.jsonl          where each process's wall time went, one line per log point
+                             (appended by process 0; see :mod:`mwmae.goodput`)
 
 A checkpoint's three items: ``state`` (the TrainState as sharded arrays; every host writes its
 own shards), ``data`` (every host's input-pipeline position) and ``meta`` (counters, the config,
@@ -41,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 TRACE = "trace"
 EVALUATIONS = "evaluations.jsonl"
+GOODPUT = "goodput.jsonl"
 DAMAGED_SUFFIX = ".damaged"
 ITEMS = ("state", "data", "meta")
 
@@ -154,6 +157,55 @@ class Workdir:
         lines = [json.dumps(r) for r in self.read_evaluations() if r["step"] != row["step"]]
         storage.write_text(str(self.evaluations_path), "\n".join([*lines, json.dumps(row)])
                            + "\n")
+
+    @property
+    def goodput_path(self) -> epath.Path:
+        return self.path / GOODPUT
+
+    def read_goodput(self) -> tuple[list[dict[str, Any]], int]:
+        """(the goodput ledger's rows, how many lines were unreadable). A line cut short by a
+        kill or a full disk is skipped, not an error: the ledger is a record, not state."""
+        try:
+            text = self.goodput_path.read_text()
+        except FileNotFoundError:
+            return [], 0
+        rows, bad = [], 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+        return rows, bad
+
+    def append_goodput(self, row: dict[str, Any]) -> None:
+        """Add one ledger line (call from one process). Locally one ``write`` of the whole
+        line in append mode, after a newline if the file ends inside a torn line; gs:// has no
+        append, so there the file is rewritten whole."""
+        line = json.dumps(row, separators=(",", ":")) + "\n"
+        path = str(self.goodput_path)
+        if storage.is_remote(path):
+            try:
+                old = storage.read_text(path)
+            except FileNotFoundError:
+                old = ""
+            storage.write_text(path, old + ("\n" if old and not old.endswith("\n") else "")
+                               + line)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+            os.write(fd, (("\n" if torn else "") + line).encode())
+        finally:
+            os.close(fd)
 
     def checkpoint_path(self, step: int) -> epath.Path:
         return self.checkpoints / str(step)

@@ -21,17 +21,18 @@ RULES: dict[str, set[str]] = {
     "mwmae.checksum": set(),
     "mwmae.aot": set(),
     "mwmae.lease": set(),
+    "mwmae.goodput": set(),  # the ledger's arithmetic: inspect and the trainer share it
     "mwmae.data": {"mwmae.audio"},
     "mwmae.model": {"mwmae.kernels"},
     "tfrecord_tools": {"mwmae.data", "mwmae.audio"},
     "mwmae.artifact": {"mwmae.model", "mwmae.audio"},
     "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
     "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum"},
-    "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease"},
+    "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease", "mwmae.goodput"},
     "mwmae.model_info": {"mwmae.model"},
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
-                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api"},
+                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api", "mwmae.goodput"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
     "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},

@@ -10,6 +10,7 @@ from flax.traverse_util import flatten_dict
 from tag_helpers import CLASSES, FRAMES, tiny_tag_config, write_split
 
 import mwmae
+from mwmae import goodput
 from mwmae.data import records
 from mwmae.export import export_workdir
 from mwmae.finetune import metrics as metrics_lib
@@ -54,6 +55,9 @@ def test_a_tagger_learns_evaluates_and_keeps_the_best_beside_the_latest(splits, 
     assert wd.steps() == sorted({best, 16})        # keep_last=1, plus the best
     assert wd.read_meta(best)["evaluation"] == {"top1": max(r["top1"] for r in rows)}
     assert any(line.startswith("eval     16/16  top1") for line in printed), printed
+    # The goodput ledger times the evaluation hook, around the evaluation's own clock.
+    ledger = goodput.summarise_rows(*wd.read_goodput())
+    assert ledger.seconds["evaluation"] >= sum(r["eval_seconds"] for r in rows) > 0
     # The fine-tuned encoder exports, and equals the checkpoint's encoder entries.
     export_workdir(tmp_path / "wd", str(tmp_path / "art"))
     art = mwmae.load(tmp_path / "art")

@@ -53,11 +53,16 @@ def test_tensorboard_tag_set_hparams_and_eta(tmp_path):
         "train/loss", "train/grad_norm", "train/param_norm", "train/learning_rate",
         "train/skipped_steps", "perf/steps_per_sec", "perf/examples_per_sec",
         "perf/examples_per_sec_per_device", "perf/mfu", "perf/compile_seconds",
+        "perf/goodput", "perf/goodput_startup", "perf/goodput_compile",
+        "perf/goodput_input_wait", "perf/goodput_checkpoint", "perf/goodput_evaluation",
+        "perf/goodput_recomputed",
         "data/input_wait_ms_per_step", "data/input_wait_fraction", "data/skipped_records",
         "checkpoint/save_seconds", "train/reconstruction", "_hparams_/session_start_info"}, tags
     steps = [e.step for e in acc.Tensors("train/loss")]
     assert steps == [1, 2, 4] and [e.step for e in acc.Tensors("perf/compile_seconds")] == [1]
     assert [e.step for e in acc.Tensors("checkpoint/save_seconds")] == [4]
+    # At log points, and once more as the run stops (after its last save).
+    assert [e.step for e in acc.Tensors("perf/goodput")] == [1, 2, 4]
     assert all(" ETA " in line for line in lines if line.startswith("step")), lines
 
 

@@ -49,6 +49,8 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
     assert interrupted, lines
     step = int(interrupted[0].split()[3])
     assert step >= 3 and Workdir(wd).steps() == [step]   # no periodic saves: only Ctrl-C's
+    ledger = Workdir(wd).read_goodput()[0]    # the stop wrote the goodput ledger's last line
+    assert ledger[-1]["final"] and ledger[-1]["step"] == step
     assert "Ctrl-C again to stop at once" in err
 
 

@@ -2,8 +2,8 @@
 
 The loop only draws a batch, runs the step and hands a :class:`StepInfo` to :class:`Hooks`;
 everything else - metrics, images, trace, progress, profile, checkpoints, preemption, divergence,
-the writer lease - is one small hook below, registered by :func:`standard_hooks`. A hook that
-ends the run raises :class:`Stop` with the run's status.
+the writer lease, the goodput ledger - is one small hook below, registered by
+:func:`standard_hooks`. A hook that ends the run raises :class:`Stop` with the run's status.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
 from mwmae.train import perf
+from mwmae.train.goodput import Recorder
 from mwmae.train.trainer import Trainer
 from mwmae.workdir import Workdir
 
@@ -251,6 +252,10 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
             # The time the loop was held (the device-to-host copy when saves are async).
             run.writer.write_scalars(info.step, metrics_lib.tagged(
                 {"save_seconds": time.perf_counter() - t0}))
+            if preempted or info.done:
+                # The run's last save: wait for it to commit here, so the time it holds the
+                # process is this hook's (the goodput ledger counts it as checkpointing).
+                run.manager.wait_until_finished()
         if preempted:
             status = "interrupted" if run.watch.interrupted else "preempted"
             run.print_fn(f"{status}: saving step {info.step} and stopping")
@@ -259,10 +264,17 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
 
 
 def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
-                   bar: Any = None) -> Hooks:
-    """The trainer's hooks, in the order they run after each step."""
+                   bar: Any = None, goodput: Recorder | None = None) -> Hooks:
+    """The trainer's hooks, in the order they run after each step; with ``goodput``, the
+    checkpoint hook and the task's hooks are timed by it and it flushes at the log cadence."""
     c = run.config
     hooks = Hooks(run.start_step)
+
+    def timed(part: str, hook: Hook) -> Hook:
+        return hook if goodput is None else goodput.timed(part, hook)
+
+    if goodput is not None:
+        hooks.add("goodput", goodput.count)
     if lease is not None:
         hooks.add("lease", lease_guard(run, lease))
     if c.trace_batches:
@@ -279,9 +291,11 @@ def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
     guard = divergence_guard(run)
     hooks.add("divergence", guard, c.log_every_steps, first=True, last=True)
     hooks.add("metrics", logger, c.log_every_steps, first=True, last=True)
+    if goodput is not None:
+        hooks.add("goodput_log", goodput.at_log_point, c.log_every_steps, first=True)
     if bar is not None:
         hooks.add("progress_bar", progress_bar(bar))
     for name, fn, every, last in run.trainer.task_hooks(run):
-        hooks.add(name, fn, every, last=last)
-    hooks.add("checkpoint", checkpointer(run, guard))
+        hooks.add(name, timed("evaluation", fn), every, last=last)
+    hooks.add("checkpoint", timed("checkpoint", checkpointer(run, guard)))
     return hooks

@@ -19,6 +19,7 @@ from mwmae import workdir as workdir_lib
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
+from mwmae.train.goodput import Recorder
 from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
 from mwmae.train.trainer import Trainer
 
@@ -59,6 +60,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     multi-host preemption notice; a checkpoint of the current step was committed) or
     "interrupted" (Ctrl-C; saved likewise).
     """
+    began = time.perf_counter()  # the goodput ledger's start-up counts from here
     task.check(config)
     wd = workdir_lib.Workdir(workdir)
     wd.check_resume(json.loads(config.to_json_best_effort()), task.may_change)
@@ -68,7 +70,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     lease = take_lease(wd, config)
     closers: list[Callable[[], None]] = []
     try:
-        run, state, compiled, hooks = _start(t, wd, config, print_fn, lease, closers)
+        run, state, compiled, hooks = _start(t, wd, config, print_fn, lease, closers, began)
         status = "done"
         for step in range(run.start_step + 1, t.total_steps + 1):
             wait_start = time.perf_counter()
@@ -92,9 +94,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
            print_fn: Callable[[str], None], lease: Lease | None,
-           closers: list[Callable[[], None]]) -> tuple[Run, Any, Any, Hooks]:
-    """Writer, checkpoint manager, signal watch, source and progress bar (each registered in
-    ``closers``), the restored or initial state, the compiled step and the hooks."""
+           closers: list[Callable[[], None]], began: float) -> tuple[Run, Any, Any, Hooks]:
+    """Writer, checkpoint manager, signal watch, source, progress bar and goodput recorder
+    (each registered in ``closers``), the restored or initial state, the compiled step and the
+    hooks."""
     is_main = jax.process_index() == 0
     if is_main:
         # The run's whole config beside its checkpoints: export and inspection read it back.
@@ -136,8 +139,13 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
               verified_step=start if restored is not None else None,
               skipped_steps_at_start=int(state.skipped_steps), started=time.time(),
               previous_seconds=previous_seconds)
-    return run, state, compiled, standard_hooks(run, lease=lease,
-                                                compile_seconds=compile_seconds, bar=bar)
+    recorder = Recorder(wd, writer, start, began, compile_seconds, is_main=is_main,
+                        lease=lease)
+    closers.append(recorder.close)  # first to run: the writer is still open
+    hooks = standard_hooks(run, lease=lease, compile_seconds=compile_seconds, bar=bar,
+                           goodput=recorder)
+    recorder.loop_begins()
+    return run, state, compiled, hooks
 
 
 def _close(closers: list[Callable[[], None]], lease: Lease | None) -> None:

@@ -13,11 +13,14 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from mwmae import goodput
+
 # Every scalar the trainer writes, by dashboard group; the tag is "<group>/<name>".
 GROUPS: dict[str, tuple[str, ...]] = {
     "train": ("loss", "grad_norm", "param_norm", "learning_rate", "skipped_steps"),
+    # goodput*: shares of the whole run's wall time, over its restarts (mwmae.goodput).
     "perf": ("steps_per_sec", "examples_per_sec", "examples_per_sec_per_device", "mfu",
-             "compile_seconds"),
+             "compile_seconds", *goodput.FRACTIONS),
     "data": ("input_wait_ms_per_step", "input_wait_fraction", "skipped_records"),
     "checkpoint": ("save_seconds",),
     # A tagger's held-out evaluation (mwmae.finetune): over the whole split, never per batch.
