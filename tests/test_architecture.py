@@ -20,6 +20,7 @@ RULES: dict[str, set[str]] = {
     "mwmae.speech": {"mwmae.audio"},
     "mwmae.checksum": set(),
     "mwmae.aot": set(),
+    "mwmae.collectives": set(),
     "mwmae.lease": set(),
     "mwmae.data": {"mwmae.audio"},
     "mwmae.model": {"mwmae.kernels"},
@@ -31,7 +32,8 @@ RULES: dict[str, set[str]] = {
     "mwmae.model_info": {"mwmae.model"},
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
-                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api"},
+                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.collectives",
+                    "mwmae.api"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
     "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},

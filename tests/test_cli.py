@@ -81,3 +81,11 @@ def test_a_cli_training_run_shows_its_eta(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step")]
     assert len(steps) == 3 and all(" ETA 0:" in ln for ln in steps), out.stdout
+
+
+def test_absl_tools_take_hyphenated_flags():
+    argv = ["--num-slices", "2", "--embed-batch=4", "--config.mesh.preset=fsdp",
+            "--topology", "v5e:2x2", "--config=configs/my-run.py", "--", "--keep-this"]
+    assert cli.absl_spelling(argv) == [
+        "--num_slices", "2", "--embed_batch=4", "--config.mesh.preset=fsdp", "--topology",
+        "v5e:2x2", "--config=configs/my-run.py", "--", "--keep-this"]
