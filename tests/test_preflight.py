@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from multihost_helpers import write_id_shards
+from multihost_helpers import launch, wait_all, write_id_shards
 from train_helpers import load_config
 
 from mwmae.kernels import numerics, pallas_tpu
@@ -71,7 +71,7 @@ def test_cli_on_tiny_reports_every_check(tmp_path):
     layers = {r["layer"]["name"]: r for r in report["attention"]["layers"]}
     assert set(layers) == {"encoder", "decoder"}
     assert layers["decoder"]["layer"]["window_sizes"] == [5, 25, 0, 0]
-    assert layers["encoder"]["layer"]["length"] == 12  # the kept 20% of 60 patches
+    assert layers["encoder"]["layer"]["length"] == 50  # the kept 20% of 250 patches
     for record in layers.values():
         assert record["choice"] == "xla"
         assert {"xla", "pallas_interpret", "pallas_gpu_interpret"} <= set(record["numerics"])
@@ -260,3 +260,18 @@ def test_cli_on_demo_with_its_shards(tmp_path):
     assert report["input"]["source"] == "shards" and report["input"]["clips_per_second"] > 0
     assert not (wd / "preflight-scratch").exists()
     assert np.isfinite(report["step"]["loss"])
+
+
+@pytest.mark.slow
+def test_two_hosts_run_it_together_and_process_0_reports(tmp_path):
+    wd = tmp_path / "wd"
+    procs = launch(wd, [], num_processes=2, devices_per_process=2, module="mwmae.preflight")
+    codes = wait_all(procs, timeout=900)
+    logs = [(tmp_path / f"wd-host{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    report = json.loads((wd / "preflight.json").read_text())
+    assert report["devices"]["processes"] == 2 and report["devices"]["count"] == 4
+    assert report["devices"]["hosts_agree"] is True
+    assert len(report["input"]["clips_per_second_per_host"]) == 2
+    assert "preflight verdict:" in logs[0] and "devices   ok" in logs[0]
+    assert "devices   ok" not in logs[1]  # process 1 prints only what is not ok there

@@ -20,31 +20,19 @@ def check_input(trainer: Any, step_seconds: float | None, *, batches: int = 20,
     s = Section("input")
     c = trainer.config
     local_batch = c.batch_size // jax.process_count()
-    try:
-        source = trainer.make_source()
-    except Exception as e:  # noqa: BLE001 - a missing shard or bad manifest is the finding
-        s.line(FAIL, f"the input pipeline does not start: {type(e).__name__}: {e}")
+    rate, first_s, error = _measure(trainer, local_batch, batches, budget_s)
+    # Every host reaches the gather, a failing one too (with no rate), or the others would wait.
+    every = _every_host(rate if error is None else float("nan"))
+    if error is not None:
+        s.line(FAIL, error)
         return s
-    try:
-        t0 = time.perf_counter()
-        source.next_local()  # the first batch also starts workers and fills buffers
-        first_s = time.perf_counter() - t0
-        rows, start = 0, time.perf_counter()
-        while rows < batches * local_batch and (rows < 2 * local_batch
-                                                 or time.perf_counter() - start < budget_s):
-            audio, _ = source.next_local()
-            rows += audio.shape[0]
-        seconds = time.perf_counter() - start
-    except Exception as e:  # noqa: BLE001 - a damaged record is the finding
-        s.line(FAIL, f"the input pipeline fails: {type(e).__name__}: {e}")
-        return s
-    finally:
-        source.close()
-    rate = rows / seconds
-    every = _every_host(rate)
     s.figures.update(source=c.data.source, num_workers=c.data.num_workers,
                      first_batch_seconds=round(first_s, 2), clips_per_second=rate,
                      clips_per_second_per_host=every)
+    if not all(np.isfinite(every)):
+        s.line(FAIL, f"the input pipeline fails on host(s) "
+                     f"{[i for i, r in enumerate(every) if not np.isfinite(r)]}")
+        return s
     slowest = min(every)
     what = c.data.source if c.data.source == "synthetic" else f"shards ({c.data.train_shards})"
     text = (f"{slowest:.0f} clips/s on the slowest of {len(every)} host(s) from {what}, "
@@ -62,6 +50,29 @@ def check_input(trainer: Any, step_seconds: float | None, *, batches: int = 20,
     else:
         s.line(OK, text)
     return s
+
+
+def _measure(trainer: Any, local_batch: int, batches: int, budget_s: float
+             ) -> tuple[float, float, str | None]:
+    """(clips/s after the first batch, seconds to the first batch, the error if any)."""
+    try:
+        source = trainer.make_source()
+    except Exception as e:  # noqa: BLE001 - a missing shard or bad manifest is the finding
+        return 0.0, 0.0, f"the input pipeline does not start: {type(e).__name__}: {e}"
+    try:
+        t0 = time.perf_counter()
+        source.next_local()  # the first batch also starts workers and fills buffers
+        first_s = time.perf_counter() - t0
+        rows, start = 0, time.perf_counter()
+        while rows < batches * local_batch and (rows < 2 * local_batch
+                                                 or time.perf_counter() - start < budget_s):
+            audio, _ = source.next_local()
+            rows += audio.shape[0]
+        return rows / (time.perf_counter() - start), first_s, None
+    except Exception as e:  # noqa: BLE001 - a damaged record is the finding
+        return 0.0, 0.0, f"the input pipeline fails: {type(e).__name__}: {e}"
+    finally:
+        source.close()
 
 
 def _every_host(rate: float) -> list[float]:

@@ -37,14 +37,18 @@ class Section:
 
 
 class Printer:
-    """Prints each line as it is found (process 0 only), so a slow check shows progress."""
+    """Prints each line as it is found, so a slow check shows progress: every line on process
+    0, and on the other processes only what is not ok there (prefixed with the host)."""
 
     def __init__(self, print_fn: Callable[[str], None] = print):
-        self.print_fn = print_fn if jax.process_index() == 0 else (lambda _: None)
+        self.print_fn, self.host = print_fn, jax.process_index()
 
     def show(self, section: Section, start: int = 0) -> None:
         for verdict, text in section.lines[start:]:
-            self.print_fn(f"{section.name:<9} {verdict:<4} {text}")
+            if self.host == 0:
+                self.print_fn(f"{section.name:<9} {verdict:<4} {text}")
+            elif verdict != OK:
+                self.print_fn(f"host {self.host}: {section.name:<9} {verdict:<4} {text}")
 
 
 def gib(n: float | None) -> str:

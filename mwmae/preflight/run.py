@@ -16,7 +16,7 @@ from etils import epath
 
 from mwmae.data import storage as storage_lib
 from mwmae.preflight import attention, hardware, pipeline, step, storage
-from mwmae.preflight.report import FAIL, SECTIONS, Printer, Section, worst
+from mwmae.preflight.report import FAIL, OK, SECTIONS, WARN, Printer, Section, worst
 from mwmae.train import attention_plan
 from mwmae.train.attention_plan import AttentionPlan, Decision
 from mwmae.workdir import Workdir
@@ -99,6 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
             sections[name] = Section(name)
             sections[name].line(FAIL, "not run: the config cannot run on these devices")
             printer.show(sections[name])
+    _every_host_counts(sections, printer)
     report.update({name: sections[name].to_dict() for name in SECTIONS})
     report["verdict"] = worst(s.verdict for s in sections.values())
     report["meta"]["finished"] = attention_plan.measured_now()
@@ -109,6 +110,26 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
             print_fn(f"attention choices remembered in {path}")
     print_fn(f"preflight verdict: {report['verdict']}")
     return report
+
+
+def _every_host_counts(sections: dict[str, Section], printer: Printer) -> None:
+    """One verdict for the job: a section that is worse on another host says so on process 0
+    (whose lines are the ones printed), and every host exits alike."""
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    rank = {OK: 0, WARN: 1, FAIL: 2}
+    mine = np.array([rank[sections[n].verdict] for n in SECTIONS], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(SECTIONS))
+    for i, name in enumerate(SECTIONS):
+        worse = [h for h in range(every.shape[0]) if every[h, i] > mine[i]]
+        if worse:
+            verdict = [OK, WARN, FAIL][int(every[:, i].max())]
+            sections[name].line(verdict, f"worse on host(s) {worse}: {verdict} (their own "
+                                         "output says why)")
+            printer.show(sections[name], len(sections[name].lines) - 1)
 
 
 def default_out(workdir: str | None) -> str:

@@ -39,14 +39,21 @@ def check_storage(trainer: Any, scratch: epath.Path, state: Any,
     s.figures["path"] = str(scratch.parent)
     host = scratch / f"host{jax.process_index()}-{uuid.uuid4().hex[:8]}"
     try:
-        host.mkdir(parents=True, exist_ok=True)
-        _throughput(s, host, state)
+        try:
+            host.mkdir(parents=True, exist_ok=True)
+            _throughput(s, host, state)
+        except Exception as e:  # noqa: BLE001 - a read-only or full workdir is the finding
+            s.line(FAIL, f"{scratch.parent}: cannot write and read back: "
+                         f"{type(e).__name__}: {e}")
+        # The save is collective: every host takes part, whatever its own probe found.
         if state is not None:
-            _checkpoint(s, trainer, scratch / "checkpoint", state, step_seconds)
+            try:
+                _checkpoint(s, trainer, scratch / "checkpoint", state, step_seconds)
+            except Exception as e:  # noqa: BLE001 - as above
+                s.line(FAIL, f"{scratch.parent}: a checkpoint cannot be saved there: "
+                             f"{type(e).__name__}: {e}")
         else:
             s.line(WARN, "no checkpoint timed: there is no state (the step check failed)")
-    except Exception as e:  # noqa: BLE001 - a read-only or full workdir is the finding
-        s.line(FAIL, f"{scratch.parent}: cannot write and read back: {type(e).__name__}: {e}")
     finally:
         _sync("mwmae-preflight-storage")
         if jax.process_index() == 0:
