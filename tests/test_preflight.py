@@ -275,3 +275,36 @@ def test_two_hosts_run_it_together_and_process_0_reports(tmp_path):
     assert len(report["input"]["clips_per_second_per_host"]) == 2
     assert "preflight verdict:" in logs[0] and "devices   ok" in logs[0]
     assert "devices   ok" not in logs[1]  # process 1 prints only what is not ok there
+
+
+def test_storage_on_a_gs_workdir_through_the_emulator():
+    import gcs_emulator
+    from etils import epath
+
+    from mwmae.preflight import storage
+    from mwmae.workdir import Workdir
+
+    with gcs_emulator.emulated_gcs(("pf-bucket",)):
+        wd = Workdir("gs://pf-bucket/run")
+        t = Trainer(tiny(), str(wd), devices=jax.devices()[:1])
+        section = storage.check_storage(t, wd.preflight_scratch, t.initial_state(), 0.1)
+        assert section.verdict in ("ok", "warn"), section.lines
+        f = section.figures
+        assert f["path"] == "gs://pf-bucket/run"
+        assert f["write_mb_per_s"] > 0 and f["read_mb_per_s"] > 0
+        assert f["checkpoint_total_seconds"] >= f["checkpoint_blocking_seconds"] > 0
+        assert f["checkpoint_interval_seconds"] == pytest.approx(20 * 0.1)
+        assert not epath.Path("gs://pf-bucket/run/preflight-scratch").exists()
+
+
+def test_storage_names_a_workdir_it_cannot_write(tmp_path):
+    from etils import epath
+
+    from mwmae.preflight import storage
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    t = Trainer(tiny(), str(tmp_path / "wd"), devices=jax.devices()[:1])
+    section = storage.check_storage(t, epath.Path(blocked) / "preflight-scratch", None, None)
+    assert section.verdict == "fail"
+    assert any(str(blocked) in text for v, text in section.lines if v == "fail")
