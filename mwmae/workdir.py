@@ -8,6 +8,9 @@
       tensorboard/           metrics and images
       trace/host<i>.jsonl    per-step loss and clip ids, when ``trace_batches``
       evaluations.jsonl      a tagger's evaluations on its held-out split, one line per step
+      preflight.json         the newest preflight report on this run's hosts (mwmae.preflight):
+                             its measured attention choices steer attention_impl="auto"
+      preflight-scratch/     what a running preflight writes to time storage (removed after)
 
 A checkpoint's three items: ``state`` (the TrainState as sharded arrays; every host writes its
 own shards), ``data`` (every host's input-pipeline position) and ``meta`` (counters, the config,
@@ -41,6 +44,8 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 TRACE = "trace"
 EVALUATIONS = "evaluations.jsonl"
+PREFLIGHT = "preflight.json"
+PREFLIGHT_SCRATCH = "preflight-scratch"
 DAMAGED_SUFFIX = ".damaged"
 ITEMS = ("state", "data", "meta")
 
@@ -125,6 +130,14 @@ class Workdir:
 
     def trace_file(self, host: int) -> epath.Path:
         return self.path / TRACE / f"host{host}.jsonl"
+
+    @property
+    def preflight_path(self) -> epath.Path:
+        return self.path / PREFLIGHT
+
+    @property
+    def preflight_scratch(self) -> epath.Path:
+        return self.path / PREFLIGHT_SCRATCH
 
     @property
     def evaluations_path(self) -> epath.Path:

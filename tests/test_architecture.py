@@ -49,6 +49,10 @@ RULES: dict[str, set[str]] = {
     # The closed loop of a sweep runs the tools as processes; it reads only their results.
     "mwmae.sweep": {"mwmae.hear"},
     "mwmae.job": set(),  # the image's entry point: runs the tools by module name
+    # The preflight builds the run's trainer (pretraining or the tagger), times its step, its
+    # input and its workdir's storage, and checks the kernels against the reference.
+    "mwmae.preflight": {"mwmae.train", "mwmae.finetune", "mwmae.kernels", "mwmae.data",
+                        "mwmae.workdir", "mwmae.aot"},
     "mwmae.demo": {"mwmae", "mwmae.speech", "mwmae.hear", "mwmae.api", "mwmae.data",
                    "mwmae.train", "mwmae.artifact", "mwmae.audio", "mwmae.workdir"},
 }

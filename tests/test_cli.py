@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 BIN = pathlib.Path(sys.executable).parent
 ABSL_TOOLS = {"mwmae.train.__main__", "mwmae.finetune.__main__", "mwmae.train.compile_check",
-              "mwmae.train.partitioning", "mwmae.model_info",
+              "mwmae.train.partitioning", "mwmae.model_info", "mwmae.preflight.__main__",
               "mwmae.job"}  # the image's entry point: with no command, the trainer's flags
 
 
