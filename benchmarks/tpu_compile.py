@@ -4,13 +4,16 @@
   .venv-tpu/bin/python benchmarks/tpu_compile.py --out benchmarks/results/tpu-compile
   .venv-tpu/bin/python benchmarks/tpu_compile.py --rows v5p-8 --attention auto   # one row
   .venv-tpu/bin/python benchmarks/tpu_compile.py --rows v4-8 -- --config.grad_accum_steps=2
+  .venv-tpu/bin/python benchmarks/tpu_compile.py --rows "2x v5e-4 (dcn data)"  # two slices
   .venv-tpu/bin/python benchmarks/tpu_compile.py --table benchmarks/results/tpu-compile/rows.jsonl
 
 Each row runs ``python -m mwmae.train.compile_check`` in its own process (a compile of the base
 model takes minutes and GiBs of host memory) with the paper's global batch 1024 and prints one
 JSON line; the table (markdown) and every report (JSON) are written to ``--out``. "Fits" compares
 XLA's per-device peak estimate with the device's HBM (a chip's HBM over the devices libtpu lists
-per chip). Nothing here measures speed: no TPU runs anything.
+per chip). Nothing here measures speed: no TPU runs anything. Multi-slice rows ("2x ...") are
+compiled for two slices joined over the data-centre network; each report says which mesh axes
+cross slices and which collectives go between them.
 """
 
 from __future__ import annotations
@@ -25,23 +28,30 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/mwmae_base_200_4x16.py"
 
-# name: (topology, mesh preset, HBM per chip in GiB, chips)
+# name: (topology of one slice, mesh preset, HBM per chip in GiB, chips in all, slices).
+# Multi-slice rows join the slices over the data-centre network; the preset describes one
+# slice and the data axis spans them (compile_check --num_slices).
 SLICES = {
-    "v4-8": ("v4:2x2x1", "dp", 32, 4),
-    "v5e-8": ("v5e:2x4", "dp", 16, 8),
-    "v5p-8": ("v5p:2x2x1", "dp", 95, 4),
-    "v6e-8": ("v6e:2x4", "dp", 32, 8),
-    "v5p-16 (data)": ("v5p:2x2x2", "dp", 95, 8),
-    "v4-32 (fsdp)": ("v4:2x2x4", "fsdp", 32, 16),
-    "v6e-16 (fsdp_tp)": ("v6e:4x4", "fsdp_tp", 32, 16),
+    "v4-8": ("v4:2x2x1", "dp", 32, 4, 1),
+    "v5e-8": ("v5e:2x4", "dp", 16, 8, 1),
+    "v5p-8": ("v5p:2x2x1", "dp", 95, 4, 1),
+    "v6e-8": ("v6e:2x4", "dp", 32, 8, 1),
+    "v5p-16 (data)": ("v5p:2x2x2", "dp", 95, 8, 1),
+    "v4-32 (fsdp)": ("v4:2x2x4", "fsdp", 32, 16, 1),
+    "v6e-16 (fsdp_tp)": ("v6e:4x4", "fsdp_tp", 32, 16, 1),
+    "2x v5e-4 (dcn data)": ("v5e:2x2", "dp", 16, 8, 2),
+    "2x v5e-4 (dcn data, fsdp)": ("v5e:2x2", "fsdp", 16, 8, 2),
+    "2x v5p-8 (dcn data)": ("v5p:2x2x1", "dp", 95, 8, 2),
 }
 
 
 def run_row(name: str, attention: str, batch: int, extra: list[str], timeout: int) -> dict:
-    topology, preset, hbm_per_chip, chips = SLICES[name]
+    topology, preset, hbm_per_chip, chips, slices = SLICES[name]
     cmd = [sys.executable, "-m", "mwmae.train.compile_check", "--config", CONFIG,
            "--topology", topology, f"--config.mesh.preset={preset}",
            f"--config.batch_size={batch}", f"--config.model.attention_impl={attention}", *extra]
+    if slices > 1:
+        cmd += ["--num_slices", str(slices)]
     row = {"slice": name, "topology": topology, "preset": preset, "attention_impl": attention,
            "command": " ".join(cmd[1:])}
     try:

@@ -2,7 +2,8 @@
 # Run the mwmae image on a GPU host with docker (NVIDIA Container Toolkit).
 #
 #   launch/gpu_docker.sh train  --image IMAGE --config FILE --workdir DIR [--data MANIFEST]
-#                               [--gpus all|N|device=0,1] [multi-host flags] [-- TRAINER_FLAGS]
+#                               [--gpus all|N|device=0,1] [multi-host flags] [--skip-preflight]
+#                               [-- TRAINER_FLAGS]
 #   launch/gpu_docker.sh export --image IMAGE --workdir DIR --out DIR [--step N]
 #   launch/gpu_docker.sh eval   --image IMAGE --artifact DIR --tasks-dir DIR --out DIR
 #                               [--seeds N] [--grid default|fast|faster]
@@ -13,6 +14,11 @@
 #   (or, with --shared-workdir, a path every host mounts at the same place). The trainer
 #   resumes from the latest checkpoint in the workdir: rerun the same command after a failure,
 #   or pass --restart N to let docker restart it (detached; follow with docker logs -f NAME).
+#   The preflight (the image's preflight command: devices, attention kernels, the train step,
+#   input pipeline and storage) runs first, in the foreground, with the same mounts and flags; it
+#   writes WORKDIR/preflight.json, and when it fails the script exits with its status and the
+#   trainer does not start. It runs once per command (docker's --restart applies to the trainer
+#   only); --skip-preflight starts the trainer without it.
 # export: the export CLI turns a checkpoint of the workdir into an artifact under --out.
 # eval: the HEAR evaluation of an exported artifact on the task folders, results under --out.
 #
@@ -42,7 +48,7 @@ case $verb in
 esac
 
 image="" config="" workdir="" data="" gpus=all coordinator="" num_processes="" process_id=""
-shared_workdir=0 restart="" cname="" user="" credentials="" out="" step="" artifact=""
+shared_workdir=0 preflight=1 restart="" cname="" user="" credentials="" out="" step="" artifact=""
 tasks_dir="" seeds="" grid=""
 extra=()
 while (($#)); do
@@ -56,6 +62,7 @@ while (($#)); do
     --num-processes) need_value "$1" $#; num_processes=$2; shift 2 ;;
     --process-id) need_value "$1" $#; process_id=$2; shift 2 ;;
     --shared-workdir) shared_workdir=1; shift ;;
+    --skip-preflight) preflight=0; shift ;;
     --restart) need_value "$1" $#; restart=$2; shift 2 ;;
     --name) need_value "$1" $#; cname=$2; shift 2 ;;
     --user) need_value "$1" $#; user=$2; shift 2 ;;
@@ -121,15 +128,18 @@ case $verb in
 esac
 
 # ---- the docker command ----
-cmd=(docker run --gpus "$gpus" --user "$user" -e HOME=/tmp)
+# head policy named opts program (IMAGE ARGS): the preflight shares head and opts (mounts, network)
+head=(docker run --gpus "$gpus" --user "$user" -e HOME=/tmp)
 if [[ -n $restart ]]; then
-  cmd+=(--detach --restart "on-failure:$restart")
+  policy=(--detach --restart "on-failure:$restart")
 else
-  cmd+=(--rm)
+  policy=(--rm)
 fi
-[[ -z $cname ]] || cmd+=(--name "$cname")
+named=()
+[[ -z $cname ]] || named=(--name "$cname")
+opts=()
 if [[ -n $credentials ]]; then
-  cmd+=(-v "$(abspath "$credentials"):/mnt/credentials.json:ro"
+  opts+=(-v "$(abspath "$credentials"):/mnt/credentials.json:ro"
     -e GOOGLE_APPLICATION_CREDENTIALS=/mnt/credentials.json)
 fi
 
@@ -139,7 +149,7 @@ bind() {
   if [[ $1 == gs://* ]]; then
     BOUND=$1
   else
-    cmd+=(-v "$(abspath "$1"):$2${3:+:$3}")
+    opts+=(-v "$(abspath "$1"):$2${3:+:$3}")
     BOUND=$2
   fi
 }
@@ -149,7 +159,7 @@ case $verb in
   train)
     # host networking for the coordinator and NCCL; host IPC and unlimited locked memory for
     # NCCL's shared buffers
-    cmd+=(--net=host --ipc=host --ulimit memlock=-1 --ulimit stack=67108864)
+    opts+=(--net=host --ipc=host --ulimit memlock=-1 --ulimit stack=67108864)
     bind "$workdir" /mnt/workdir
     wd=$BOUND
     args=(--config "$config" --workdir "$wd")
@@ -167,7 +177,7 @@ case $verb in
       args+=(--coordinator_address="$coordinator" --num_processes="$num_processes"
         --process_id="$process_id")
     fi
-    cmd+=("$image" "${args[@]}" "${extra[@]}")
+    program=("$image" "${args[@]}" "${extra[@]}")
     ;;
   export)
     bind "$workdir" /mnt/workdir ro
@@ -176,7 +186,7 @@ case $verb in
     od=$BOUND
     args=(--workdir "$wd" --out "$od")
     [[ -z $step ]] || args+=(--step "$step")
-    cmd+=(--entrypoint python "$image" -m mwmae.export "${args[@]}" "${extra[@]}")
+    program=(--entrypoint python "$image" -m mwmae.export "${args[@]}" "${extra[@]}")
     ;;
   eval)
     bind "$artifact" /mnt/artifact ro
@@ -188,7 +198,7 @@ case $verb in
     args=(--artifact "$ad" --tasks-dir "$td" --out "$od")
     [[ -z $seeds ]] || args+=(--seeds "$seeds")
     [[ -z $grid ]] || args+=(--grid "$grid")
-    cmd+=(--entrypoint python "$image" -m mwmae.hear.evaluate "${args[@]}" "${extra[@]}")
+    program=(--entrypoint python "$image" -m mwmae.hear.evaluate "${args[@]}" "${extra[@]}")
     ;;
 esac
 
@@ -198,4 +208,16 @@ if ((!DRY_RUN)); then
   [[ $verb != train ]] || made=$workdir
   [[ $made == gs://* ]] || mkdir -p "$made"
 fi
-run "${cmd[@]}"
+if [[ $verb == train ]] && ((preflight)); then
+  # always --rm and in the foreground: its exit status decides whether the trainer starts
+  pre=("${head[@]}" --rm)
+  [[ -z $cname ]] || pre+=(--name "$cname-preflight")
+  rc=0
+  run "${pre[@]}" "${opts[@]}" "$image" preflight "${args[@]}" "${extra[@]}" || rc=$?
+  if ((rc != 0)); then
+    echo "$PROG: preflight failed (exit $rc), so the trainer was not started; its verdict is in" \
+      "$workdir/preflight.json (--skip-preflight bypasses it)" >&2
+    exit "$rc"
+  fi
+fi
+run "${head[@]}" "${policy[@]}" "${named[@]}" "${opts[@]}" "${program[@]}"

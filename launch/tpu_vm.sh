@@ -9,15 +9,19 @@
 #             (git archive HEAD) and runs scripts/install.sh with jax[tpu]; --mode docker pulls
 #             --image
 #   train     start training on every worker in the background (multi-host: --worker=all and
-#             --multihost); the trainer resumes from the latest checkpoint in --workdir
+#             --multihost); the trainer resumes from the latest checkpoint in --workdir. The
+#             preflight (python -m mwmae.preflight, same flags) runs first on all workers at once
+#             and writes WORKDIR/preflight.json; the trainer starts only when it exits 0
 #   up        create + setup + train
 #   logs      follow a worker's training log (--worker, default 0)
-#   status    print each worker's training state (running / done RC / absent)
+#   status    print each worker's state (preflight / preflight failed RC / running / done RC /
+#             absent)
 #   stop      stop training on every worker
 #   fetch     copy the workdir (gs:// through gcloud storage) and worker 0's log to --dest
 #   delete    delete the TPU VM (or the queued resource)
 #   babysit   keep training going until it finishes: recreate the TPU after a preemption,
-#             set it up again and restart training (which resumes); restart a crashed run
+#             set it up again and restart training (which resumes); restart a crashed run; stop
+#             (exit status: the preflight's) when the preflight fails, which a restart would repeat
 #
 # Flags:
 #   --project P            Google Cloud project (required)
@@ -36,8 +40,9 @@
 #   --worker N|all         worker for logs (default: 0)
 #   --poll SECONDS         babysit / queued-resource poll interval (default: 300)
 #   --max-restarts N       babysit gives up after N restarts (default: 50)
+#   --skip-preflight       start the trainer without running the preflight first
 #   --dry-run              print every command instead of running it
-# Everything after -- goes to the trainer, e.g. -- --config.mesh.preset=fsdp
+# Everything after -- goes to the trainer (and its preflight), e.g. -- --config.mesh.preset=fsdp
 set -euo pipefail
 
 PROG=tpu_vm.sh
@@ -56,7 +61,7 @@ esac
 
 project="" zone="" name=mwmae accel="" runtime="" capacity="" queued=0 mode=pip image=""
 config=configs/mwmae_base_200_4x16.py workdir="" data="" dest="" worker=0 poll=300
-max_restarts=50
+max_restarts=50 preflight=1
 trainer_extra=()
 while (($#)); do
   case $1 in
@@ -77,6 +82,7 @@ while (($#)); do
     --worker) need_value "$1" $#; worker=$2; shift 2 ;;
     --poll) need_value "$1" $#; poll=$2; shift 2 ;;
     --max-restarts) need_value "$1" $#; max_restarts=$2; shift 2 ;;
+    --skip-preflight) preflight=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; trainer_extra=("$@"); break ;;
@@ -155,6 +161,9 @@ fi
 zp=(--zone="$zone" --project="$project")
 REMOTE_DIR=mwmae            # pip mode: the source and its .venv, under the worker's home
 CONTAINER=mwmae-train       # docker mode: the training container's name
+PREFLIGHT_CONTAINER=mwmae-preflight
+# docker mode: a preflight job still waiting to start a trainer would start it after a stop.
+STOP_DOCKER="if [ -f preflight.pid ]; then kill -- -\"\$(cat preflight.pid)\" 2> /dev/null; rm -f preflight.pid; fi; sudo docker rm -f $CONTAINER $PREFLIGHT_CONTAINER > /dev/null 2>&1"
 BUNDLE=dist/mwmae-src.tar.gz
 
 tpu_ssh() {
@@ -242,14 +251,38 @@ setup_workers() {
 }
 
 start_training() {
+  # Every worker starts its job in one --worker=all ssh that returns at once, so the preflight,
+  # a multi-host program like the trainer, starts on all workers together. Its exit status goes
+  # to preflight.rc (which status reads); the trainer starts only after a 0.
+  local failed
+  failed="echo \"mwmae: preflight exited \$rc, so the trainer was not started; its verdict is in\" $(shquote "$workdir/preflight.json")"
   if [[ $mode == pip ]]; then
     # Relative config and workdir paths mean what they mean in the repository (cwd: its copy).
     # setsid makes the job a process group of its own, which stop kills as a whole.
-    local job
-    job=".venv/bin/python -m mwmae.train $(trainer_args); echo \$? > train.rc"
-    tpu_ssh all "cd $REMOTE_DIR || exit 1; rm -f train.rc; setsid nohup bash -c $(shquote "$job") > train.log 2>&1 < /dev/null & echo \$! > train.pid"
+    local job="" train clear="rm -f train.rc preflight.rc preflight.log"
+    train=".venv/bin/python -m mwmae.train $(trainer_args); echo \$? > train.rc"
+    if ((preflight)); then
+      # made before the job starts: status reads "preflight" from it (and no preflight.rc yet)
+      clear="rm -f train.rc preflight.rc; : > preflight.log"
+      # tee: the preflight's lines also open train.log, which logs follows
+      job="set -o pipefail; PYTHONUNBUFFERED=1 .venv/bin/python -m mwmae.preflight $(trainer_args) 2>&1 | tee preflight.log; rc=\$?; echo \$rc > preflight.rc; if [ \$rc -ne 0 ]; then $failed; exit \$rc; fi; "
+    fi
+    job+=$train
+    tpu_ssh all "cd $REMOTE_DIR || exit 1; $clear; setsid nohup bash -c $(shquote "$job") > train.log 2>&1 < /dev/null & echo \$! > train.pid"
   else
-    tpu_ssh all "sudo docker rm -f $CONTAINER > /dev/null 2>&1; sudo docker run -d --name $CONTAINER --privileged --net=host $(shquote "$image") $(trainer_args)"
+    local train job
+    train="sudo docker run -d --name $CONTAINER --privileged --net=host $(shquote "$image") $(trainer_args)"
+    if ((preflight)); then
+      # The trainer container appears only once the preflight container exited 0; until then
+      # status sees the job (preflight.pid) alive.
+      job="sudo docker run --rm --name $PREFLIGHT_CONTAINER --privileged --net=host $(shquote "$image") preflight $(trainer_args); rc=\$?; echo \$rc > preflight.rc; if [ \$rc -ne 0 ]; then $failed; exit \$rc; fi; $train > /dev/null"
+      tpu_ssh all "$STOP_DOCKER; rm -f preflight.rc preflight.log; setsid nohup bash -c $(shquote "$job") > preflight.log 2>&1 < /dev/null & echo \$! > preflight.pid"
+    else
+      tpu_ssh all "$STOP_DOCKER; rm -f preflight.rc preflight.log; $train"
+    fi
+  fi
+  if ((preflight && !DRY_RUN)); then
+    say "the preflight runs first on every worker ($workdir/preflight.json); the trainer starts if it passes (see: $PROG status)"
   fi
 }
 
@@ -257,13 +290,14 @@ stop_training() {
   if [[ $mode == pip ]]; then
     tpu_ssh all "if [ -f $REMOTE_DIR/train.pid ]; then kill -- -\"\$(cat $REMOTE_DIR/train.pid)\" 2> /dev/null; rm -f $REMOTE_DIR/train.pid; fi; true"
   else
-    tpu_ssh all "sudo docker rm -f $CONTAINER > /dev/null 2>&1; true"
+    tpu_ssh all "$STOP_DOCKER; true"
   fi
 }
 
-# Prints one line "mwmae-status: running | done RC | absent" per worker.
-PROBE_PIP="cd $REMOTE_DIR 2> /dev/null || { echo 'mwmae-status: absent'; exit 0; }; if [ -f train.rc ]; then echo \"mwmae-status: done \$(cat train.rc)\"; elif [ -f train.pid ] && kill -0 -- -\"\$(cat train.pid)\" 2> /dev/null; then echo 'mwmae-status: running'; else echo 'mwmae-status: absent'; fi"
-PROBE_DOCKER="s=\$(sudo docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' $CONTAINER 2> /dev/null) || { echo 'mwmae-status: absent'; exit 0; }; case \$s in running*) echo 'mwmae-status: running' ;; exited*) echo \"mwmae-status: done \${s#* }\" ;; *) echo 'mwmae-status: absent' ;; esac"
+# Prints one line "mwmae-status: preflight | preflight failed RC | running | done RC | absent" per
+# worker.
+PROBE_PIP="cd $REMOTE_DIR 2> /dev/null || { echo 'mwmae-status: absent'; exit 0; }; if [ -f train.rc ]; then echo \"mwmae-status: done \$(cat train.rc)\"; elif [ -f preflight.rc ] && [ \"\$(cat preflight.rc)\" != 0 ]; then echo \"mwmae-status: preflight failed \$(cat preflight.rc)\"; elif [ -f train.pid ] && kill -0 -- -\"\$(cat train.pid)\" 2> /dev/null; then if [ -f preflight.log ] && [ ! -f preflight.rc ]; then echo 'mwmae-status: preflight'; else echo 'mwmae-status: running'; fi; else echo 'mwmae-status: absent'; fi"
+PROBE_DOCKER="if [ -f preflight.rc ] && [ \"\$(cat preflight.rc)\" != 0 ]; then echo \"mwmae-status: preflight failed \$(cat preflight.rc)\"; exit 0; fi; s=\$(sudo docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' $CONTAINER 2> /dev/null) || { if [ -f preflight.pid ] && kill -0 \"\$(cat preflight.pid)\" 2> /dev/null; then echo 'mwmae-status: preflight'; else echo 'mwmae-status: absent'; fi; exit 0; }; case \$s in running*) echo 'mwmae-status: running' ;; exited*) echo \"mwmae-status: done \${s#* }\" ;; *) echo 'mwmae-status: absent' ;; esac"
 
 probe() {
   local cmd=$PROBE_PIP
@@ -280,7 +314,8 @@ follow_logs() {
   if [[ $mode == pip ]]; then
     tpu_ssh "$worker" "tail -n +1 -F $REMOTE_DIR/train.log"
   else
-    tpu_ssh "$worker" "sudo docker logs -f $CONTAINER"
+    # the preflight's output until its job ends, then the trainer's
+    tpu_ssh "$worker" "if [ -f preflight.pid ]; then tail -n +1 -F --pid=\"\$(cat preflight.pid)\" preflight.log 2> /dev/null; fi; sudo docker logs -f $CONTAINER"
   fi
 }
 
@@ -300,12 +335,33 @@ fetch_results() {
   else
     run gcloud compute tpus tpu-vm scp "$name:$REMOTE_DIR/train.log" "$to/train.log" --worker=0 "${zp[@]}"
   fi
+  # absent after --skip-preflight
+  run gcloud compute tpus tpu-vm scp "$name:$(preflight_log)" "$to/preflight.log" --worker=0 "${zp[@]}" ||
+    say "no preflight.log on worker 0"
+}
+
+preflight_log() {
+  if [[ $mode == pip ]]; then printf '%s' "$REMOTE_DIR/preflight.log"; else printf preflight.log; fi
+}
+
+# Stop everything and exit with the preflight's status: on a healthy TPU a restart would only
+# run the same failing checks again.
+preflight_failed() {
+  local count=$1 rc=$2
+  [[ $rc =~ ^[1-9][0-9]*$ ]] && ((rc < 256)) || rc=1
+  say "the end of worker 0's preflight.log:"
+  tpu_ssh 0 "tail -n 25 $(preflight_log)" >&2 || true
+  stop_training
+  say "preflight failed on $count worker(s) (exit $rc); training was not started and babysit" \
+    "does not retry it: the verdict is in $workdir/preflight.json (fix the cause, or rerun" \
+    "with --skip-preflight)"
+  exit "$rc"
 }
 
 say() { echo "$PROG: $*" >&2; }
 
 babysit() {
-  local restarts=0 state statuses total done_ok failed
+  local restarts=0 state statuses total done_ok failed pre_failed pre_running
   while true; do
     state=$(tpu_state)
     if ((DRY_RUN)); then
@@ -315,6 +371,7 @@ babysit() {
       setup_workers
       start_training
       probe
+      tpu_ssh 0 "tail -n 25 $(preflight_log)"
       stop_training
       return 0
     fi
@@ -324,7 +381,11 @@ babysit() {
         total=$(grep -c . <<<"$statuses" || true)
         done_ok=$(grep -c '^done 0$' <<<"$statuses" || true)
         failed=$(grep -cE '^(done [1-9][0-9]*|absent)$' <<<"$statuses" || true)
-        if ((total >= hosts && done_ok == total)); then
+        pre_failed=$(grep -c '^preflight failed ' <<<"$statuses" || true)
+        pre_running=$(grep -c '^preflight$' <<<"$statuses" || true)
+        if ((pre_failed > 0)); then
+          preflight_failed "$pre_failed" "$(grep -m1 '^preflight failed ' <<<"$statuses" | cut -d' ' -f3)"
+        elif ((total >= hosts && done_ok == total)); then
           say "training finished on all $total workers"
           return 0
         elif ((failed > 0)); then
@@ -333,6 +394,8 @@ babysit() {
           say "training is not running on $failed worker(s); restart $restarts (resumes from the last checkpoint)"
           stop_training
           start_training
+        elif ((pre_running > 0)); then
+          say "preflight running on $pre_running worker(s)"
         else
           say "training running on $total worker(s)"
         fi

@@ -11,8 +11,10 @@ import os
 from typing import Any
 
 
-def topology_devices(topology: str) -> list:
-    """Abstract devices of a TPU slice, e.g. ``"v5p:2x2x1"``, ``"v4:2x2x2"``, ``"v6e:2x2"``."""
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+    """Abstract devices of a TPU slice, e.g. ``"v5p:2x2x1"``, ``"v4:2x2x2"``, ``"v6e:2x2"``; with
+    ``num_slices > 1`` that many such slices joined over the data-centre network (each device's
+    ``slice_index`` says which)."""
     # Without this libtpu asks a GCE metadata server for the host's TPU, which is not there.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     # libtpu takes a machine-wide lock for the chips it drives; compiling drives none, so
@@ -21,7 +23,8 @@ def topology_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     try:
-        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                            num_slices=num_slices)
     except Exception as e:  # noqa: BLE001 - which error depends on libtpu's presence and version
         raise SystemExit(f"cannot describe TPU topology {topology!r} here ({e}); AOT compiles "
                          "for TPU need libtpu (scripts/install.sh .venv-tpu test,tpu); use "

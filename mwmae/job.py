@@ -4,7 +4,10 @@ With no command (the first argument a flag) it is the trainer, ``python -m mwmae
 so ``docker run IMAGE --config ... --workdir ...`` trains. A command runs another tool of the
 package in the same way, for jobs whose launcher can only pass arguments (XManager, Vertex AI):
 
-    train | finetune | export | evaluate (mwmae.hear.evaluate) | sweep
+    train | preflight | finetune | export | evaluate (mwmae.hear.evaluate) | sweep
+
+``preflight`` takes the trainer's flags (config, workdir, overrides, multi-host) and checks that
+a run can start; the launchers run ``IMAGE preflight ARGS`` before ``IMAGE ARGS``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-COMMANDS = {"train": "mwmae.train", "finetune": "mwmae.finetune", "export": "mwmae.export",
-            "evaluate": "mwmae.hear.evaluate", "sweep": "mwmae.sweep"}
+COMMANDS = {"train": "mwmae.train", "preflight": "mwmae.preflight", "finetune": "mwmae.finetune",
+            "export": "mwmae.export", "evaluate": "mwmae.hear.evaluate", "sweep": "mwmae.sweep"}
 
 
 def module_and_args(argv: list[str]) -> tuple[str, list[str]]:

@@ -10,6 +10,9 @@
       evaluations.jsonl      a tagger's evaluations on its held-out split, one line per step
       goodput.jsonl          where each process's wall time went, one line per log point
                              (appended by process 0; see :mod:`mwmae.goodput`)
+      preflight.json         the newest preflight report on this run's hosts (mwmae.preflight):
+                             its measured attention choices steer attention_impl="auto"
+      preflight-scratch/     what a running preflight writes to time storage (removed after)
 
 A checkpoint's three items: ``state`` (the TrainState as sharded arrays; every host writes its
 own shards), ``data`` (every host's input-pipeline position) and ``meta`` (counters, the config,
@@ -44,6 +47,8 @@ TENSORBOARD = "tensorboard"
 TRACE = "trace"
 EVALUATIONS = "evaluations.jsonl"
 GOODPUT = "goodput.jsonl"
+PREFLIGHT = "preflight.json"
+PREFLIGHT_SCRATCH = "preflight-scratch"
 DAMAGED_SUFFIX = ".damaged"
 ITEMS = ("state", "data", "meta")
 
@@ -128,6 +133,14 @@ class Workdir:
 
     def trace_file(self, host: int) -> epath.Path:
         return self.path / TRACE / f"host{host}.jsonl"
+
+    @property
+    def preflight_path(self) -> epath.Path:
+        return self.path / PREFLIGHT
+
+    @property
+    def preflight_scratch(self) -> epath.Path:
+        return self.path / PREFLIGHT_SCRATCH
 
     @property
     def evaluations_path(self) -> epath.Path:

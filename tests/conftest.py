@@ -3,11 +3,14 @@ data (tests/fixtures/reference: see its README)."""
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # etils picks its gs:// backend once, at first use: fsspec/gcsfs honours the GCS emulator the
 # tests start, TensorFlow's filesystem does not.
 os.environ.setdefault("EPATH_USE_TF", "false")
+# Measured attention choices are remembered per user; tests keep theirs to themselves.
+os.environ.setdefault("MWMAE_CACHE_DIR", tempfile.mkdtemp(prefix="mwmae-test-cache-"))
 
 import pytest  # noqa: E402
 

@@ -20,6 +20,7 @@ RULES: dict[str, set[str]] = {
     "mwmae.speech": {"mwmae.audio"},
     "mwmae.checksum": set(),
     "mwmae.aot": set(),
+    "mwmae.collectives": set(),
     "mwmae.lease": set(),
     "mwmae.goodput": set(),  # the ledger's arithmetic: inspect and the trainer share it
     "mwmae.data": {"mwmae.audio"},
@@ -32,7 +33,8 @@ RULES: dict[str, set[str]] = {
     "mwmae.model_info": {"mwmae.model"},
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
-                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.api", "mwmae.goodput"},
+                    "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.collectives",
+                    "mwmae.api", "mwmae.goodput"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
     "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},
@@ -48,6 +50,10 @@ RULES: dict[str, set[str]] = {
     # The closed loop of a sweep runs the tools as processes; it reads only their results.
     "mwmae.sweep": {"mwmae.hear"},
     "mwmae.job": set(),  # the image's entry point: runs the tools by module name
+    # The preflight builds the run's trainer (pretraining or the tagger), times its step, its
+    # input and its workdir's storage, and checks the kernels against the reference.
+    "mwmae.preflight": {"mwmae.train", "mwmae.finetune", "mwmae.kernels", "mwmae.data",
+                        "mwmae.workdir", "mwmae.aot"},
     "mwmae.demo": {"mwmae", "mwmae.speech", "mwmae.hear", "mwmae.api", "mwmae.data",
                    "mwmae.train", "mwmae.artifact", "mwmae.audio", "mwmae.workdir"},
 }

@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 BIN = pathlib.Path(sys.executable).parent
 ABSL_TOOLS = {"mwmae.train.__main__", "mwmae.finetune.__main__", "mwmae.train.compile_check",
-              "mwmae.train.partitioning", "mwmae.model_info",
+              "mwmae.train.partitioning", "mwmae.model_info", "mwmae.preflight.__main__",
               "mwmae.job"}  # the image's entry point: with no command, the trainer's flags
 
 
@@ -81,3 +81,11 @@ def test_a_cli_training_run_shows_its_eta(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step")]
     assert len(steps) == 3 and all(" ETA 0:" in ln for ln in steps), out.stdout
+
+
+def test_absl_tools_take_hyphenated_flags():
+    argv = ["--num-slices", "2", "--embed-batch=4", "--config.mesh.preset=fsdp",
+            "--topology", "v5e:2x2", "--config=configs/my-run.py", "--", "--keep-this"]
+    assert cli.absl_spelling(argv) == [
+        "--num_slices", "2", "--embed_batch=4", "--config.mesh.preset=fsdp", "--topology",
+        "v5e:2x2", "--config=configs/my-run.py", "--", "--keep-this"]

@@ -120,6 +120,12 @@ DRY = {
     "tpu_fetch": (TPU, ["fetch", *POD, "--accelerator-type", "v4-32", "--workdir",
                         "gs://my-bucket/mwmae_base", "--dest", "results/base"]),
     "tpu_delete_queued": (TPU, ["delete", *POD, "--queued"]),
+    "tpu_train_v4-8_skip_preflight": (TPU, ["train", *POD, "--accelerator-type", "v4-8",
+                                            "--config", "configs/tiny.py", "--workdir",
+                                            "runs/tiny_tpu", "--skip-preflight"]),
+    "tpu_train_v4-32_docker_skip_preflight": (
+        TPU, ["train", *POD, "--accelerator-type", "v4-32", "--mode", "docker", "--image",
+              IMAGE_TPU, "--workdir", "gs://my-bucket/mwmae_base", "--skip-preflight"]),
     "gpu_train_one_host": (GPU, ["train", "--image", IMAGE_CUDA, "--config",
                                  "configs/mwmae_base_200_4x16.py", "--workdir",
                                  "/srv/mwmae/runs/base", "--data",
@@ -131,6 +137,10 @@ DRY = {
               "--num-processes", "2", "--process-id", "1", "--gpus", "all", "--restart", "3",
               "--name", "mwmae-train-1", "--credentials", "/etc/mwmae/key.json", "--user",
               "1000:1000", "--", "--config.mesh.preset=fsdp"]),
+    "gpu_train_skip_preflight": (GPU, ["train", "--image", IMAGE_CUDA, "--config",
+                                       "configs/mwmae_base_200_4x16.py", "--workdir",
+                                       "/srv/mwmae/runs/base", "--user", "1000:1000",
+                                       "--restart", "3", "--skip-preflight"]),
     "gpu_export": (GPU, ["export", "--image", IMAGE_CUDA, "--workdir", "/srv/mwmae/runs/base",
                          "--out", "/srv/mwmae/exports/base", "--step", "198400", "--user",
                          "1000:1000"]),
@@ -179,6 +189,138 @@ def test_multihost_tpu_training_runs_on_all_workers_with_multihost(fake_bin):
     docker = dry_run("tpu_up_v5litepod-16_queued_docker", fake_bin)
     assert "queued-resources create mwmae --node-id=mwmae" in docker
     assert "--multihost" in docker and "docker run -d --name mwmae-train" in docker
+
+
+def words(command: str) -> list[str]:
+    """A shell command's words, with ; | > and the like as words of their own."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def job_of(remote: str) -> list[str]:
+    """The words of the background job that a start command hands to setsid nohup bash -c."""
+    remote_words = words(remote)
+    return words(remote_words[remote_words.index("-c") + 1])
+
+
+def test_tpu_preflight_runs_first_in_the_same_job_with_the_trainers_flags(fake_bin):
+    trainer = ["--config", "configs/mwmae_base_200_4x16.py", "--workdir",
+               "gs://my-bucket/mwmae_base", "--multihost", "--config.data.source=shards",
+               "--config.data.train_shards=gs://my-bucket/audioset/manifest.csv",
+               "--config.mesh.preset=fsdp"]
+    lines = dry_run("tpu_up_v4-32_pip", fake_bin).splitlines()
+    [start] = [shlex.split(x)[-1] for x in lines if "mwmae.train" in x]
+    assert "--worker=all" in lines[-1]  # one ssh: every worker starts both together
+    job = job_of(start.removeprefix("--command="))
+    pre = job.index("mwmae.preflight")
+    train = job.index("mwmae.train")
+    assert pre < train
+    assert job[pre + 1:pre + 1 + len(trainer)] == trainer == job[train + 1:train + 1 + len(trainer)]
+    assert "preflight.log" in job and "preflight.rc" in start
+    # the trainer is reached only past the exit-status check
+    between = " ".join(job[pre:train])
+    assert "if [ $rc -ne 0 ]" in between and "exit $rc" in between
+    assert "gs://my-bucket/mwmae_base/preflight.json" in between
+
+    docker = [x for x in dry_run("tpu_up_v5litepod-16_queued_docker", fake_bin).splitlines()
+              if "docker run" in x]
+    [start] = [shlex.split(x)[-1].removeprefix("--command=") for x in docker]
+    job = job_of(start)
+    runs = [i for i, w in enumerate(job) if w == "run"]
+    assert len(runs) == 2
+    assert job[job.index(IMAGE_TPU) + 1] == "preflight" and "--rm" in job[:job.index(IMAGE_TPU)]
+    assert job[runs[1] + 1:runs[1] + 3] == ["-d", "--name"] and "mwmae-train" in job[runs[1]:]
+    assert start.endswith("echo $! > preflight.pid")
+
+
+def start_command(name: str, fake_bin) -> str:
+    [line] = [x for x in dry_run(name, fake_bin).splitlines()
+              if " tpu-vm ssh " in x and ("mwmae.train" in x or "docker run" in x)]
+    return shlex.split(line)[-1].removeprefix("--command=")
+
+
+def test_skip_preflight_removes_only_the_preflight(fake_bin):
+    # pip: the job is the trainer alone, as it runs after a passing preflight
+    with_it = job_of(start_command("tpu_up_v4-8_single_host", fake_bin))
+    skipped = job_of(start_command("tpu_train_v4-8_skip_preflight", fake_bin))
+    assert "mwmae.preflight" in with_it and "mwmae.preflight" not in skipped
+    assert skipped == with_it[with_it.index("mwmae.train") - 2:]
+    # docker: the trainer container straight away, no background job
+    with_it = job_of(start_command("tpu_babysit_queued_docker", fake_bin))
+    skipped = words(start_command("tpu_train_v4-32_docker_skip_preflight", fake_bin))
+    assert "preflight" in with_it and "preflight" not in skipped[skipped.index(IMAGE_TPU):]
+    assert "setsid" not in skipped
+
+    def trainer(command: list[str]) -> list[str]:
+        start = len(command) - 1 - command[::-1].index("sudo")
+        return [w for w in command[start:] if w not in (">", "/dev/null")]
+
+    assert trainer(skipped) == trainer(with_it)
+    # gpu: one docker run, the trainer's, restart policy and all
+    gpu = dry_run("gpu_train_skip_preflight", fake_bin).splitlines()
+    assert len(gpu) == 1 and "--restart on-failure:3" in gpu[0] and " preflight " not in gpu[0]
+    with_pre = dry_run("gpu_train_one_host", fake_bin).splitlines()
+    assert len(with_pre) == 2 and f"{IMAGE_CUDA} preflight --config" in with_pre[0]
+
+
+def test_gpu_preflight_shares_mounts_and_flags_but_not_the_restart_policy(fake_bin):
+    pre, train = (shlex.split(x) for x in
+                  dry_run("gpu_train_multihost_process_1", fake_bin).splitlines())
+    i, j = pre.index(IMAGE_CUDA), train.index(IMAGE_CUDA)
+    assert pre[i + 1] == "preflight" and pre[i + 2:] == train[j + 1:]
+    assert "--coordinator_address=10.128.0.2:12345" in pre and "--process_id=1" in pre
+    assert "--restart" not in pre and "--detach" not in pre and "--rm" in pre
+    assert "on-failure:3" in train
+    assert pre[pre.index("--name") + 1] == "mwmae-train-1-preflight"
+    mounts = [w for k, w in enumerate(pre[:i]) if pre[k - 1] in ("-v", "-e", "--ulimit")]
+    assert mounts and mounts == [w for k, w in enumerate(train[:j])
+                                 if train[k - 1] in ("-v", "-e", "--ulimit")]
+    # the image's entry point turns `preflight ARGS` into the preflight module with ARGS
+    from mwmae import job
+    assert job.module_and_args(pre[i + 1:]) == ("mwmae.preflight", train[j + 1:])
+
+
+def fake_docker(bin_dir: pathlib.Path, log: pathlib.Path, preflight_rc: int) -> None:
+    write_exe(bin_dir / "docker", f"""
+        #!{sys.executable}
+        import json, sys
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps(["docker"] + sys.argv[1:]) + "\\n")
+        if "preflight" in sys.argv:
+            print("preflight: verdict fail (one check failed)")
+            sys.exit({preflight_rc})
+        """)
+
+
+@pytest.mark.parametrize("rc", [1, 2])
+def test_gpu_failed_preflight_stops_before_the_trainer(tmp_path, fake_bin, rc):
+    bin_dir, log = fake_bin
+    fake_docker(bin_dir, log, rc)
+    workdir = tmp_path / "runs" / "base"
+    result = run_script(GPU, ["train", "--image", IMAGE_CUDA, "--config", "configs/tiny.py",
+                              "--workdir", str(workdir), "--restart", "2"], bin_dir)
+    assert result.returncode == rc, result.stderr
+    ran = calls(log)
+    assert len(ran) == 1 and ran[0][:2] == ["docker", "run"] and "preflight" in ran[0]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"preflight failed (exit {rc}), so the trainer was not started" in last
+    assert f"{workdir}/preflight.json" in last and "--skip-preflight" in last
+    assert "verdict fail" in result.stdout  # the preflight's own lines reach the caller
+
+
+def test_gpu_passing_preflight_then_starts_the_trainer(tmp_path, fake_bin):
+    bin_dir, log = fake_bin
+    fake_docker(bin_dir, log, 0)
+    workdir = tmp_path / "runs" / "base"
+    result = run_script(GPU, ["train", "--image", IMAGE_CUDA, "--config", "configs/tiny.py",
+                              "--workdir", str(workdir)], bin_dir)
+    assert result.returncode == 0, result.stderr
+    pre, train = calls(log)
+    assert pre[pre.index(IMAGE_CUDA) + 1] == "preflight"
+    assert train[train.index(IMAGE_CUDA) + 1:] == pre[pre.index(IMAGE_CUDA) + 2:]
+    assert f"{workdir}:/mnt/workdir" in pre and f"{workdir}:/mnt/workdir" in train
+    assert workdir.is_dir()  # made before docker could make it as root
 
 
 # ---- bad arguments fail before any command ----
@@ -274,7 +416,8 @@ def kind(call: list[str]) -> str:
         return "describe"
     if "ssh" in call:
         for key, what in (("mwmae-status", "probe"), ("docker pull", "setup"),
-                          ("docker run", "start"), ("docker rm", "stop")):
+                          ("docker run", "start"), ("docker rm", "stop"),
+                          ("tail -n", "preflight log")):
             if key in text:
                 return what
     return call[3] if len(call) > 3 else text
@@ -307,6 +450,23 @@ def test_babysit_gives_up_after_max_restarts(tmp_path):
     assert [kind(c) for c in calls(log)].count("start") == 2
 
 
+def test_babysit_waits_for_the_preflight_and_stops_when_it_fails(tmp_path):
+    bin_dir, log = fake_gcloud(
+        tmp_path, states=["READY"],
+        probes=[["preflight", "preflight"], ["preflight failed 1", "preflight failed 1"]])
+    result = run_script(TPU, BABYSIT, bin_dir)
+    assert result.returncode == 1, result.stderr
+    assert "preflight running on 2 worker(s)" in result.stderr
+    assert [kind(c) for c in calls(log)] == [
+        "describe", "probe",                       # the preflight is running: wait
+        "describe", "probe", "preflight log", "stop"]  # it failed: show it, stop, no restart
+    last = result.stderr.strip().splitlines()[-1]
+    assert "preflight failed on 2 worker(s) (exit 1)" in last
+    assert "gs://b/w/preflight.json" in result.stderr and "--skip-preflight" in result.stderr
+    tail = next(c for c in calls(log) if kind(c) == "preflight log")
+    assert "--worker=0" in tail
+
+
 # ---- the remote training commands (pip mode), run here in a fake home ----
 
 def remote_command(verb: str, fake_bin) -> str:
@@ -321,12 +481,20 @@ def remote_command(verb: str, fake_bin) -> str:
 
 def test_remote_start_status_and_stop_work_in_a_shell(tmp_path, fake_bin):
     home = tmp_path / "home"
+    # The preflight waits while `hold` exists and exits with the number in `preflight_exit`.
     write_exe(home / "mwmae" / ".venv" / "bin" / "python", """
         #!/usr/bin/env bash
+        if [ "$2" = mwmae.preflight ]; then
+          echo "$@" > preflight_args.txt
+          echo "verdict: $(cat preflight_exit 2> /dev/null || echo 0)"
+          while [ -f hold ]; do sleep 0.1; done
+          exit "$(cat preflight_exit 2> /dev/null || echo 0)"
+        fi
         echo "$@" > args.txt
         for _ in $(seq 100); do [ -f release ] && exit 0; sleep 0.1; done
         exit 3
         """)
+    repo = home / "mwmae"
     start, probe, stop = (remote_command(v, fake_bin) for v in ("train", "status", "stop"))
 
     def sh(command: str) -> str:
@@ -340,17 +508,43 @@ def test_remote_start_status_and_stop_work_in_a_shell(tmp_path, fake_bin):
         assert sh(probe) == f"mwmae-status: {expected}"
 
     assert sh(probe) == "mwmae-status: absent"
+    (repo / "hold").touch()
     sh(start)
+    wait_for("preflight")
+    assert not (repo / "args.txt").exists()  # the trainer waits for the preflight
+    (repo / "hold").unlink()
     wait_for("running")
-    (home / "mwmae" / "release").touch()
+    (repo / "release").touch()
     wait_for("done 0")
-    assert (home / "mwmae" / "args.txt").read_text().split() == [
-        "-m", "mwmae.train", "--config", "configs/tiny.py", "--workdir", "gs://b/tiny"]
-    (home / "mwmae" / "release").unlink()
+    flags = ["--config", "configs/tiny.py", "--workdir", "gs://b/tiny"]
+    assert (repo / "args.txt").read_text().split() == ["-m", "mwmae.train", *flags]
+    assert (repo / "preflight_args.txt").read_text().split() == ["-m", "mwmae.preflight", *flags]
+    assert (repo / "preflight.log").read_text() == "verdict: 0\n"
+    assert (repo / "train.log").read_text().startswith("verdict: 0\n")  # what logs shows
+    (repo / "release").unlink()
     sh(start)
     wait_for("running")
     sh(stop)
     wait_for("absent")  # the whole process group is gone, and no exit code was written
+
+    # a failing preflight: recorded as such, the trainer never starts, the log says why
+    (repo / "args.txt").unlink()
+    (repo / "preflight_exit").write_text("1")
+    sh(start)
+    wait_for("preflight failed 1")
+    deadline = time.monotonic() + 15  # the job writes its last line just after preflight.rc
+    while "mwmae: " not in (repo / "train.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (repo / "args.txt").exists() and not (repo / "train.rc").exists()
+    log = (repo / "train.log").read_text().splitlines()
+    assert log[0] == "verdict: 1"
+    assert log[-1] == ("mwmae: preflight exited 1, so the trainer was not started; its verdict "
+                       "is in gs://b/tiny/preflight.json")
+    (repo / "preflight_exit").write_text("0")
+    sh(start)  # the next start clears the old verdict
+    wait_for("running")
+    sh(stop)
+    wait_for("absent")
 
 
 # ---- Dockerfile, CI and the shared install script ----

@@ -118,3 +118,29 @@ def test_mesh_follows_the_rules_and_the_device_topology():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     # CPU devices have no torus: the layout is the device order.
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[:8]]
+
+
+@pytest.mark.parametrize("mesh_config,shape", [
+    # A preset describes one slice: the slices multiply the data axis only.
+    ({"preset": "fsdp", "dcn_data": 2}, {"data": 2, "fsdp": 4, "tensor": 1}),
+    ({"preset": "fsdp_tp", "dcn_data": 2}, {"data": 2, "fsdp": 2, "tensor": 2}),
+    ({"preset": "dp", "dcn_data": 2}, {"data": 8, "fsdp": 1, "tensor": 1}),
+    ({"preset": "fsdp", "dcn_data": 1}, {"data": 1, "fsdp": 8, "tensor": 1}),
+    # Explicit axis sizes stay global.
+    ({"data": 4, "fsdp": -1, "tensor": 1, "dcn_data": 2}, {"data": 4, "fsdp": 2, "tensor": 1}),
+])
+def test_multi_slice_mesh_shapes(mesh_config, shape):
+    assert sharding.mesh_shape(mesh_config, 8) == shape
+
+
+def test_data_axis_must_span_the_slices():
+    with pytest.raises(ValueError, match=r"data axis \(1\) spans the 2 slices"):
+        sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2},
+                           jax.devices()[:8])
+
+
+def test_cpu_devices_are_one_slice():
+    placement = sharding.slice_placement(sharding.make_mesh({"preset": "fsdp_tp"},
+                                                            jax.devices()[:8]))
+    assert placement["crosses_slices"] == {"data": False, "fsdp": False, "tensor": False}
+    assert placement["slice_index"] == [[[0, 0], [0, 0], [0, 0], [0, 0]]]

@@ -36,9 +36,9 @@ from mwmae.finetune.evaluate import EvalSplit, evaluate
 from mwmae.finetune.model import Classifier, HeadConfig
 from mwmae.finetune.optim import tagger_optimizer
 from mwmae.finetune.step import make_supervised_step
+from mwmae.train import attention_plan, perf, sharding
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
-from mwmae.train import perf, sharding
 from mwmae.train.config import ConfigError
 from mwmae.train.optim import decay_mask, learning_rate_schedule
 from mwmae.train.step import TrainState
@@ -144,6 +144,12 @@ class Tagger(Trainer):
     def make_manager(self, wd: Any) -> Any:
         best = self.main_metric if self.config.tagger.keep_best and self.evaluates else None
         return ckpt.make_manager(wd, self.config, best_metric=best)
+
+    def attention_layers(self) -> list:
+        """The encoder over every patch: fine-tuning has no masking and no decoder."""
+        mc = self.model_config
+        return attention_plan.model_layers(mc, self.device_batch(),
+                                           mc.num_patches + mc.num_extra_tokens, decoder=False)
 
     def flops_per_example(self) -> float:
         # Forward and backward of the encoder over every patch (no masking), the head aside.

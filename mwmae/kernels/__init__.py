@@ -14,6 +14,10 @@
 Every implementation has the same contract, supports jit and grad (bias tables included), and
 agrees with the reference to float32 rounding.
 
+``"auto"`` follows a measured plan when one is in scope (:func:`mwmae.kernels.plan.use_plan`:
+the trainer installs the choices a preflight measured on this device, after its numerics guard);
+a layer the plan does not name gets the rule above.
+
 ``multi_window_attention_with_probs`` also returns the attention probabilities, for analysis;
 it always runs the reference, since the fused kernels never hold a whole probability matrix.
 """
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 import jax
 
+from mwmae.kernels.plan import planned
 from mwmae.kernels.reference import attention_xla, attention_xla_with_probs, check_call
 
 IMPLEMENTATIONS = (
@@ -66,18 +71,24 @@ def target_device():
 
 
 def resolve_implementation(implementation: str, length: int | None = None,
-                           devices: Sequence | None = None) -> str:
+                           devices: Sequence | None = None, *,
+                           window_sizes: Sequence[int] | None = None, shift: bool = False) -> str:
     """The concrete implementation ``implementation`` stands for on ``devices``.
 
     ``devices`` are the devices the computation is compiled for (default: ``target_device()``);
     their platform, never ``jax.default_backend()``, decides, so an AOT compile for a TPU
-    topology on a CPU host picks what a TPU host would.
+    topology on a CPU host picks what a TPU host would. For ``"auto"``, a plan in scope that
+    names the layer (``length``, ``window_sizes``, ``shift``) decides first.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
                          f"{IMPLEMENTATIONS}")
     if implementation not in ("auto", "pallas"):
         return implementation
+    if implementation == "auto" and length is not None and window_sizes is not None:
+        chosen = planned(length, window_sizes, shift)
+        if chosen is not None:
+            return chosen
     device = target_device() if devices is None else list(devices)[0]
     platform = device.platform
     if platform == "tpu":
@@ -119,7 +130,8 @@ def multi_window_attention(
     Returns (batch, heads, length, head_dim).
     """
     heads = check_call(q, k, v, window_sizes, bias_tables, shift, scale)
-    impl = resolve_implementation(implementation, q.shape[2])
+    impl = resolve_implementation(implementation, q.shape[2], window_sizes=heads.window_sizes,
+                                  shift=heads.shift)
     if impl == "xla":
         return attention_xla(q, k, v, bias_tables, heads)
     if impl in ("pallas_tpu", "pallas_interpret", "pallas_tpu_interpret"):

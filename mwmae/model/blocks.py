@@ -115,7 +115,8 @@ def attention(q, k, v, window_sizes, tables, shift, implementation):
     XLA partitions the reference by itself, but a Pallas call is opaque to it: on a mesh the
     kernel must see only its device's block (batch and heads split as the rules say).
     """
-    impl = resolve_implementation(implementation, q.shape[2])
+    impl = resolve_implementation(implementation, q.shape[2], window_sizes=window_sizes,
+                                  shift=shift)
     mesh = jax.sharding.get_abstract_mesh()
     if impl == "xla" or mesh.empty or mesh.size == 1:
         return multi_window_attention(q, k, v, window_sizes, tables, shift, implementation=impl)

@@ -64,6 +64,10 @@ class ModelConfig:
     dtype: str = "float32"
     # Multi-window attention backend: see mwmae.kernels.multi_window_attention.
     attention_impl: str = "auto"
+    # At a run's start on an accelerator, a kernel that disagrees with the XLA reference:
+    # "fallback" (to XLA, with a warning), "error" (stop), "off" (trust it); see
+    # mwmae.train.attention_plan.
+    attention_guard: str = "fallback"
     # Layers run under one nn.scan (fast compiles); unroll > 1 trades compile time for speed.
     scan_unroll: int = 1
 
@@ -130,6 +134,9 @@ class ModelConfig:
         if self.shifting_windows and (self.depth % 2 or self.decoder_depth % 2):
             errors.append("shifting_windows alternates blocks, so depth and decoder_depth must be "
                           f"even (got {self.depth} and {self.decoder_depth})")
+        if self.attention_guard not in ("fallback", "error", "off"):
+            errors.append(f"attention_guard {self.attention_guard!r} must be 'fallback', "
+                          "'error' or 'off'")
         if self.dtype not in ("float32", "bfloat16"):
             errors.append(f"dtype {self.dtype!r} must be 'float32' or 'bfloat16'")
         extra = self.num_extra_tokens

@@ -16,6 +16,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mwmae.train.refusals import refusals, unknown_override
+
 # jax, the trainer, the workdir and the config schema are imported in functions: input worker
 # processes start by importing this module (Python's "spawn"), and need none of them.
 
@@ -29,53 +31,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def refusals() -> tuple[type[BaseException], ...]:
-    """What the run refuses for a reason the user can fix; printed as one line, not a
-    traceback."""
-    from mwmae.lease import LeaseHeld, LeaseLost
-    from mwmae.train.config import ConfigError
-    from mwmae.train.init_from import InitFromError
-    from mwmae.workdir import WorkdirError
-
-    return (ConfigError, InitFromError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
-
-
-def unknown_override(argv: list[str], schema=None) -> str | None:
-    """The message for the first ``--config.x=...`` whose key the schema (the pretraining
-    one unless given) lacks (ml_collections would fail on it with a traceback), or None."""
-    from mwmae.train.config import all_keys, default_config, unknown_key_message
-
-    schema = default_config() if schema is None else schema
-    known = set(all_keys(schema))
-    for arg in argv[1:]:
-        if arg == "--":
-            break
-        if arg.startswith("--config."):
-            key = arg[len("--config."):].split("=", 1)[0]
-            if key not in known and not any(k.startswith(key + ".") for k in known):
-                return unknown_key_message(key, schema)
-    return None
-
-
 # The task this entry point trains: None is pretraining; mwmae.finetune sets its tagger.
 _TASK = None
 
 
 def main(argv: list[str]) -> None:
     del argv
-    import jax
-
+    from mwmae.train import hosts
     from mwmae.train.loop import train
     from mwmae.train.trainer import Trainer
 
     # Orbax and JAX log every save at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
-    if _COORDINATOR.value:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    elif _MULTIHOST.value:
-        jax.distributed.initialize()
+    hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                     _MULTIHOST.value)
     try:
         result = train(_CONFIG.value, _WORKDIR.value, task=_TASK or Trainer)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line

@@ -3,6 +3,7 @@
   python -m mwmae.train.compile_check --config configs/mwmae_base_200_4x16.py --num_devices 8
   python -m mwmae.train.compile_check --config ... --topology v5p:2x2x1        (needs libtpu)
   python -m mwmae.train.compile_check --config ... --topology v5e:2x2 --target embed
+  python -m mwmae.train.compile_check --config ... --topology v5e:2x2 --num_slices 2
 
 ``--target train`` (default) compiles the training step on the config's mesh; ``--target embed``
 compiles the encoder's forward as the HEAR module runs it (one device, ``--embed_batch`` chunks).
@@ -10,6 +11,13 @@ Prints one JSON line: the attention implementation the target resolves to (decid
 target's devices, not this host's), lower and compile seconds, per-device memory, and XLA's own
 cost estimate (labelled ``estimated_``: a model, not a measurement). ``--num_devices`` fakes that
 many CPU devices.
+
+``--num_slices N`` compiles for N copies of ``--topology`` joined over the data-centre network
+(multi-slice): the data axis spans the slices (``config.mesh.dcn_data`` is set to N when left at
+1; a preset then describes one slice), ``fsdp``/``tensor`` stay inside one. The report says, per
+mesh axis, whether it crosses slices, and lists the compiled program's collectives (ICI ones and
+the DCN transfers between slices) with the mesh axes their groups span. Hyphenated spellings
+(``--num-slices 2``) work too.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 from mwmae.train.fake_devices import apply_num_devices_flag, run_config_tool
 
@@ -24,12 +33,14 @@ if __name__ == "__main__":
     apply_num_devices_flag(sys.argv)
 
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mwmae import aot  # noqa: E402
+from mwmae import aot, collectives  # noqa: E402
 from mwmae.kernels import resolve_implementation  # noqa: E402
+from mwmae.train import sharding  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 flags.DEFINE_integer("num_devices", 0, "Fake this many CPU devices (0: the real ones).")
@@ -38,10 +49,48 @@ _TARGET = flags.DEFINE_enum("target", "train", ["train", "embed"],
                             "What to compile: the train step or the HEAR embedding forward.")
 _EMBED_BATCH = flags.DEFINE_integer("embed_batch", 32, "Chunks per embedding batch (--target "
                                     "embed; the HEAR module's largest bucket).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the "
+                                   "data-centre network; the data axis spans them.")
 
 
-def target_devices(topology: str) -> list:
-    return aot.topology_devices(topology) if topology else jax.devices()
+def target_devices(topology: str, num_slices: int = 1) -> list:
+    return aot.topology_devices(topology, num_slices) if topology else jax.devices()
+
+
+def span_slices(config: ml_collections.ConfigDict, num_slices: int, topology: str,
+                target: str) -> None:
+    """Lay the config's data axis over ``num_slices`` slices, or stop with the reason it cannot."""
+    dcn = int(config.mesh.get("dcn_data", 1) or 1)
+    if num_slices < 1:
+        raise SystemExit(f"--num_slices must be at least 1, got {num_slices}")
+    if num_slices == 1:
+        if dcn > 1 and topology:
+            raise SystemExit(f"config.mesh.dcn_data={dcn} lays the data axis over {dcn} slices: "
+                             f"add --num_slices {dcn}")
+        return
+    if not topology:
+        raise SystemExit("--num_slices needs --topology (CPU devices belong to no slice)")
+    if target != "train":
+        raise SystemExit("--num_slices applies to --target train (the embedding forward runs "
+                         "on one device)")
+    if dcn not in (1, num_slices):
+        raise SystemExit(f"config.mesh.dcn_data={dcn} but --num_slices {num_slices}: the data "
+                         "axis spans every slice, so they must agree")
+    config.mesh.dcn_data = num_slices
+
+
+def slice_report(mesh: jax.sharding.Mesh, compiled: Any) -> dict:
+    """Which mesh axes cross slices, and the compiled program's collectives."""
+    placement = sharding.slice_placement(mesh)
+    # The executable's device assignment is the mesh's device order (its shardings' mesh).
+    flat = list(mesh.devices.flat)
+    slice_of = np.asarray(placement["slice_index"]).reshape(-1).tolist()
+    try:
+        found = collectives.hlo_collectives(compiled.as_text(), [d.id for d in flat])
+    except ValueError as e:  # an HLO spelling the reader does not know: the compile still counts
+        return {"mesh_placement": placement, "collectives_error": str(e)}
+    return {"mesh_placement": placement,
+            "collectives": collectives.summary(found, slice_of, dict(mesh.shape))}
 
 
 def _timed_compile(lower) -> tuple[object, dict]:
@@ -68,6 +117,8 @@ def compile_report(config, devices) -> dict:
         "attention": resolve_implementation(mc.attention_impl, mc.num_patches, devices=devices),
         **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
         **aot.memory_report(compiled), **aot.cost_estimate(compiled),
+        "num_slices": len({int(getattr(d, "slice_index", 0) or 0) for d in devices}),
+        **slice_report(t.mesh, compiled),
     }
 
 
@@ -102,7 +153,14 @@ def embed_report(config, devices, batch: int) -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    devices = target_devices(_TOPOLOGY.value)
+    span_slices(_CONFIG.value, _NUM_SLICES.value, _TOPOLOGY.value, _TARGET.value)
+    devices = target_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+    if _NUM_SLICES.value > 1:
+        data = sharding.mesh_shape(_CONFIG.value.mesh, len(devices))["data"]
+        if data % _NUM_SLICES.value:
+            raise SystemExit(f"the mesh's data axis ({data}) cannot span {_NUM_SLICES.value} "
+                             "slices: set config.mesh.data to a multiple of it, or use a preset "
+                             "(a preset describes one slice)")
     if _TARGET.value == "embed":
         report = embed_report(_CONFIG.value, devices, _EMBED_BATCH.value)
     else:

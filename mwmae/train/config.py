@@ -129,7 +129,8 @@ MAY_CHANGE_ON_RESUME = (
     "data.train_shards", "data.on_error",
     "log_every_steps", "progress_bar", "image_every_steps", "num_images", "profile_steps",
     "trace_batches", "nonfinite_policy", "lease_seconds",
-    "checkpoint.*", "mesh.*", "model.attention_impl", "model.scan_unroll",
+    "checkpoint.*", "mesh.*", "model.attention_impl",
+    "model.attention_guard", "model.scan_unroll",
 )
 
 SOURCES = ("synthetic", "shards")

@@ -6,9 +6,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from mwmae.cli import absl_spelling
+
 
 def apply_num_devices_flag(argv: list[str]) -> None:
     """Turn ``--num_devices N`` into N fake CPU devices (XLA reads this at backend start)."""
+    argv = absl_spelling(argv)
     for i, a in enumerate(argv):
         n = a.split("=", 1)[1] if a.startswith("--num_devices=") else (
             argv[i + 1] if a == "--num_devices" and i + 1 < len(argv) else None)
@@ -19,9 +22,11 @@ def apply_num_devices_flag(argv: list[str]) -> None:
 
 def run_config_tool(main: Callable[[list[str]], None]) -> None:
     """Console entry of a ``--config`` tool that takes ``--num_devices``: the flag acts before the
-    backend starts (JAX is imported by then, but its devices are not created yet)."""
+    backend starts (JAX is imported by then, but its devices are not created yet). Hyphenated
+    spellings of the tool's flags (``--num-devices``) are accepted."""
     from absl import app, flags
 
+    sys.argv[1:] = absl_spelling(sys.argv[1:])
     apply_num_devices_flag(sys.argv)
     flags.mark_flag_as_required("config")
     app.run(main)

@@ -121,6 +121,9 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
         source.set_state(data_state)
         previous_seconds = float(meta.get("train_seconds", 0.0))
         print_fn(f"resumed from step {int(state.step)} in {wd.checkpoints}")
+    if is_main and t.attention.platform != "cpu":
+        for line in t.attention.lines():  # which attention each layer runs, and why
+            print_fn(line)
     start = int(state.step)
     t0 = time.perf_counter()
     compiled = t.compile(state)

@@ -12,6 +12,8 @@ Parameters and activations carry logical axis names (``embed``, ``heads``, ``mlp
 
 Multi-slice (DCN) meshes: ``config.mesh.dcn_data > 1`` builds a hybrid mesh whose ``data`` axis
 spans slices over the data-centre network while ``fsdp``/``tensor`` stay inside a slice (ICI).
+A preset then describes one slice (``fsdp`` on 2 slices: data 2 across them, fsdp inside each);
+explicit axis sizes stay global (``data`` must be a multiple of ``dcn_data``).
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict | dict, num_devices: int
     """Resolve -1 (the rest of the devices) and check the product equals ``num_devices``."""
     cfg = dict(mesh_config)
     preset = cfg.pop("preset", None)
-    cfg.pop("dcn_data", None)
+    dcn = int(cfg.pop("dcn_data", 1) or 1)
     if preset:
         if preset not in PRESETS:
             raise ValueError(f"unknown mesh preset {preset!r}; known: {sorted(PRESETS)}")
         cfg = dict(PRESETS[preset])  # a preset replaces the axis sizes
+        if dcn > 1 and cfg["data"] != -1:
+            # A preset describes one slice; the slices add to the data axis only, so
+            # "fsdp" over 2 slices is data 2 (between slices) x fsdp inside each.
+            cfg["data"] *= dcn
     unknown = sorted(set(cfg) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {list(MESH_AXES)}")
@@ -93,12 +99,24 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
         from jax.experimental import mesh_utils
 
         if shape["data"] % dcn:
-            raise ValueError(f"data axis {shape['data']} is not divisible by dcn_data {dcn}")
+            raise ValueError(f"the data axis ({shape['data']}) spans the {dcn} slices "
+                             f"(dcn_data={dcn}) and must be a multiple of {dcn}: set "
+                             f"config.mesh.data to one, or use a preset (per slice)")
         ici = (shape["data"] // dcn, shape["fsdp"], shape["tensor"])
         arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices)
     else:
         arr = _device_mesh(sizes, devices)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def slice_placement(mesh: Mesh) -> dict[str, Any]:
+    """Which mesh axes cross slice boundaries: ``{"slice_index": per mesh position,
+    "crosses_slices": {axis: bool}}``. Devices without a ``slice_index`` (CPU) are one slice."""
+    slices = np.vectorize(lambda d: int(getattr(d, "slice_index", 0) or 0), otypes=[int])(
+        mesh.devices)
+    crosses = {a: bool(np.any(slices != np.take(slices, [0], axis=i)))
+               for i, a in enumerate(mesh.axis_names)}
+    return {"slice_index": slices.tolist(), "crosses_slices": crosses}
 
 
 def _device_mesh(sizes: tuple[int, ...], devices: list[jax.Device]) -> np.ndarray:

@@ -19,9 +19,10 @@ from mwmae import workdir as workdir_lib
 from mwmae.data import PipelineConfig
 from mwmae.data.sources import ShardSource, Source, SyntheticSource
 from mwmae.data.workers import resolve_num_workers
+from mwmae.kernels.plan import Layer, use_plan
 from mwmae.model import MaskedAutoencoder
+from mwmae.train import attention_plan, init_from, perf, sharding
 from mwmae.train import checkpoint as ckpt
-from mwmae.train import init_from, perf, sharding
 from mwmae.train.config import (
     MAY_CHANGE_ON_RESUME,
     check_config,
@@ -104,6 +105,7 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = schedule_lengths(config)
         self.tx, self.schedule = self.make_optimizer()
         self.workdir = workdir_lib.Workdir(workdir)  # local paths or gs:// alike
+        self.attention = self.plan_attention()
 
         # Shardings come from the logical axis names on the (abstract) boxed state.
         abstract = jax.eval_shape(lambda: self.init_state(jax.random.key(0), boxed=True))
@@ -171,13 +173,49 @@ class Trainer:
     def flops_per_example(self) -> float:
         return perf.train_flops_per_example(self.model_config)
 
+    def attention_layers(self) -> list[Layer]:
+        """The attention calls of one step as a device runs them: the encoder on the kept
+        patches, the decoder on all of them."""
+        mc = self.model_config
+        return attention_plan.model_layers(mc, self.device_batch(),
+                                           mc.len_keep + mc.num_extra_tokens)
+
     # ---------------------------------------------------------------- shared by every task
 
+    def device_batch(self) -> int:
+        """Clips per device in one (micro)batch."""
+        shards = math.prod(self.mesh.shape[a] for a in sharding.mesh_axes("act_batch"))
+        return max(1, self.config.batch_size // self.config.grad_accum_steps // shards)
+
+    def attention_target(self) -> tuple[Any, jax.Device | None]:
+        """(the device the step is compiled for, a local device of the mesh to run the
+        numerics guard on; None when none is local, as in an AOT compile for a TPU topology)."""
+        local = set(jax.local_devices())
+        devices = list(self.mesh.devices.flat)
+        return devices[0], next((d for d in devices if d in local), None)
+
+    def plan_attention(self) -> attention_plan.AttentionPlan:
+        """Each layer's implementation: the preflight's measured choice (workdir, then the
+        user's cache) or the default rule, checked by the numerics guard. An explicitly named
+        kernel that fails the guard sends the whole model to XLA."""
+        mc = self.model_config
+        target, run_on = self.attention_target()
+        records = attention_plan.read_records([self.workdir.preflight_path,
+                                               attention_plan.cache_path()])
+        plan = attention_plan.decide(self.attention_layers(), mc.attention_impl, target,
+                                     run_on, records, mc.attention_guard)
+        if mc.attention_impl != "auto" and any(d.guard is not None and not d.guard.ok
+                                               for d in plan.decisions):
+            self.model_config = mc.replace(attention_impl="xla")
+        return plan
+
     def mesh_context(self):
-        """Rules + mesh in scope, so activation constraints in the model resolve."""
+        """Rules, mesh and attention plan in scope, so activation constraints in the model
+        resolve and ``"auto"`` attention takes what was measured."""
         stack = contextlib.ExitStack()
         stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
         stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(use_plan(self.attention.plan))
         return stack
 
     def initial_state(self):

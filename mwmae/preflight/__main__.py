@@ -1,0 +1,71 @@
+"""python -m mwmae.preflight --config CFG [--workdir DIR] [--out FILE] [--config.x=y ...]
+
+Run it first on every new TPU VM or GPU host, with the config and workdir the run will use. It
+prints one line per check (``ok`` / ``warn`` / ``fail``) and ends with ``preflight verdict:``;
+the report goes to ``--out`` (default ``WORKDIR/preflight.json``, or ``preflight.json`` here
+without a workdir), and its attention choices steer the trainer's ``attention_impl="auto"``.
+
+Multi-host exactly as the trainer: ``--multihost`` on TPU VMs; ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` elsewhere. Every process runs it; process 0 reports.
+
+Exit status: 0 for a verdict of ok or warn, 1 for fail, 2 for bad usage (a missing or unknown
+flag, a config the trainer would refuse).
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://): storage is "
+                               "timed there and preflight.json written there.")
+_OUT = flags.DEFINE_string("out", None, "Where the JSON report goes (default: "
+                           "WORKDIR/preflight.json, else ./preflight.json).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "jax.distributed.initialize() with "
+                               "auto-detection (TPU pods, SLURM, Open MPI).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def _usage(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _usage(f"unexpected arguments {argv[1:]}; flags only (see --help)")
+    if _CONFIG.value is None:
+        _usage("missing --config (e.g. --config configs/mwmae_base_200_4x16.py)")
+    from mwmae.preflight.run import run, task_for
+    from mwmae.train import hosts
+    from mwmae.train.refusals import refusals
+
+    logging.set_verbosity(logging.WARNING)
+    hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                     _MULTIHOST.value)
+    try:
+        task_for(_CONFIG.value).check(_CONFIG.value)
+        report = run(_CONFIG.value, _WORKDIR.value, _OUT.value)
+    except refusals() as e:
+        _usage(str(e))
+    sys.stdout.flush()
+    sys.exit(1 if report["verdict"] == "fail" else 0)
+
+
+def run_cli() -> None:
+    from mwmae.finetune.config import tag_config
+    from mwmae.train.refusals import unknown_override
+
+    # The widest schema (the tagger's is the trainer's plus tagger.*): the task's own check
+    # refuses a tagger key in a pretraining config once the file is read.
+    message = unknown_override(sys.argv, tag_config())
+    if message:
+        _usage(message)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_cli()

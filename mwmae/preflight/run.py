@@ -1,0 +1,150 @@
+"""The preflight in order: devices, attention, step, input, storage; then the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from mwmae.data import storage as storage_lib
+from mwmae.preflight import attention, hardware, pipeline, step, storage
+from mwmae.preflight.report import FAIL, OK, SECTIONS, WARN, Printer, Section, worst
+from mwmae.train import attention_plan
+from mwmae.train.attention_plan import AttentionPlan, Decision
+from mwmae.workdir import Workdir
+
+
+def task_for(config: ml_collections.ConfigDict) -> type:
+    """The trainer task the config is for: the tagger for fine-tuning configs."""
+    if "tagger" in config:
+        from mwmae.finetune.trainer import Tagger
+
+        return Tagger
+    from mwmae.train.trainer import Trainer
+
+    return Trainer
+
+
+def _measured_plan(trainer: Any, choices: dict[str, str]) -> AttentionPlan:
+    """The trainer's layers with the implementations just measured (where the config asks for
+    ``auto``; an explicit choice stays the config's)."""
+    if trainer.model_config.attention_impl != "auto":
+        return trainer.attention
+    return AttentionPlan(tuple(
+        dataclasses.replace(d, implementation=choices[d.layer.name],
+                            reason="measured by this preflight")
+        if d.layer.name in choices else d for d in trainer.attention.decisions),
+        trainer.attention.platform)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | None = None,
+        out: str | None = None, print_fn: Callable[[str], None] = print,
+        remember: bool = True) -> dict:
+    """Run every check; process 0 writes the report to ``out`` (and, when given, the workdir's
+    ``preflight.json``, which the trainer reads) and remembers the attention choices in the
+    user's cache. Returns the report."""
+    printer = Printer(print_fn)
+    task = task_for(config)
+    task.check(config)
+    report: dict[str, Any] = {
+        "meta": {"started": attention_plan.measured_now(), "host": socket.gethostname(),
+                 "jax": jax.__version__, "workdir": workdir,
+                 "config": json.loads(config.to_json_best_effort())}}
+    sections: dict[str, Section] = {}
+
+    def finish(section: Section) -> Section:
+        sections[section.name] = section
+        printer.show(section)
+        return section
+
+    devices = finish(hardware.check_devices(config))
+    trainer = None
+    if "mesh" in devices.figures:
+        # The guard is this preflight's own numerics check; the trainer must not run it first.
+        guarded_off = config.copy_and_resolve_references()
+        guarded_off.model.attention_guard = "off"
+        try:
+            trainer = task(guarded_off, workdir or tempfile.gettempdir())
+        except ValueError as e:  # e.g. a batch the mesh cannot split
+            devices.line(FAIL, f"the config cannot run on these devices: {e}")
+            printer.show(devices, len(devices.lines) - 1)
+    if trainer is not None:
+        layers = trainer.attention_layers()
+        sec = finish(attention.check_attention(layers, jax.local_devices()[0]))
+        trainer.attention = _measured_plan(trainer, sec.figures.get("choices", {}))
+        if sec.verdict == FAIL:
+            # A kernel that is wrong is never timed in a step: the step runs on XLA for it.
+            trainer.attention = AttentionPlan(tuple(
+                Decision(d.layer, "xla", "preflight: no passing choice")
+                if d.layer.name not in sec.figures.get("choices", {}) else d
+                for d in trainer.attention.decisions), trainer.attention.platform)
+        step_sec, state = step.check_step(trainer, devices.figures["memory_bytes_per_device"])
+        finish(step_sec)
+        step_s = step_sec.figures.get("step_seconds")
+        finish(pipeline.check_input(trainer, step_s))
+        # Without a workdir, a temporary folder stands in (the line says where it was).
+        scratch = (Workdir(workdir).preflight_scratch if workdir else
+                   epath.Path(tempfile.mkdtemp(prefix="mwmae-preflight-")) / "scratch")
+        finish(storage.check_storage(trainer, scratch, state, step_s))
+    for name in SECTIONS:
+        if name not in sections:
+            sections[name] = Section(name)
+            sections[name].line(FAIL, "not run: the config cannot run on these devices")
+            printer.show(sections[name])
+    _every_host_counts(sections, printer)
+    report.update({name: sections[name].to_dict() for name in SECTIONS})
+    report["verdict"] = worst(s.verdict for s in sections.values())
+    report["meta"]["finished"] = attention_plan.measured_now()
+    if jax.process_index() == 0:
+        _write(report, workdir, out, print_fn)
+        if remember and report["attention"].get("layers"):
+            path = attention_plan.remember(report["attention"]["layers"])
+            print_fn(f"attention choices remembered in {path}")
+    print_fn(f"preflight verdict: {report['verdict']}")
+    return report
+
+
+def _every_host_counts(sections: dict[str, Section], printer: Printer) -> None:
+    """One verdict for the job: a section that is worse on another host says so on process 0
+    (whose lines are the ones printed), and every host exits alike."""
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    rank = {OK: 0, WARN: 1, FAIL: 2}
+    mine = np.array([rank[sections[n].verdict] for n in SECTIONS], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(SECTIONS))
+    for i, name in enumerate(SECTIONS):
+        worse = [h for h in range(every.shape[0]) if every[h, i] > mine[i]]
+        if worse:
+            verdict = [OK, WARN, FAIL][int(every[:, i].max())]
+            sections[name].line(verdict, f"worse on host(s) {worse}: {verdict} (their own "
+                                         "output says why)")
+            printer.show(sections[name], len(sections[name].lines) - 1)
+
+
+def default_out(workdir: str | None) -> str:
+    return str(Workdir(workdir).preflight_path) if workdir else "preflight.json"
+
+
+def _write(report: dict, workdir: str | None, out: str | None,
+           print_fn: Callable[[str], None]) -> None:
+    text = json.dumps(report, indent=1, default=str) + "\n"
+    targets = [out or default_out(workdir)]
+    if workdir and str(Workdir(workdir).preflight_path) != storage_lib.absolute(targets[0]):
+        targets.append(str(Workdir(workdir).preflight_path))
+    for target in targets:
+        parent = os.path.dirname(target)
+        if parent and not target.startswith("gs://"):
+            os.makedirs(parent, exist_ok=True)
+        storage_lib.write_text(target, text)
+        print_fn(f"report: {target}")

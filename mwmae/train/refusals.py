@@ -1,0 +1,32 @@
+"""What a command refuses for a reason the user can fix, said in one line: the trainer's and
+every tool that takes a training config (``--config.x=y`` overrides included)."""
+
+from __future__ import annotations
+
+
+def refusals() -> tuple[type[BaseException], ...]:
+    """What the run refuses for a reason the user can fix; printed as one line, not a
+    traceback."""
+    from mwmae.lease import LeaseHeld, LeaseLost
+    from mwmae.train.config import ConfigError
+    from mwmae.train.init_from import InitFromError
+    from mwmae.workdir import WorkdirError
+
+    return (ConfigError, InitFromError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)
+
+
+def unknown_override(argv: list[str], schema=None) -> str | None:
+    """The message for the first ``--config.x=...`` whose key the schema (the pretraining
+    one unless given) lacks (ml_collections would fail on it with a traceback), or None."""
+    from mwmae.train.config import all_keys, default_config, unknown_key_message
+
+    schema = default_config() if schema is None else schema
+    known = set(all_keys(schema))
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known and not any(k.startswith(key + ".") for k in known):
+                return unknown_key_message(key, schema)
+    return None
