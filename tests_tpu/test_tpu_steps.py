@@ -23,6 +23,8 @@ def test_train_step_compiles_for_v5p_with_the_kernel():
                            "--config.batch_size=16")
     assert report["attention_impl"] == "auto"
     assert report["attention"] == "pallas_tpu"
+    # No preflight record here: every layer by the default rule.
+    assert report["attention_plan"] == {"encoder": "pallas_tpu", "decoder": "pallas_tpu"}
     assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     # Encoder and decoder stacks, forward and backward: at least four Mosaic calls.
     assert report["mosaic_kernels"] >= 4

@@ -115,6 +115,8 @@ def compile_report(config, devices) -> dict:
         "grad_accum_steps": config.grad_accum_steps, "dtype": mc.dtype,
         "attention_impl": mc.attention_impl,
         "attention": resolve_implementation(mc.attention_impl, mc.num_patches, devices=devices),
+        # Per layer, what the step was traced with (a preflight record may steer "auto").
+        "attention_plan": {d.layer.name: d.implementation for d in t.attention.decisions},
         **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
         **aot.memory_report(compiled), **aot.cost_estimate(compiled),
         "num_slices": len({int(getattr(d, "slice_index", 0) or 0) for d in devices}),
