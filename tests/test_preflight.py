@@ -93,6 +93,10 @@ def test_cli_usage_errors_exit_2(tmp_path):
     proc = preflight_cli("--out", str(tmp_path / "P.json"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: missing --config")
+    proc = preflight_cli("--config", "configs/tiny_typo.py:base")
+    assert proc.returncode == 2
+    assert "no such config file" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
     proc = preflight_cli("--config", "configs/tiny.py", "--config.batch_sise=4")
     assert proc.returncode == 2
     assert "unknown config key 'batch_sise'" in proc.stderr.strip().splitlines()[-1]
@@ -119,7 +123,8 @@ def test_a_kernel_wrong_by_1e_2_fails_the_preflight_naming_its_layer(
     assert decoder["choice"] == "xla"  # the reference still passed
     # The report reached both the --out file and the workdir.
     assert json.loads((tmp_path / "wd" / "preflight.json").read_text())["verdict"] == "fail"
-    assert lines[-1] == "preflight verdict: fail"
+    assert lines[-1].startswith("preflight verdict: fail (attention: layer decoder: "
+                                "pallas_interpret forward error")
 
 
 def test_speed_decides_only_between_passing_implementations():

@@ -51,17 +51,20 @@ def main(argv: list[str]) -> None:
         report = run(_CONFIG.value, _WORKDIR.value, _OUT.value)
     except refusals() as e:
         _usage(str(e))
+    except OSError as e:  # e.g. an --out folder that cannot be written
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.stdout.flush()
     sys.exit(1 if report["verdict"] == "fail" else 0)
 
 
 def run_cli() -> None:
     from mwmae.finetune.config import tag_config
-    from mwmae.train.refusals import unknown_override
+    from mwmae.train.refusals import missing_config_file, unknown_override
 
     # The widest schema (the tagger's is the trainer's plus tagger.*): the task's own check
     # refuses a tagger key in a pretraining config once the file is read.
-    message = unknown_override(sys.argv, tag_config())
+    message = missing_config_file(sys.argv) or unknown_override(sys.argv, tag_config())
     if message:
         _usage(message)
     app.run(main)

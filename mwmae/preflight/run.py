@@ -108,7 +108,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
         if remember and report["attention"].get("layers"):
             path = attention_plan.remember(report["attention"]["layers"])
             print_fn(f"attention choices remembered in {path}")
-    print_fn(f"preflight verdict: {report['verdict']}")
+    failed = [(n, t) for n in SECTIONS for v, t in sections[n].lines if v == FAIL]
+    # The first failure again, last: what a user scrolling a long log needs to see.
+    print_fn(f"preflight verdict: {report['verdict']}"
+             + (f" ({failed[0][0]}: {failed[0][1]})" if failed else ""))
     return report
 
 
@@ -144,7 +147,10 @@ def _write(report: dict, workdir: str | None, out: str | None,
         targets.append(str(Workdir(workdir).preflight_path))
     for target in targets:
         parent = os.path.dirname(target)
-        if parent and not target.startswith("gs://"):
-            os.makedirs(parent, exist_ok=True)
-        storage_lib.write_text(target, text)
+        try:
+            if parent and not storage_lib.is_remote(target):
+                os.makedirs(parent, exist_ok=True)
+            storage_lib.write_text(target, text)
+        except OSError as e:
+            raise OSError(f"{target}: the report cannot be written there ({e})") from e
         print_fn(f"report: {target}")

@@ -30,3 +30,20 @@ def unknown_override(argv: list[str], schema=None) -> str | None:
             if key not in known and not any(k.startswith(key + ".") for k in known):
                 return unknown_key_message(key, schema)
     return None
+
+
+def missing_config_file(argv: list[str]) -> str | None:
+    """The message for a ``--config FILE[:VARIANT]`` whose file does not exist (ml_collections
+    would fail on it with a traceback), or None."""
+    import os
+
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        value = arg[len("--config="):] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None:
+            path = value.split(":", 1)[0]
+            if not os.path.isfile(path):
+                return f"--config {value}: no such config file ({os.path.abspath(path)})"
+    return None
