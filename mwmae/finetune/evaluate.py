@@ -16,7 +16,8 @@ largest host's; the others pad), since each batch is one computation over all de
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -131,6 +132,15 @@ def evaluate(split: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], task
         hot[rows, labels[rows, slots]] = 1.0
         out = metrics_lib.multilabel(hot, scores)
     return {**out, "clips": int(scores.shape[0])}
+
+
+def best_evaluation(rows: Iterable[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The evaluation whose checkpoint the run keeps as its best: the highest ``metric``, and
+    of equal ones the latest step. That is the checkpoint manager's rule (Orbax's BestN sorts
+    the checkpoints, in step order, by the metric with a stable sort and keeps the last), so
+    the console names the checkpoint that is on disk. A NaN never counts as the best."""
+    scored = [r for r in rows if not math.isnan(r[metric])]
+    return max(scored, key=lambda r: (r[metric], r["step"]), default=None)
 
 
 def _most_over_hosts(value: int) -> int:

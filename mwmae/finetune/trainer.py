@@ -200,9 +200,12 @@ class Tagger(Trainer):
                  True)]
 
     def _evaluation_hook(self, run: Any) -> Callable:
+        from mwmae.finetune.evaluate import best_evaluation
+
         main = self.main_metric
+        # Evaluations past the restored step belong to a checkpoint that never committed.
         earlier = [r for r in run.workdir.read_evaluations() if r["step"] <= run.start_step]
-        best = max(earlier, key=lambda r: r[main], default=None)
+        best = best_evaluation(earlier, main)
 
         def hook(info: Any) -> None:
             nonlocal best
@@ -211,8 +214,7 @@ class Tagger(Trainer):
             result["eval_seconds"] = time.perf_counter() - t0
             run.evaluated[info.step] = {main: result[main]}
             row = {"step": info.step, **result}
-            if best is None or result[main] > best[main]:
-                best = row
+            best = best_evaluation([*([best] if best else []), row], main)
             if jax.process_index() == 0:
                 run.workdir.append_evaluation(row)
             run.writer.write_scalars(info.step, metrics_lib.tagged(
@@ -220,8 +222,9 @@ class Tagger(Trainer):
             run.print_fn(f"eval  {info.step:5d}/{self.total_steps}  {main} {result[main]:.4f}  "
                          + "  ".join(f"{k} {result[k]:.4f}" for k in ("mAUC", "d_prime")
                                      if k in result)
-                         + f"  ({result['clips']} clips, {result['eval_seconds']:.1f} s; best "
-                         f"{best[main]:.4f} at step {best['step']})")
+                         + f"  ({result['clips']} clips, {result['eval_seconds']:.1f} s; "
+                         + (f"best {best[main]:.4f} at step {best['step']})" if best else
+                            "no best yet)"))
         return hook
 
 
@@ -230,16 +233,33 @@ def _is_nan(value: float) -> bool:
 
 
 def _check_vocabularies(config: ml_collections.ConfigDict) -> None:
-    """The evaluation split must use the training split's labels (same names, same ids)."""
-    train_csv = labels_csv(config)
+    """The evaluation split must prove it uses the training split's labels (same names, same
+    ids): class ids are bare integers in the records, so a split built with another vocabulary
+    would be scored as if its ids were the run's, silently."""
     spec = config.tagger.eval_shards
-    if not (train_csv and isinstance(spec, str) and spec.endswith("-manifest.csv")):
+    if not spec:
         return
+    if not (isinstance(spec, str) and spec.endswith("-manifest.csv")):
+        raise ConfigError(f"tagger.eval_shards={spec!r}: give the evaluation split as the "
+                          "builder's PREFIX-manifest.csv, whose PREFIX-labels.csv proves its "
+                          "classes are the training split's (a glob or a shard has none)")
     eval_csv = spec[: -len("-manifest.csv")] + "-labels.csv"
-    try:
-        ours, theirs = read_vocabulary(train_csv), read_vocabulary(eval_csv)
-    except ConfigError:
-        return  # one side has no vocabulary: nothing to compare
+    train_csv = labels_csv(config)
+    if train_csv is None:
+        raise ConfigError("tagger.eval_shards needs the training split's labels to check the "
+                          "evaluation split's against, and data.train_shards is not a "
+                          "PREFIX-manifest.csv: set tagger.labels_csv to its index,label CSV")
+    from mwmae.data import storage
+
+    if not storage.exists(train_csv):
+        raise ConfigError(f"{train_csv}: missing; tagger.eval_shards is checked against the "
+                          "training split's labels CSV: set tagger.labels_csv to it, or rebuild "
+                          "data.train_shards with its labels")
+    if not storage.exists(eval_csv):
+        raise ConfigError(f"{eval_csv}: missing; tagger.eval_shards ({spec}) must prove its "
+                          f"classes are the training split's ({train_csv}): rebuild it with its "
+                          "labels (tfrecord_tools.build with the training split's --vocabulary)")
+    ours, theirs = read_vocabulary(train_csv), read_vocabulary(eval_csv)
     if ours != theirs:
         diff = next(i for i, (a, b) in enumerate(zip(ours + [None] * len(theirs),
                                                      theirs + [None] * len(ours))) if a != b)
@@ -248,4 +268,3 @@ def _check_vocabularies(config: ml_collections.ConfigDict) -> None:
                           f"{theirs[diff] if diff < len(theirs) else 'missing'!r} there, "
                           f"{ours[diff] if diff < len(ours) else 'missing'!r} here; build both "
                           "with one --vocabulary")
-
