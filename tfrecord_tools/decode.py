@@ -31,7 +31,8 @@ def load_audio(path: str, *, max_seconds: float | None = None) -> np.ndarray:
     if data.size == 0:
         raise DecodeError("no samples")
     mono = data.mean(axis=1, dtype=np.float32)  # downmix first: resampling one channel is cheaper
-    if max_seconds is not None:
+    # Compared before rounding: a limit longer than any file (1e306 s) must not overflow.
+    if max_seconds is not None and max_seconds * rate < mono.size:
         mono = mono[: int(math.ceil(max_seconds * rate))]
     if rate != audio_lib.SAMPLE_RATE:
         g = math.gcd(int(rate), audio_lib.SAMPLE_RATE)

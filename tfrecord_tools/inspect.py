@@ -2,7 +2,8 @@
 
 Parses every record of every shard (local or gs://) and prints JSON: records per shard, the
 frame-count range, the mel-bin count, a label histogram, and every problem found (a file that
-is missing, truncated or corrupt, a record outside the schema). Exit status 1 when any.
+is missing, truncated or corrupt, a record outside the schema). Exit status 1 when any; 2 for
+bad flags (one line ``error: ...``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +31,10 @@ def inspect_shards(sources: Sequence[str], *, compression: str | None = "zlib",
     unlabelled = 0
     listed: list[shards.Shard] = []
     for source in sources:
+        if os.path.isdir(source):
+            problems.append(f"{source}: a folder; give its PREFIX-manifest.csv or a glob of its "
+                            "shards")
+            continue
         try:
             listed.extend(shards.resolve(source))
         except (FileNotFoundError, ValueError) as e:
@@ -70,12 +76,37 @@ def inspect_shards(sources: Sequence[str], *, compression: str | None = "zlib",
     }
 
 
+class _UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse prints its usage block and exits; a refusal here is one line, printed last.
+        raise _UsageError(f"{message} (see --help)")
+
+
+def _top_labels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no histogram), got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tfrecord_tools.inspect", description=__doc__)
+    p = _Parser(prog="python -m tfrecord_tools.inspect", description=__doc__)
     p.add_argument("shards", nargs="+", help="shard paths, globs or a manifest CSV")
     p.add_argument("--compression", choices=("zlib", "none"), default="zlib")
-    p.add_argument("--top-labels", type=int, default=20)
-    args = cli.parse_args(p, argv)
+    p.add_argument("--top-labels", type=_top_labels, default=20,
+                   help="labels in the histogram, most frequent first")
+    try:
+        args = cli.parse_args(p, argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     report = inspect_shards(args.shards,
                             compression=None if args.compression == "none" else "zlib",
                             top_labels=args.top_labels)
