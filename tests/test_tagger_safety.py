@@ -2,6 +2,8 @@
 checkpoint named as Orbax keeps it, damaged side files and odd numbers. Each refusal is one line
 naming the file or key, before the workdir holds anything."""
 
+import collections
+import json
 import os
 import shutil
 import types
@@ -11,11 +13,12 @@ import numpy as np
 import pytest
 from tag_helpers import tiny_tag_config, write_split
 
+from mwmae.data import records
 from mwmae.finetune.trainer import Tagger
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.config import ConfigError
 from mwmae.train.loop import train
-from mwmae.workdir import Workdir
+from mwmae.workdir import Workdir, WorkdirError
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +74,14 @@ def _hook_run(wd: Workdir, start_step: int, printed: list):
                                  writer=_Writer(), print_fn=printed.append)
 
 
-def _evaluating_tagger(scores: dict[int, float]):
-    """The parts of a Tagger that its evaluation hook uses, with a scripted evaluation."""
+def _evaluating_tagger(scores: dict[int, float], split: str = "split-a"):
+    """The parts of a Tagger that its evaluation hook uses, with a scripted evaluation of a
+    split whose content hashes to ``split``."""
     t = Tagger.__new__(Tagger)
     t.main_metric, t.total_steps = "top1", 10
+    t.config = tiny_tag_config("unused", "eval-manifest.csv")
+    t.mesh = types.SimpleNamespace(shape=collections.defaultdict(lambda: 1))
+    t._eval_split = types.SimpleNamespace(fingerprint=split)
     step = {"now": 0}
     t.evaluate = lambda params: {"top1": scores[step["now"]], "clips": 9}
     return t, step
@@ -112,3 +119,122 @@ def test_the_console_names_the_checkpoint_orbax_keeps_when_evaluations_tie(tmp_p
     assert wd.steps() == [5, 6]
     assert console_best() == 5, printed[-1]
     assert np.isclose(float(printed[-1].split("best ")[1].split()[0]), 0.9)
+
+
+def test_a_missing_empty_or_damaged_evaluation_split_is_refused_naming_the_file(
+        splits, tmp_path):
+    from mwmae.finetune.evaluate import EvalSplit
+
+    def refused(manifest, match):
+        with pytest.raises(ConfigError, match=match):
+            Tagger(tiny_tag_config(splits["train"], str(manifest)), tmp_path / "wd")
+        assert not (tmp_path / "wd").exists()
+
+    labels = (splits["dir"] / "eval-labels.csv").read_text()
+    refused(tmp_path / "nowhere" / "eval-manifest.csv",
+            r"tagger.eval_shards=.*nowhere/eval-manifest.csv: no such manifest")
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "eval-labels.csv").write_text(labels)
+    (listed / "eval-manifest.csv").write_text("shard,num_records\neval-00000.tfrecord,4\n")
+    refused(listed / "eval-manifest.csv", r"shard missing: .*listed/eval-00000.tfrecord")
+    (listed / "eval-manifest.csv").write_text("shard,num_records\n")
+    refused(listed / "eval-manifest.csv", r"listed/eval-manifest.csv: manifest lists no shards")
+
+    # Damage inside the shards shows when the split is first read (before training): a
+    # refusal naming the shard and record, not a traceback.
+    def split(manifest):
+        return EvalSplit(manifest, frames=40, n_mels=80, max_labels=32, batch_size=8,
+                         num_classes=3)
+
+    damaged = _copy_split(splits["eval"], tmp_path / "damaged", labels=True)
+    shard = tmp_path / "damaged" / "eval-00000.tfrecord"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ConfigError, match=r"damaged/eval-00000.tfrecord: record \d+: "):
+        split(damaged)
+    for name in ("eval-00000.tfrecord", "eval-00001.tfrecord"):
+        with open(tmp_path / "damaged" / name, "wb") as f:
+            records.TFRecordWriter(f).close()   # a shard of no records
+    with pytest.raises(ConfigError, match="the split holds no clips"):
+        split(damaged)
+
+
+def test_a_class_count_other_than_the_labels_csv_is_refused(splits, tmp_path):
+    for wrong in (2, 5):   # too few drops classes; too many scores classes that do not exist
+        c = tiny_tag_config(splits["train"], "")
+        c.tagger.num_classes = wrong
+        with pytest.raises(ConfigError, match=rf"tagger.num_classes={wrong}: .*train-labels.csv "
+                                              r"lists 3 classes"):
+            Tagger(c, tmp_path / "wd")
+    c.tagger.num_classes = 3
+    assert Tagger(c, tmp_path / "wd").num_classes == 3
+
+
+def test_an_evaluation_batch_the_mesh_cannot_split_is_refused_before_the_first_step(
+        splits, tmp_path):
+    c = tiny_tag_config(splits["train"], splits["eval"], steps=4)
+    shards = len(jax.devices())
+    c.tagger.eval_batch_size = shards + 1
+    with pytest.raises(ConfigError, match=rf"tagger.eval_batch_size={shards + 1}: not divisible "
+                                          rf"by the {shards} batch shards"):
+        train(c, tmp_path / "wd", print_fn=lambda s: None, task=Tagger)
+    assert Workdir(tmp_path / "wd").steps() == []
+
+
+def _write_rows(wd: Workdir, rows):
+    wd.path.mkdir(parents=True, exist_ok=True)
+    wd.evaluations_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_resumed_run_never_ranks_evaluations_of_another_split_with_its_own(tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    _write_rows(wd, [{"step": 4, "top1": 0.9, "clips": 9, "split": "split-a"}])
+    t, _ = _evaluating_tagger({}, split="split-b")
+    with pytest.raises(ConfigError, match=r"tagger.eval_shards=eval-manifest.csv: not the split "
+                                          r"this workdir's evaluations .* split split-a, this one "
+                                          r"is split-b\); resume with that split"):
+        Tagger._evaluation_hook(t, _hook_run(wd, 4, []))
+    # The same content (wherever it lies now) resumes.
+    t, _ = _evaluating_tagger({}, split="split-a")
+    Tagger._evaluation_hook(t, _hook_run(wd, 4, []))
+
+
+def test_evaluations_after_the_restored_step_are_dropped_and_printed(tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    _write_rows(wd, [{"step": s, "top1": v, "clips": 9, "split": "split-a"}
+                     for s, v in ((4, 0.5), (8, 0.6), (12, 0.95))])
+    printed = []
+    t, now = _evaluating_tagger({12: 0.7}, split="split-a")
+    hook = Tagger._evaluation_hook(t, _hook_run(wd, 8, printed))
+    # Step 12's checkpoint never committed: its 0.95 is neither on disk nor the best.
+    assert [r["step"] for r in wd.read_evaluations()] == [4, 8]
+    assert "step 12 top1 0.95" in printed[0], printed
+    now["now"] = 12
+    hook(types.SimpleNamespace(step=12, state=types.SimpleNamespace(params=None)))
+    assert [r["top1"] for r in wd.read_evaluations()] == [0.5, 0.6, 0.7]
+    assert printed[-1].endswith("best 0.7000 at step 12)"), printed[-1]
+
+
+def test_a_damaged_evaluations_file_is_refused_saying_what_to_do(tmp_path):
+    wd = Workdir(tmp_path / "wd")
+    wd.path.mkdir()
+    wd.evaluations_path.write_text('{"step": 4, "top1": 0.5}\n{"step": 8, "top1\n')
+    t, _ = _evaluating_tagger({})
+    with pytest.raises(WorkdirError, match=r"evaluations.jsonl: line 2 .*; the run ranks its "
+                                           r"best checkpoint by this file: repair or delete"):
+        Tagger._evaluation_hook(t, _hook_run(wd, 8, []))
+    wd.evaluations_path.write_text('{"step": 4, "mAP": 0.5}\n')
+    with pytest.raises(WorkdirError, match=r"evaluation of step 4 has no top1"):
+        Tagger._evaluation_hook(t, _hook_run(wd, 8, []))
+
+
+def test_the_split_fingerprint_is_its_content_not_its_path(splits, tmp_path):
+    from mwmae.finetune.evaluate import EvalSplit
+
+    def fingerprint(manifest):
+        return EvalSplit(manifest, frames=40, n_mels=80, max_labels=32, batch_size=8,
+                         num_classes=3).fingerprint
+
+    moved = _copy_split(splits["eval"], tmp_path / "moved", labels=True)
+    other = write_split(tmp_path / "other", "eval", 9, seed=2)
+    assert fingerprint(moved) == fingerprint(splits["eval"]) != fingerprint(other)

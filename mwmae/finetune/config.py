@@ -104,10 +104,19 @@ def read_vocabulary(path: str) -> list[str]:
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-    """tagger.num_classes, or the rows of the labels CSV when it is -1."""
-    if config.tagger.num_classes > 0:
-        return config.tagger.num_classes
+    """tagger.num_classes, or the rows of the labels CSV when it is -1. Both given, they must
+    agree: a head of other width than the vocabulary drops classes or scores ones that do not
+    exist."""
     path = labels_csv(config)
+    given = config.tagger.num_classes
+    if given > 0:
+        # A derived CSV may be absent: that is why num_classes was given.
+        if path is not None and (config.tagger.labels_csv or storage.exists(path)):
+            listed = len(read_vocabulary(path))
+            if listed != given:
+                raise ConfigError(f"tagger.num_classes={given}: {path} lists {listed} classes; "
+                                  "leave it -1 to read them from there")
+        return given
     if not config.data.train_shards:
         raise ConfigError("data.train_shards is empty: give the labelled shards (the manifest "
                           "CSV that tfrecord_tools.build writes, local or gs://)")

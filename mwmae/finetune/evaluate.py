@@ -15,6 +15,7 @@ largest host's; the others pad), since each batch is one computation over all de
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,10 +23,33 @@ from typing import Any
 import jax
 import numpy as np
 
-from mwmae.data import records, shards
+from mwmae.data import records, shards, storage
 from mwmae.data.clips import format_labels, prepare_audio
 from mwmae.finetune import metrics as metrics_lib
 from mwmae.finetune.gather import gather_rows
+from mwmae.train.config import ConfigError
+
+
+class SplitError(ConfigError, records.RecordError):
+    """An evaluation split the run cannot score (missing, empty or damaged): a refusal whose
+    one line names the file, since a split scored with holes would be a wrong number."""
+
+
+def list_split(spec: str) -> list[shards.Shard]:
+    """The split's shards, sorted; a :class:`SplitError` naming the manifest or shard when
+    they cannot be listed. Cheap (the manifest and one listing per folder): the tagger calls
+    it before its workdir holds anything."""
+    if not storage.exists(spec) and not any(ch in spec for ch in "*?["):
+        raise SplitError(f"tagger.eval_shards={spec}: no such manifest")
+    try:
+        listed = shards.resolve(spec)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SplitError(f"tagger.eval_shards={spec}: {e}") from e
+    count = jax.process_count()
+    if len(listed) < count:
+        raise SplitError(f"tagger.eval_shards={spec}: {len(listed)} evaluation shard(s) for "
+                         f"{count} hosts: every host needs at least one")
+    return listed
 
 
 def clip_id(shard_index: int, record_index: int) -> int:
@@ -48,39 +72,59 @@ class EvalSplit:
             raise ValueError(f"tagger.eval_batch_size {batch_size} is not divisible by the "
                              f"{count} hosts")
         self.local_batch = batch_size // count
-        keyed = list(enumerate(shards.resolve(spec)))
-        self.shards = keyed[jax.process_index()::count] if len(keyed) >= count else []
-        if not self.shards:
-            raise ValueError(f"{spec}: {len(keyed)} evaluation shard(s) for {count} hosts: every "
-                             "host needs at least one")
+        keyed = list(enumerate(list_split(spec)))
+        self.shards = keyed[jax.process_index()::count]
         ids, labels, windows = [], [], []
+        local_sum = 0
         for cid, logmel, label in self._clips():
             ids.append(cid)
             labels.append(label)
             windows.append(math.ceil(logmel.shape[0] / frames))
+            local_sum = (local_sum + _clip_hash(cid, logmel, label)) % 2**64
         self.ids = np.asarray(ids, np.int64)
         self.labels = np.asarray(labels, np.int32).reshape(-1, max_labels)
         local = sum(windows)
         self.batches = _most_over_hosts(math.ceil(local / self.local_batch))
         self.total_clips = _sum_over_hosts(len(ids))
+        if not self.total_clips:
+            raise SplitError(f"tagger.eval_shards={spec}: the split holds no clips; there is "
+                             "nothing to score")
+        # The split's content (every clip's audio and labels, and its place), whatever its path
+        # and however many hosts read it: evaluations of two different splits must never be
+        # ranked against each other. A sum of the clips' hashes is the same over any hosts.
+        signed = np.asarray(_every_host(local_sum - 2**64 if local_sum >= 2**63 else local_sum),
+                            np.int64)
+        self.fingerprint = f"{int(signed.astype(np.uint64).sum(dtype=np.uint64)):016x}"
 
     def _clips(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(id, log-mel [T, mels], padded labels) of every clip of this host, in order."""
         for index, shard in self.shards:
-            for n, record in enumerate(shards.iter_records(shard, compression=self.compression)):
-                try:
-                    logmel, label = records.decode_example(record)
-                    if logmel.ndim != 2 or logmel.shape[1] != self.n_mels or not logmel.size:
-                        raise records.RecordError(f"audio has shape {logmel.shape}, expected "
-                                                  f"[frames, {self.n_mels}]")
-                    if label.size and (label.min() < 0 or label.max() >= self.num_classes):
-                        raise records.RecordError(
-                            f"label ids {label.tolist()} outside [0, {self.num_classes}): the "
-                            "evaluation split has other classes than the run")
-                    label = format_labels(label, max_labels=self.max_labels, num_classes=None)
-                except records.RecordError as e:
-                    raise records.RecordError(f"{shard.path}: record {n}: {e}") from e
-                yield clip_id(index, n), logmel, label
+            n = 0
+            try:
+                for record in shards.iter_records(shard, compression=self.compression):
+                    try:
+                        decoded = self._decode(record)
+                    except records.RecordError as e:
+                        raise SplitError(f"{shard.path}: record {n}: {e}") from e
+                    yield clip_id(index, n), *decoded
+                    n += 1
+            except SplitError:
+                raise
+            except (records.RecordError, OSError) as e:
+                # A damaged or vanished shard: the reader failed on record n.
+                reason = str(e).removeprefix(f"{shard.path}: ")
+                raise SplitError(f"{shard.path}: record {n}: {reason}") from e
+
+    def _decode(self, record: bytes) -> tuple[np.ndarray, np.ndarray]:
+        logmel, label = records.decode_example(record)
+        if logmel.ndim != 2 or logmel.shape[1] != self.n_mels or not logmel.size:
+            raise records.RecordError(f"audio has shape {logmel.shape}, expected "
+                                      f"[frames, {self.n_mels}]")
+        if label.size and (label.min() < 0 or label.max() >= self.num_classes):
+            raise records.RecordError(
+                f"label ids {label.tolist()} outside [0, {self.num_classes}): the "
+                "evaluation split has other classes than the run")
+        return logmel, format_labels(label, max_labels=self.max_labels, num_classes=None)
 
     def windows(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``self.batches`` local batches of (windows (b, frames, mels, 1), the clip row each
@@ -132,6 +176,13 @@ def evaluate(split: EvalSplit, predict: Callable[[np.ndarray], np.ndarray], task
         hot[rows, labels[rows, slots]] = 1.0
         out = metrics_lib.multilabel(hot, scores)
     return {**out, "clips": int(scores.shape[0])}
+
+
+def _clip_hash(cid: int, logmel: np.ndarray, label: np.ndarray) -> int:
+    digest = hashlib.sha256(np.asarray([cid, *logmel.shape], np.int64).tobytes())
+    digest.update(np.ascontiguousarray(logmel, np.float32).tobytes())
+    digest.update(np.asarray(label, np.int32).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little")
 
 
 def best_evaluation(rows: Iterable[dict[str, Any]], metric: str) -> dict[str, Any] | None:

@@ -200,11 +200,50 @@ class Tagger(Trainer):
                  True)]
 
     def _evaluation_hook(self, run: Any) -> Callable:
-        from mwmae.finetune.evaluate import best_evaluation
+        import json
+        import math
 
-        main = self.main_metric
-        # Evaluations past the restored step belong to a checkpoint that never committed.
-        earlier = [r for r in run.workdir.read_evaluations() if r["step"] <= run.start_step]
+        from mwmae.data import storage
+        from mwmae.finetune.evaluate import best_evaluation
+        from mwmae.workdir import WorkdirError
+
+        shards = math.prod(self.mesh.shape[a] for a in sharding.mesh_axes("act_batch"))
+        size = self.config.tagger.eval_batch_size
+        if size % shards:
+            # Found here, before the first step, rather than at the first evaluation.
+            raise ConfigError(f"tagger.eval_batch_size={size}: not divisible by the {shards} "
+                              f"batch shards of the mesh; use a multiple of {shards}")
+        main, spec = self.main_metric, self.config.tagger.eval_shards
+        split = self.eval_split().fingerprint
+        path = run.workdir.evaluations_path
+        try:
+            rows = run.workdir.read_evaluations()
+        except WorkdirError as e:
+            raise WorkdirError(f"{e}; the run ranks its best checkpoint by this file: repair or "
+                               "delete that line (the TensorBoard logs hold every evaluation "
+                               "too) and rerun") from e
+        earlier = [r for r in rows if r["step"] <= run.start_step]
+        for r in earlier:
+            if not isinstance(r.get(main), (int, float)):
+                raise WorkdirError(f"{path}: the evaluation of step {r['step']} has no {main}; "
+                                   "repair or delete that line and rerun")
+        ranked_on = sorted({r["split"] for r in earlier if "split" in r} - {split})
+        if ranked_on:
+            # Tie or not, scores of two splits are not comparable, and the checkpoint kept as
+            # the best is chosen by them.
+            raise ConfigError(
+                f"tagger.eval_shards={spec}: not the split this workdir's evaluations (and the "
+                f"checkpoint it keeps as the best) were made on ({path}: split {ranked_on[0]}, "
+                f"this one is {split}); resume with that split, or give this one a new --workdir")
+        later = [r for r in rows if r["step"] > run.start_step]
+        if later:
+            # Evaluations of checkpoints that never committed (or of an earlier run in this
+            # workdir): this run evaluates those steps afresh.
+            run.print_fn(f"{path}: dropping the evaluations after the restored step "
+                         f"{run.start_step} (" + ", ".join(f"step {r['step']} {main} {r.get(main)}"
+                                                           for r in later) + ")")
+            if jax.process_index() == 0:
+                storage.write_text(str(path), "".join(json.dumps(r) + "\n" for r in earlier))
         best = best_evaluation(earlier, main)
 
         def hook(info: Any) -> None:
@@ -213,7 +252,7 @@ class Tagger(Trainer):
             result = self.evaluate(info.state.params)
             result["eval_seconds"] = time.perf_counter() - t0
             run.evaluated[info.step] = {main: result[main]}
-            row = {"step": info.step, **result}
+            row = {"step": info.step, **result, "split": split}
             best = best_evaluation([*([best] if best else []), row], main)
             if jax.process_index() == 0:
                 run.workdir.append_evaluation(row)
@@ -233,9 +272,9 @@ def _is_nan(value: float) -> bool:
 
 
 def _check_vocabularies(config: ml_collections.ConfigDict) -> None:
-    """The evaluation split must prove it uses the training split's labels (same names, same
-    ids): class ids are bare integers in the records, so a split built with another vocabulary
-    would be scored as if its ids were the run's, silently."""
+    """The evaluation split must be listed whole and prove it uses the training split's labels
+    (same names, same ids): class ids are bare integers in the records, so a split built with
+    another vocabulary would be scored as if its ids were the run's, silently."""
     spec = config.tagger.eval_shards
     if not spec:
         return
@@ -243,6 +282,9 @@ def _check_vocabularies(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"tagger.eval_shards={spec!r}: give the evaluation split as the "
                           "builder's PREFIX-manifest.csv, whose PREFIX-labels.csv proves its "
                           "classes are the training split's (a glob or a shard has none)")
+    from mwmae.finetune.evaluate import list_split
+
+    list_split(spec)  # a missing manifest or shard is named before anything is written
     eval_csv = spec[: -len("-manifest.csv")] + "-labels.csv"
     train_csv = labels_csv(config)
     if train_csv is None:
