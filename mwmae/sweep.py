@@ -17,12 +17,20 @@ in ``ROOT/<point name>`` (its workdir: checkpoints, ``export/``, ``hear/``), so 
 each step of each point: training from its newest checkpoint, the evaluation from its finished
 embeddings and seeds. ``ROOT/sweep.md`` and ``ROOT/sweep.json``: per task and point the mean ±
 95% interval, and per point the mean score and the overall score over the points
-(:mod:`mwmae.hear.compare`).
+(:mod:`mwmae.hear.compare`); ``run`` tables its own points, ``collect`` every point under ROOT.
+
+A point is reused only for the settings it was trained with (``ROOT/<point>/sweep-point.json``:
+the config and every ``--set``/``--sweep`` value but those of ``RECIPE_FREE``, such as logging
+and checkpoint cadence): a rerun that asks for other ones (another config, more steps, other
+data) is refused before any point runs, naming the point and the settings. ``--evaluate`` may
+change (the evaluation redoes what its options change). A point runs under a lock, so two sweeps
+never run one point at once, and ``--workdir`` may not overlap ``--tasks-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -31,7 +39,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mwmae import cli
@@ -39,6 +47,13 @@ from mwmae.hear import compare
 
 RESULTS = ("hear", "results.json")  # under a point's workdir
 SHORT = {"model.decoder_window_sizes": "dw", "model.mask_ratio": "mr", "config": ""}
+RECIPE = "sweep-point.json"  # under a point's workdir: the settings it was trained with
+LOCK = ".sweep-lock"         # under a point's workdir: held while a sweep runs its steps
+# Keys that change how a point is trained or watched, not what it learns: a rerun may set
+# them differently and still reuse the point.
+RECIPE_FREE = ("log_every_steps", "progress_bar", "image_every_steps", "num_images",
+               "profile_steps", "trace_batches", "lease_seconds", "checkpoint.*", "mesh.*",
+               "model.attention_impl", "model.attention_guard", "model.scan_unroll")
 
 
 class SweepError(RuntimeError):
@@ -113,30 +128,112 @@ def check_tasks_dir(tasks_dir: str) -> None:
                          "make them with hear-preprocess or python -m mwmae.hear.tasks")
 
 
+def check_apart(workdir: str, tasks_dir: str) -> None:
+    """The sweep's outputs never go among its inputs (nor the inputs among its points)."""
+    if "://" in workdir or "://" in tasks_dir:
+        return
+    a, b = pathlib.Path(workdir).resolve(), pathlib.Path(tasks_dir).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise SweepError(f"--workdir {workdir} and --tasks-dir {tasks_dir} overlap: the sweep "
+                         "would write among its inputs; give them folders apart")
+
+
+def recipe(config: str, overrides: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """What a point is trained with: the config and its overrides (the last of a key wins),
+    the keys of RECIPE_FREE left out."""
+    settings = {"config": config}
+    for key, value in overrides:
+        if not any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+                   for k in RECIPE_FREE):
+            settings[key] = value
+    return settings
+
+
+def check_recipe(workdir: str, config: str, overrides: Sequence[tuple[str, str]]) -> None:
+    """Refuse to reuse a point that an earlier sweep trained with other settings: its
+    checkpoints, export and results would stand in this sweep's table for settings they were
+    not made with (the trainer lets a resumed run change its length and data, so it would not
+    say so itself)."""
+    from etils import epath
+
+    path = epath.Path(workdir) / RECIPE
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+        if not isinstance(earlier, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise SweepError(f"{path}: damaged ({e}); it records the settings this point was "
+                         "trained with: restore it, or use a new --workdir") from e
+    now = recipe(config, overrides)
+    diffs = [f"{k}={earlier.get(k, 'unset')} there, {now.get(k, 'unset')} now"
+             for k in sorted(set(earlier) | set(now), key=lambda k: (k != "config", k))
+             if earlier.get(k) != now.get(k)]
+    if diffs:
+        raise SweepError(f"{workdir}: trained by an earlier sweep with other settings "
+                         f"({'; '.join(diffs)}); its results would not be this sweep's: use a new "
+                         f"--workdir for these settings, or rerun with the earlier ones ({path})")
+
+
+@contextlib.contextmanager
+def point_lock(workdir: str) -> Iterator[None]:
+    """Held while this process runs the point's steps: a second sweep on the same point would
+    export over the artifact the first one is evaluating. Released when the process ends,
+    however it ends."""
+    if "://" in workdir:
+        yield  # jobs on a bucket are one per point (the launcher's)
+        return
+    import fcntl
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LOCK), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise SweepError(f"{workdir}: another sweep is running this point now; wait for "
+                             "it") from e
+        yield
+
+
 def run_point(config: str, workdir: str, tasks_dir: str, *,
               overrides: Sequence[tuple[str, str]] = (), evaluate_args: Sequence[str] = (),
               name: str | None = None, log=print) -> None:
     """Runs the point's steps in order; a failed step stops the point with its exit status."""
+    from etils import epath
+
     check_tasks_dir(tasks_dir)
-    for step, argv in zip(("pretrain", "export", "evaluate"),
-                          point_commands(config, workdir, tasks_dir, overrides=overrides,
-                                         evaluate_args=evaluate_args, name=name)):
-        log(f"sweep point {name or workdir}: {step}: {shlex.join(argv[1:])}")
-        rc = subprocess.run(argv).returncode
-        if rc != 0:
-            raise SweepError(f"{workdir}: {step} failed (exit {rc}); fix it and rerun: finished "
-                             "steps are kept")
+    check_apart(workdir, tasks_dir)
+    check_recipe(workdir, config, overrides)
+    with point_lock(workdir):
+        check_recipe(workdir, config, overrides)  # again: another sweep may have just begun it
+        path = epath.Path(workdir) / RECIPE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(recipe(config, overrides), indent=1))
+        for step, argv in zip(("pretrain", "export", "evaluate"),
+                              point_commands(config, workdir, tasks_dir, overrides=overrides,
+                                             evaluate_args=evaluate_args, name=name)):
+            log(f"sweep point {name or workdir}: {step}: {shlex.join(argv[1:])}")
+            rc = subprocess.run(argv).returncode
+            if rc != 0:
+                raise SweepError(f"{workdir}: {step} failed (exit {rc}); fix it and rerun: "
+                                 "finished steps are kept")
 
 
-def collect(root: str | os.PathLike) -> dict[str, Any]:
+def collect(root: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, Any]:
     """The sweep's table from every point under ``root`` (local or gs://) with evaluation
-    results; writes ``root/sweep.md`` and ``root/sweep.json``."""
+    results, or from the points ``names`` only; writes ``root/sweep.md`` and
+    ``root/sweep.json``."""
     from etils import epath
 
     from mwmae.hear.evaluate import PRESETS
 
     root = epath.Path(root)  # gs:// too: the points of an XManager sweep
-    found = sorted(root.glob("/".join(("*", *RESULTS))), key=str)
+    if names is None:
+        found = sorted(root.glob("/".join(("*", *RESULTS))), key=str)
+    else:
+        found = [p for p in (root.joinpath(n, *RESULTS) for n in names) if p.exists()]
     if not found:
         raise SweepError(f"{root}: no point has HEAR results yet "
                          f"(<point>/{'/'.join(RESULTS)}); run the sweep first")
@@ -193,16 +290,22 @@ def main(argv: list[str] | None = None) -> int:
                       evaluate_args=evaluate_args)
             return 0
         check_tasks_dir(a.tasks_dir)
+        check_apart(a.workdir, a.tasks_dir)
         points = grid(_settings(a.sweep, "--sweep"))
         names = [point_name(pt) or "run" for pt in points]
         if len(set(names)) != len(names):
             raise SweepError(f"two points share a folder name: {names}")
-        for point, name in zip(points, names):
-            config = point.get("config", a.config)
-            overrides = [*fixed, *((k, v) for k, v in point.items() if k != "config")]
-            run_point(config, os.path.join(a.workdir, name), a.tasks_dir,
-                      overrides=overrides, evaluate_args=evaluate_args, name=name)
-        print(collect(a.workdir)["text"])
+        plan = [(point.get("config", a.config), os.path.join(a.workdir, name),
+                 [*fixed, *((k, v) for k, v in point.items() if k != "config")], name)
+                for point, name in zip(points, names)]
+        for config, workdir, overrides, _ in plan:  # every point, before the first step
+            check_recipe(workdir, config, overrides)
+        for config, workdir, overrides, name in plan:
+            run_point(config, workdir, a.tasks_dir, overrides=overrides,
+                      evaluate_args=evaluate_args, name=name)
+        # This run's points: a point of an earlier sweep in the same folder was made with
+        # other settings (`collect ROOT` tables every point there).
+        print(collect(a.workdir, names)["text"])
     except (SweepError, compare.ComparisonError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

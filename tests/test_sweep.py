@@ -112,3 +112,94 @@ def test_a_sweep_runs_every_point_end_to_end_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("already done") >= 2
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["points"] == summary["points"]
+
+
+def _fake_steps(monkeypatch, scores=None):
+    """The point's subprocesses replaced by a recorder; the evaluation writes a results file."""
+    ran = []
+
+    def fake_run(argv, *args, **kwargs):
+        ran.append(argv)
+        if "mwmae.hear.evaluate" in argv:
+            out = argv[argv.index("--out") + 1]
+            path = f"{out}/results.json"
+            import os
+
+            os.makedirs(out, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({"tasks": {"t": {"mean": 0.5, "ci95": 0.01}}}, f)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    return ran
+
+
+def _tasks_dir(path):
+    (path / "t").mkdir(parents=True)
+    (path / "t" / "task_metadata.json").write_text("{}")
+    return str(path)
+
+
+def test_a_rerun_with_other_training_settings_is_refused_before_any_step(
+        tmp_path, monkeypatch, capsys):
+    ran = _fake_steps(monkeypatch)
+    tasks_dir = _tasks_dir(tmp_path / "tasks")
+    base = ["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
+            "--tasks-dir", tasks_dir, "--sweep", "model.mask_ratio=0.7",
+            "--sweep", "model.mask_ratio=0.8"]
+    assert sweep.main([*base, "--set", "num_train_steps=4"]) == 0
+    assert len(ran) == 6
+    # The same recipe again reuses every point; progress flags may differ.
+    assert sweep.main([*base, "--set", "num_train_steps=4", "--set", "progress_bar=False",
+                       "--evaluate", "--seeds 2"]) == 0
+    capsys.readouterr()
+    ran.clear()
+    assert sweep.main([*base, "--set", "num_train_steps=8"]) == 2
+    assert ran == []                       # refused before the first point's first step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 's' / 'mr0.7'}: trained by an earlier sweep "
+                          "with other settings (num_train_steps=4 there, 8 now)"), err
+    assert "new --workdir" in err
+    assert sweep.main(["run", "--config", "configs/pretrain.py:mae-T-4x16", *base[3:],
+                       "--set", "num_train_steps=4"]) == 2
+    assert "config=configs/tiny.py there, configs/pretrain.py:mae-T-4x16 now" in \
+        capsys.readouterr().err
+    assert ran == []
+
+
+def test_the_table_of_a_run_holds_its_own_points_only(tmp_path, monkeypatch):
+    _fake_steps(monkeypatch)
+    _results(tmp_path / "s", "mr0.6", {"t": 0.9})   # an earlier sweep's point, other settings
+    assert sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
+                       "--tasks-dir", _tasks_dir(tmp_path / "tasks"),
+                       "--sweep", "model.mask_ratio=0.7"]) == 0
+    assert list(json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]) == ["mr0.7"]
+
+
+def test_sweep_outputs_inside_the_tasks_folder_are_refused(tmp_path, monkeypatch, capsys):
+    ran = _fake_steps(monkeypatch)
+    tasks_dir = _tasks_dir(tmp_path / "tasks")
+    for command, workdir in (("run", tmp_path / "tasks" / "sweep"), ("point", tmp_path / "tasks"),
+                             ("run", tmp_path)):
+        assert sweep.main([command, "--config", "configs/tiny.py", "--workdir", str(workdir),
+                           "--tasks-dir", tasks_dir]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: --workdir {workdir} and --tasks-dir {tasks_dir} "
+                              "overlap"), err
+    assert ran == []
+    assert not (tmp_path / "tasks" / "sweep").exists()
+
+
+def test_two_sweeps_never_run_one_point_at_once(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    ran = _fake_steps(monkeypatch)
+    point = tmp_path / "s" / "run"
+    point.mkdir(parents=True)
+    with open(point / sweep.LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert sweep.main(["point", "--config", "configs/tiny.py", "--workdir", str(point),
+                           "--tasks-dir", _tasks_dir(tmp_path / "tasks")]) == 2
+    assert ran == []
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {point}: another sweep is running this point now; wait for it", err
