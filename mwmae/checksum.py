@@ -117,3 +117,41 @@ def tree_checksums(tree: Any) -> dict[str, str]:
 def differing(recorded: dict[str, str], actual: dict[str, str]) -> list[str]:
     """Leaves whose checksum differs from the recorded one, or that are missing."""
     return sorted(k for k, v in recorded.items() if actual.get(k, v) != v)
+
+
+def json_checksum(obj: Any) -> str:
+    """SHA-256 of a JSON value in one canonical spelling (sorted keys, no spaces): what a JSON
+    item of a checkpoint was saved as, recomputed from what a restore read back."""
+    import hashlib
+    import json
+
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+META_CHECKSUM = "meta_sha256"
+DATA_CHECKSUM = "data_sha256"
+
+
+def seal_meta(meta: dict, data: Any) -> dict:
+    """``meta`` with the checksum of the ``data`` item and then of itself added."""
+    meta = {**meta, DATA_CHECKSUM: json_checksum(data)}
+    meta[META_CHECKSUM] = json_checksum(meta)
+    return meta
+
+
+def json_problems(meta: dict, data: Any = None) -> list[str]:
+    """What fails in a sealed ``meta`` (and ``data``, when given); [] when both verify or the
+    checkpoint predates sealing (no checksum recorded)."""
+    problems = []
+    recorded = meta.get(META_CHECKSUM)
+    if recorded is not None:
+        rest = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+        if json_checksum(rest) != recorded:
+            problems.append("its meta item (counters, config, checksums) changed after the "
+                            "save")
+    if data is not None and meta.get(DATA_CHECKSUM) is not None:
+        if json_checksum(data) != meta[DATA_CHECKSUM]:
+            problems.append("its data item (every host's input position) changed after the "
+                            "save")
+    return problems

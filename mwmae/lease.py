@@ -10,10 +10,14 @@ its *generation*:
   for the few microseconds of the swap (the kernel drops it if the process dies).
 
 The holder refreshes it from a background thread every ``stale_after_s / 4``; a trainer that
-finds a lease refreshed less than ``stale_after_s`` ago refuses to start, naming the holder. A
-lease left by a process killed with -9 (or a preempted VM) goes stale after ``stale_after_s``
-and the next trainer takes it over. Staleness compares the holder's refresh time with the
-reader's clock, so hosts' clocks must agree to well within ``stale_after_s`` (NTP does).
+finds a lease refreshed less than ``stale_after_s`` ago refuses to start, naming the holder.
+
+A holder that died leaves its lease behind. On the holder's own machine (same host name and
+boot id) death is certain when its pid is gone: the lease is taken over at once, and said so.
+From another machine (a preempted VM, another host of a pod) nothing is certain, so the lease
+must first go stale, ``stale_after_s`` after its last refresh. Staleness compares the holder's
+refresh time with the reader's clock, so hosts' clocks must agree to well within
+``stale_after_s`` (NTP does).
 """
 
 from __future__ import annotations
@@ -143,15 +147,44 @@ def _store(path: str):
 # ----------------------------------------------------------------------------- the lease
 
 
+def boot_id() -> str:
+    """This machine's boot id (Linux), so that a pid is compared only within one boot; "" where
+    there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
 @dataclasses.dataclass
 class Holder:
-    """What a lease says about its holder."""
+    """What a lease says about its holder (``host``, ``boot`` and ``pid`` are empty/0 in leases
+    written by older versions: they are then judged by staleness alone)."""
 
     who: str
     token: str
     acquired: float
     refreshed: float
     stale_after_s: float
+    host: str = ""
+    boot: str = ""
+    pid: int = 0
+
+    def is_dead_here(self) -> bool:
+        """True when the holder ran on this machine, in this boot, and its process is gone."""
+        return (bool(self.host) and self.pid > 0 and self.host == socket.gethostname()
+                and bool(self.boot) and self.boot == boot_id() and not _pid_alive(self.pid))
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.refreshed
@@ -168,7 +201,8 @@ def _parse(data: bytes) -> Holder | None:
     try:
         d = json.loads(data)
         return Holder(str(d["who"]), str(d["token"]), float(d["acquired"]),
-                      float(d["refreshed"]), float(d["stale_after_s"]))
+                      float(d["refreshed"]), float(d["stale_after_s"]), str(d.get("host", "")),
+                      str(d.get("boot", "")), int(d.get("pid", 0)))
     except (ValueError, KeyError, TypeError):
         return None  # unreadable: treated as abandoned
 
@@ -198,7 +232,9 @@ class Lease:
     def _payload(self) -> bytes:
         now = time.time()
         return json.dumps({"who": self.who, "token": self.token, "acquired": self._acquired or now,
-                           "refreshed": now, "stale_after_s": self.stale_after_s}).encode()
+                           "refreshed": now, "stale_after_s": self.stale_after_s,
+                           "host": socket.gethostname(), "boot": boot_id(),
+                           "pid": os.getpid()}).encode()
 
     def holder(self) -> Holder | None:
         """The current holder, if the lease exists and is readable."""
@@ -212,13 +248,17 @@ class Lease:
             expected = None
             if current is not None:
                 holder = _parse(current[0])
-                if holder is not None and not holder.is_stale():
+                if holder is not None and holder.is_dead_here():
+                    log.warning("%s: taking over the writer lease of %s: that process is gone "
+                                "(killed or crashed) on this host", self.path, holder.who)
+                elif holder is not None and not holder.is_stale():
                     raise LeaseHeld(
                         f"{self.path}: another trainer is writing this workdir: "
                         f"{holder.describe()}. Stop it, or wait until its lease goes stale, or "
                         "use another --workdir.")
-                log.warning("%s: taking over a stale writer lease%s", self.path,
-                            f" of {holder.describe()}" if holder else "")
+                else:
+                    log.warning("%s: taking over a stale writer lease%s", self.path,
+                                f" of {holder.describe()}" if holder else "")
                 expected = current[1]
             self._acquired = time.time()
             try:

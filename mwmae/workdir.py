@@ -250,8 +250,14 @@ class Workdir:
 
         full = self.read_config()
         if full is None:
-            raise WorkdirError(f"{self.config_path}: missing; a training workdir has the run's "
-                               f"{CONFIG_FILE} beside {CHECKPOINTS}/")
+            recorded = self.recorded_config()
+            if recorded is None:
+                raise WorkdirError(f"{self.config_path}: missing, and no checkpoint records the "
+                                   f"run's config; a training workdir has the run's "
+                                   f"{CONFIG_FILE} beside {CHECKPOINTS}/")
+            log.warning("%s: missing; using the config checkpoint %d records", self.config_path,
+                        recorded[0])
+            full = recorded[1]
         if not isinstance(full.get("model"), dict):
             raise WorkdirError(f"{self.config_path}: no 'model' entry; not a training config")
         try:
@@ -263,18 +269,44 @@ class Workdir:
         """Refuse (before anything is written) a config that changes what the workdir holds.
 
         ``new`` is the config as a JSON-like dict; ``may_change`` lists the keys (``a.b`` or
-        ``a.*``) a resumed run may set differently.
+        ``a.*``) a resumed run may set differently. The run's identity is the config its newest
+        checkpoint records; config.json is compared too (it is all a run without a checkpoint
+        yet has), so neither deleting nor editing it lets another run in.
         """
+        recorded = self.recorded_config()
+        sources = []
+        if recorded is not None:
+            step, config = recorded
+            sources.append((f"{self.checkpoint_path(step)} (the config it was trained with)",
+                            config))
         old = self.read_config()
-        if old is None:
+        if old is not None:
+            sources.append((str(self.config_path), old))
+        for where, config in sources:
+            diffs = config_differences(config, new, may_change)
+            if diffs:
+                raise ConfigMismatch(
+                    f"{where}: this workdir holds a run with another configuration; "
+                    f"resuming it with these changes would mix two runs: {'; '.join(diffs)}. "
+                    "Nothing was written. Use a new --workdir for the new configuration, or "
+                    "rerun with the workdir's values.")
+        self.check_not_only_damaged()
+
+    def check_not_only_damaged(self) -> None:
+        """Refuse to start a run from step 0 in a workdir whose every checkpoint was set aside
+        as damaged: that would silently retrain the whole run (and, with ``keep_last=1``, the
+        first save would be the only copy of anything)."""
+        if self.steps() or not self.checkpoints.exists():
             return
-        diffs = config_differences(old, new, may_change)
-        if diffs:
-            raise ConfigMismatch(
-                f"{self.config_path}: this workdir holds a run with another configuration; "
-                f"resuming it with these changes would mix two runs: {'; '.join(diffs)}. "
-                "Nothing was written. Use a new --workdir for the new configuration, or rerun "
-                "with the workdir's values.")
+        damaged = sorted(p.name for p in self.checkpoints.iterdir()
+                         if DAMAGED_SUFFIX in p.name)
+        if damaged:
+            raise DamagedCheckpoint(
+                f"{self.checkpoints}: no checkpoint verifies (set aside: {', '.join(damaged)}); "
+                "training would start again from step 0 and redo every step. Nothing was "
+                "trained. To start over on purpose, move the set-aside folders out of "
+                f"{CHECKPOINTS}/ (or use a new --workdir); to recover, restore the checkpoint "
+                "files from a copy.")
 
     def write_config(self, config_json: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -288,6 +320,7 @@ class Workdir:
         (``partial_state``: the state item restores parts of the tree, for params-only reads)."""
         import orbax.checkpoint as ocp
 
+        _quiet_abandoned_reads()
         if options is None:
             options = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only,
                                                    save_interval_steps=0 if read_only else 1)
@@ -320,17 +353,49 @@ class Workdir:
         meta = {**meta, "checksums": checksum.tree_checksums(state)}
         if metrics is not None:
             meta["evaluation"] = metrics
+        data = {"hosts": hosts}
+        # The JSON items are checksummed too: an input position or a counter edited after the
+        # save would resume on other batches without a word.
+        meta = checksum.seal_meta(meta, data)
         return manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": hosts}),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
 
     def read_meta(self, step: int, manager: Any = None) -> dict[str, Any]:
-        """A checkpoint's ``meta`` item (counters, config, checksums)."""
+        """A checkpoint's ``meta`` item (counters, config, checksums), verified against its own
+        checksum (DamagedCheckpoint if it changed after the save)."""
         import orbax.checkpoint as ocp
 
         manager = manager or self.manager(read_only=True)
-        return dict(manager.restore(step, args=ocp.args.Composite(
+        meta = dict(manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta)
+        problems = checksum.json_problems(meta)
+        if problems:
+            raise DamagedCheckpoint(f"{self.checkpoint_path(step)}: {problems[0]}")
+        return meta
+
+    def newest_meta(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, meta) of the newest finished checkpoint whose ``meta`` verifies; None if
+        there is none."""
+        steps = self.steps()
+        if not steps:
+            return None
+        manager = self.manager(read_only=True)
+        for step in reversed(steps):
+            try:
+                return step, self.read_meta(step, manager)
+            except Exception:  # noqa: BLE001 - damaged: the restore sets it aside; try older
+                continue
+        return None
+
+    def recorded_config(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, config) of the newest verified checkpoint: the config the run was trained
+        with, its identity, which config.json (a file that can be deleted or overwritten) only
+        mirrors. None when no checkpoint records one."""
+        newest = self.newest_meta()
+        if newest is None or not isinstance(newest[1].get("config"), dict):
+            return None
+        return newest[0], newest[1]["config"]
 
     def _check_structure(self, manager: Any, step: int, abstract_state: Any) -> None:
         """Raise ConfigMismatch if the checkpoint's arrays are not the shapes of the state
@@ -377,6 +442,9 @@ class Workdir:
         except Exception as e:  # noqa: BLE001 - structure was checked: this is damage
             raise DamagedCheckpoint(f"{path}: unreadable: {type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        problems = checksum.json_problems(dict(r.meta or {}), dict(r.data or {}))
+        if problems:
+            raise DamagedCheckpoint(f"{path}: {'; '.join(problems)}")
         recorded = (r.meta or {}).get("checksums")
         if recorded is None:
             log.warning("%s has no checksums (written by an older version): not verified", path)
@@ -421,6 +489,7 @@ class Workdir:
                 if sync is not None:
                     sync()
                 manager.reload()
+        self.check_not_only_damaged()
         return None
 
     # ------------------------------------------------------------------ params only
@@ -481,6 +550,9 @@ class Workdir:
         except Exception as e:  # noqa: BLE001 - shapes matched: this is damage
             raise DamagedCheckpoint(f"{path}: unreadable: {type(e).__name__}: {e}") from e
         flat = {k: np.asarray(v) for k, v in flatten_dict(restored.state["params"]).items()}
+        problems = checksum.json_problems(dict(restored.meta or {}))
+        if problems:
+            raise DamagedCheckpoint(f"{path}: {problems[0]}")
         recorded = (restored.meta or {}).get("checksums")
         if recorded is not None:
             actual = {"params/" + "/".join(map(str, k)): checksum.array_checksum_np(v)
@@ -526,6 +598,31 @@ class Workdir:
                     status, meta = "damaged", {"error": f"{type(e).__name__}: {e}"}
             rows.append(CheckpointInfo(p.name, status, _size(p), meta))
         return rows
+
+
+_quiet_installed = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """When one read of a restore fails, the reads still in flight finish on an event loop that
+    Orbax has already closed, and each prints a 'RuntimeError: Event loop is closed' traceback
+    (20-240 of them) through ``sys.unraisablehook``, burying the one warning that matters.
+    Installed with the first checkpoint manager, it drops those, and only those."""
+    import sys
+
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _quiet_installed = True
 
 
 def _size(path: epath.Path) -> int:

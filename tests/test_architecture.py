@@ -30,15 +30,19 @@ RULES: dict[str, set[str]] = {
     "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
     "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum"},
     "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease", "mwmae.goodput"},
+    # The weights a run starts from (init_from): read through the loaders and the workdir, by
+    # the trainer at a first start and by export's --initial afterwards.
+    "mwmae.pretrained": {"mwmae.model", "mwmae.api", "mwmae.workdir"},
     "mwmae.model_info": {"mwmae.model"},
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
                     "mwmae.lease", "mwmae.checksum", "mwmae.aot", "mwmae.collectives",
-                    "mwmae.api", "mwmae.goodput"},
+                    "mwmae.api", "mwmae.goodput", "mwmae.pretrained"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
     "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},
-    "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir"},
+    "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir",
+                     "mwmae.pretrained"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
     "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech"},

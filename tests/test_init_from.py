@@ -8,8 +8,8 @@ from train_helpers import load_config, run_steps
 
 import mwmae
 from mwmae.export import export_original
+from mwmae.pretrained import InitFromError, pretrained_params
 from mwmae.train.config import default_config
-from mwmae.train.init_from import InitFromError, pretrained_params
 from mwmae.train.trainer import Trainer
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -64,6 +65,56 @@ def test_refreshing_keeps_a_live_lease_fresh(lease_path):
         holder.release()
 
 
+# ---- a holder that died on this host ------------------------------------------------------------
+
+def _acquire_and_die(path: str) -> int:
+    """A process that takes the lease and exits without releasing it (as kill -9 would);
+    its pid."""
+    code = ("import os, sys; from mwmae.lease import Lease; "
+            "Lease(sys.argv[1], stale_after_s=600, who='crashed trainer').acquire(); "
+            "print(os.getpid()); os._exit(0)")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       timeout=60, check=True)
+    return int(r.stdout.strip())
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    path = str(tmp_path / "wd" / "writer.lease")
+    pid = _acquire_and_die(path)
+    assert Lease(path).holder().pid == pid and not Lease(path).holder().is_stale()
+    successor = Lease(path, stale_after_s=600, who="rerun")
+    with caplog.at_level("WARNING"):
+        successor.acquire()   # not 600 s later
+    assert "crashed trainer: that process is gone (killed or crashed) on this host" in \
+        caplog.text
+    successor.release()
+
+
+@pytest.mark.parametrize("field,value", [("host", "another-host"), ("boot", "another-boot"),
+                                         ("pid", 0)])
+def test_a_dead_pid_elsewhere_or_unknown_waits_for_staleness(tmp_path, field, value):
+    """A pid means nothing on another machine or after a reboot: such a holder is judged by
+    its refresh time alone."""
+    path = str(tmp_path / "wd" / "writer.lease")
+    _acquire_and_die(path)
+    lease = json.loads(pathlib.Path(path).read_text())
+    lease[field] = value
+    pathlib.Path(path).write_text(json.dumps(lease))
+    with pytest.raises(LeaseHeld, match="crashed trainer"):
+        Lease(path, stale_after_s=600).acquire()
+
+
+def test_a_live_holder_on_this_host_is_refused(tmp_path):
+    path = str(tmp_path / "wd" / "writer.lease")
+    holder = Lease(path, stale_after_s=600, who="running trainer")
+    holder.acquire()
+    try:
+        with pytest.raises(LeaseHeld, match="running trainer"):
+            Lease(path, stale_after_s=600).acquire()
+    finally:
+        holder.release()
+
+
 # ---- two trainers, end to end ----------------------------------------------------------------
 
 def _trainer(workdir, *overrides, env=None):
@@ -102,13 +153,14 @@ def test_second_trainer_refused_while_the_first_runs_accepted_after_kill_9(tmp_p
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
-    # The killed run's lease stays until it is stale (3 s), then the next run takes it.
-    time.sleep(3.5)
+    # The killed run's pid is gone on this host: the next run takes its lease over at once,
+    # without waiting for it to go stale.
     third = subprocess.run(_trainer_cmd(wd, "--config.num_train_steps=2",
-                                        "--config.checkpoint.every_steps=1"),
+                                        "--config.checkpoint.every_steps=1",
+                                        "--config.lease_seconds=120"),
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-2000:]
-    assert "taking over a stale writer lease" in third.stderr
+    assert "that process is gone (killed or crashed) on this host" in third.stderr
     assert not lease_file.exists()   # released on a clean exit
 
 

@@ -16,7 +16,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mwmae.train.refusals import refusals, unknown_override
+from mwmae.train.refusals import missing_config_file, refusals, unknown_override
 
 # jax, the trainer, the workdir and the config schema are imported in functions: input worker
 # processes start by importing this module (Python's "spawn"), and need none of them.
@@ -70,11 +70,27 @@ def run(task=None) -> None:
     """The command line of ``task`` (a Trainer subclass; pretraining when None)."""
     global _TASK
     _TASK = task
-    message = unknown_override(sys.argv, task.schema() if task is not None else None)
+    message = missing_config_file(sys.argv) or unknown_override(
+        sys.argv, task.schema() if task is not None else None)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag value (``--config.batch_size=abc``) said in one line
+    naming the flag, instead of a 'FATAL' line and a usage hint."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        text = lines[0] if lines else type(e).__name__
+        text = text[len("flag "):] if text.startswith("flag ") else text
+        if "Traceback" in str(e):  # a config file that fails to load: its error's last line
+            text = f"{text.rstrip(':')}: {lines[-1].strip()}"
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

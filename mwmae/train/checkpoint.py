@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -80,11 +81,81 @@ class PreemptionWatch:
         self._previous = {}
 
 
+def keep_promise(config: ml_collections.ConfigDict, best_metric: str | None) -> dict:
+    """What this config's retention keeps beyond the latest checkpoints; recorded in every
+    checkpoint's meta, so that a later config cannot silently break the promise."""
+    return {"keep_every_steps": int(config.checkpoint.keep_every_steps),
+            "best_metric": best_metric}
+
+
+def _recorded_promise(meta: dict) -> dict:
+    """A checkpoint's keep promise; for checkpoints written before promises were recorded, read
+    from the config it records (a tagger's evaluation holds its main metric alone)."""
+    if isinstance(meta.get("keep"), dict):
+        return meta["keep"]
+    config = meta.get("config") or {}
+    every = int((config.get("checkpoint") or {}).get("keep_every_steps", 0) or 0)
+    evaluation = meta.get("evaluation")
+    best = None
+    if (isinstance(evaluation, dict) and len(evaluation) == 1
+            and (config.get("tagger") or {}).get("keep_best")):
+        best = next(iter(evaluation))
+    return {"keep_every_steps": every, "best_metric": best}
+
+
+def promised_steps(workdir: Workdir, promise: dict) -> dict[int, str]:
+    """Checkpoints an earlier config of this run promised to keep and ``promise`` (this
+    config's) would not: step -> why it is kept. Every finished checkpoint's meta is read."""
+    steps = workdir.steps()
+    if not steps:
+        return {}
+    manager = workdir.manager(read_only=True)
+    held: dict[int, str] = {}
+    best: dict[str, list[tuple[float, int]]] = {}
+    for step in steps:
+        try:
+            meta = workdir.read_meta(step, manager)
+        except Exception:  # noqa: BLE001 - damaged: the restore deals with it
+            continue
+        earlier = _recorded_promise(meta)
+        every = int(earlier.get("keep_every_steps") or 0)
+        now = promise["keep_every_steps"]
+        if every > 0 and step % every == 0 and not (now > 0 and step % now == 0):
+            held[step] = f"checkpoint.keep_every_steps={every}"
+        metric = earlier.get("best_metric")
+        value = (meta.get("evaluation") or {}).get(metric) if metric else None
+        if metric and metric != promise["best_metric"] and isinstance(value, (int, float)) \
+                and not math.isnan(value):
+            best.setdefault(metric, []).append((float(value), step))
+    for metric, scored in best.items():
+        # Orbax's BestN keeps the later of equal values: so does this.
+        _, step = max(scored)
+        held.setdefault(step, f"the best {metric}")
+    return held
+
+
 def make_manager(workdir: Workdir, config: ml_collections.ConfigDict,
                  best_metric: str | None = None) -> ocp.CheckpointManager:
     """The run's manager. With ``best_metric``, the checkpoint saved with the highest value of
-    that metric (see :func:`save_checkpoint`'s ``metrics``) is kept beside the latest ones."""
+    that metric (see :func:`save_checkpoint`'s ``metrics``) is kept beside the latest ones.
+
+    Checkpoints an earlier config of the run promised to keep (its ``keep_every_steps``, its
+    best checkpoint) stay kept although this config would not keep them, unless
+    ``checkpoint.release_kept`` says to let them go."""
     c = config.checkpoint
+    held = promised_steps(workdir, keep_promise(config, best_metric))
+    if held:
+        listing = ", ".join(f"{s} ({why})" for s, why in sorted(held.items()))
+        if c.release_kept:
+            log.warning("%s: checkpoint.release_kept: checkpoints an earlier config of this run "
+                        "kept are now subject to this config's retention and may be deleted: "
+                        "%s", workdir.checkpoints, listing)
+            held = {}
+        else:
+            log.warning("%s: keeping checkpoints an earlier config of this run promised to "
+                        "keep, which this config would delete: %s (set "
+                        "checkpoint.release_kept=True to let them go)", workdir.checkpoints,
+                        listing)
     policies: list[Any] = [save.PreemptionCheckpointingPolicy()]
     if c.every_steps > 0:
         policies.append(save.FixedIntervalPolicy(c.every_steps))
@@ -98,6 +169,8 @@ def make_manager(workdir: Workdir, config: ml_collections.ConfigDict,
     if best_metric:
         keepers.append(keep.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
                                   keep_checkpoints_without_metrics=False))
+    if held:
+        keepers.append(keep.CustomSteps(sorted(held)))
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=save.AnySavePolicy(policies),
         preservation_policy=keep.AnyPreservationPolicy(keepers),

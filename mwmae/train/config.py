@@ -81,6 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_minutes = 0.0       # 0: off; else also save when this much time passed
     c.checkpoint.keep_last = 3
     c.checkpoint.keep_every_steps = 0      # > 0: keep every such step forever
+    # Checkpoints an earlier config of the run kept (its keep_every_steps, a tagger's best) stay
+    # kept although this config would not keep them; True lets this config's retention delete
+    # them.
+    c.checkpoint.release_kept = False
     c.checkpoint.asynchronous = True
     c.nonfinite_policy = "stop"    # a non-finite loss/grad: "stop" (after dropping the update)
                                    # or "skip" (drop the update, count it, go on)

@@ -245,6 +245,7 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
         meta = ckpt.counters(info.step, info.step * c.batch_size, run.started,
                              run.previous_seconds, int(info.state.skipped_steps), c,
                              global_sum(run.source.skipped_records()))
+        meta.update(run.trainer.checkpoint_record(info.step))
         t0 = time.perf_counter()
         if ckpt.save_checkpoint(run.workdir, run.manager, info.step, info.state,
                                 run.source.get_state(), meta, force=True, metrics=evaluation):

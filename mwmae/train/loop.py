@@ -67,10 +67,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     t = task(config, workdir)
     if not wd.steps():
         t.pretrained()  # a bad init_from fails here, before the workdir holds this config
-    lease = take_lease(wd, config)
-    closers: list[Callable[[], None]] = []
+    # Shards that are missing or a glob that matches nothing fail here, before the workdir
+    # holds anything of this run.
+    source = t.make_source()
+    closers: list[Callable[[], None]] = [source.close]
+    lease = None
     try:
-        run, state, compiled, hooks = _start(t, wd, config, print_fn, lease, closers, began)
+        lease = take_lease(wd, config)
+        run, state, compiled, hooks = _start(t, wd, config, print_fn, lease, source, closers,
+                                             began)
+        if run is None:
+            return {"status": "done"}
         status = "done"
         for step in range(run.start_step + 1, t.total_steps + 1):
             wait_start = time.perf_counter()
@@ -93,12 +100,31 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
-           print_fn: Callable[[str], None], lease: Lease | None,
-           closers: list[Callable[[], None]], began: float) -> tuple[Run, Any, Any, Hooks]:
-    """Writer, checkpoint manager, signal watch, source, progress bar and goodput recorder
-    (each registered in ``closers``), the restored or initial state, the compiled step and the
-    hooks."""
+           print_fn: Callable[[str], None], lease: Lease | None, source: Any,
+           closers: list[Callable[[], None]], began: float
+           ) -> tuple[Run | None, Any, Any, Hooks | None]:
+    """Checkpoint manager, writer, signal watch, progress bar and goodput recorder (each
+    registered in ``closers``), the restored or initial state, the compiled step and the hooks;
+    (None, ...) when the restored run is already as long as this config asks (nothing is
+    written then)."""
     is_main = jax.process_index() == 0
+    manager = t.make_manager(wd)
+    closers += [manager.close, manager.wait_until_finished]
+    restored = ckpt.restore_latest(wd, manager, t.abstract_state())
+    if restored is None:
+        state, previous_seconds = t.initial_state(), 0.0
+        print_fn(f"starting at step 0 (no checkpoint in {wd.checkpoints})"
+                 + (f" from the weights of {config.init_from}" if config.init_from else ""))
+    else:
+        state, data_state, meta = restored
+        source.set_state(data_state)
+        t.initial_record = meta.get("initial")
+        previous_seconds = float(meta.get("train_seconds", 0.0))
+        print_fn(f"resumed from step {int(state.step)} in {wd.checkpoints}")
+        for line in length_notice(t, meta, int(state.step)):
+            print_fn(line)
+        if int(state.step) >= t.total_steps:
+            return None, None, None, None
     if is_main:
         # The run's whole config beside its checkpoints: export and inspection read it back.
         wd.write_config(config.to_json_best_effort(indent=1))
@@ -106,21 +132,8 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
                                                   just_logging=not is_main, asynchronous=True)
     closers.append(writer.close)
     writer.write_hparams(metrics_lib.hparams(config))
-    manager = t.make_manager(wd)
-    closers += [manager.close, manager.wait_until_finished]
     watch = ckpt.PreemptionWatch()
     closers.append(watch.restore)
-    source = t.make_source()
-    closers.append(source.close)
-
-    restored = ckpt.restore_latest(wd, manager, t.abstract_state())
-    if restored is None:
-        state, previous_seconds = t.initial_state(), 0.0
-    else:
-        state, data_state, meta = restored
-        source.set_state(data_state)
-        previous_seconds = float(meta.get("train_seconds", 0.0))
-        print_fn(f"resumed from step {int(state.step)} in {wd.checkpoints}")
     if is_main and t.attention.platform != "cpu":
         for line in t.attention.lines():  # which attention each layer runs, and why
             print_fn(line)
@@ -149,6 +162,30 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
                            goodput=recorder)
     recorder.loop_begins()
     return run, state, compiled, hooks
+
+
+def length_notice(t: Trainer, meta: dict, step: int) -> list[str]:
+    """What a resume with another run length does to the run: nothing left to train, or a
+    learning-rate schedule recomputed over the new length (and the rate it moves to)."""
+    before = meta.get("total_steps")
+    if before is None:  # written before checkpoints recorded it: the config's explicit length
+        before = (meta.get("config") or {}).get("num_train_steps")
+        before = before if isinstance(before, int) and before > 0 else None
+    if step >= t.total_steps:
+        return [f"step {step} is already at or past this config's {t.total_steps} steps: "
+                "nothing to train (the workdir is left as it is; raise num_train_steps or "
+                "num_epochs to train on)"]
+    if before is None or int(before) == t.total_steps:
+        return []
+    line = (f"run length {before} -> {t.total_steps} steps: the learning-rate schedule is "
+            f"recomputed over {t.total_steps} steps")
+    was = meta.get("learning_rate")
+    now = float(t.schedule(step))
+    if isinstance(was, float):
+        line += f"; the rate after step {step} moves from {was:.3g} to {now:.3g}"
+    else:
+        line += f"; the rate after step {step} is now {now:.3g}"
+    return [line]
 
 
 def _close(closers: list[Callable[[], None]], lease: Lease | None) -> None:

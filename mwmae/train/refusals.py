@@ -8,8 +8,8 @@ def refusals() -> tuple[type[BaseException], ...]:
     """What the run refuses for a reason the user can fix; printed as one line, not a
     traceback."""
     from mwmae.lease import LeaseHeld, LeaseLost
+    from mwmae.pretrained import InitFromError
     from mwmae.train.config import ConfigError
-    from mwmae.train.init_from import InitFromError
     from mwmae.workdir import WorkdirError
 
     return (ConfigError, InitFromError, WorkdirError, LeaseHeld, LeaseLost, FloatingPointError)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mwmae import pretrained as pretrained_lib
 from mwmae import workdir as workdir_lib
 from mwmae.data import PipelineConfig
 from mwmae.data.sources import ShardSource, Source, SyntheticSource
@@ -98,7 +99,10 @@ class Trainer:
                  devices: list[jax.Device] | None = None):
         self.check(config)
         self.config = config
-        self._pretrained: dict | None = None
+        self._pretrained: pretrained_lib.Taken | None = None
+        # What the run started from (init_from's source, step and digest), recorded in every
+        # checkpoint: set by the first start, carried over from the checkpoint on a resume.
+        self.initial_record: dict | None = None
         self.model_config = model_config_from(config)
         self.mesh = sharding.make_mesh(config.mesh, devices)
         check_batch(config, self.mesh)
@@ -159,8 +163,13 @@ class Trainer:
     def make_source(self) -> Source:
         return make_source(self.config)
 
+    def best_metric(self) -> str | None:
+        """The evaluation metric whose best checkpoint is kept beside the latest (None: no
+        evaluation, only the latest and the every-N-steps ones are kept)."""
+        return None
+
     def make_manager(self, wd: workdir_lib.Workdir) -> Any:
-        return ckpt.make_manager(wd, self.config)
+        return ckpt.make_manager(wd, self.config, best_metric=self.best_metric())
 
     def task_hooks(self, run: Any) -> list[tuple[str, Callable, int, bool]]:
         """(name, hook, every, last) of this task's own periodic work, run before the
@@ -225,19 +234,32 @@ class Trainer:
         state = self.init_fn(jax.random.key(self.config.seed))
         if taken is None:
             return state
+        self.initial_record = taken.record()
         return state.replace(params=init_from.place(state.params, self.state_sharding.params,
-                                                    taken))
+                                                    taken.params))
 
-    def pretrained(self) -> dict | None:
+    def pretrained(self) -> pretrained_lib.Taken | None:
         """The ``init_from`` weights this run starts from, read and checked once; None without
         ``init_from``."""
         if not self.config.init_from:
             return None
         if self._pretrained is None:
             step = self.config.init_from_step if self.config.init_from_step >= 0 else None
-            self._pretrained = init_from.pretrained_params(
+            self._pretrained = pretrained_lib.take(
                 self.config.init_from, step, self.model_config, with_decoder=self.takes_decoder)
         return self._pretrained
+
+    def checkpoint_record(self, step: int) -> dict:
+        """What a checkpoint records beyond counters and config: the retention it was promised
+        (see :func:`mwmae.train.checkpoint.keep_promise`), the schedule's length and learning
+        rate at this step (a resume with another length says how the schedule moves), and
+        what the run started from."""
+        record = {"keep": ckpt.keep_promise(self.config, self.best_metric()),
+                  "total_steps": int(self.total_steps),
+                  "learning_rate": float(self.schedule(step))}
+        if self.initial_record is not None:
+            record["initial"] = self.initial_record
+        return record
 
     def abstract_state(self):
         """Shapes, dtypes and shardings of the state, without allocating it."""

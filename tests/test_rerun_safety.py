@@ -1,0 +1,272 @@
+"""A careless rerun never loses, mixes or silently redoes a run's work: the workdir's identity is
+its checkpoints' recorded config, what a checkpoint records is verified when read (its JSON items
+too), retention keeps what an earlier config promised, and the run's starting weights are what
+it really started from."""
+
+import hashlib
+import json
+import logging
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import REPO, checkpointing_config
+
+from mwmae.train import checkpoint as ckpt
+from mwmae.train.loop import train
+from mwmae.workdir import ConfigMismatch, DamagedCheckpoint, Workdir
+
+
+def _quiet(*_):
+    pass
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "writer.lease.lock"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 6-step run with checkpoints 2, 4, 6 (copied by tests that change it)."""
+    path = tmp_path_factory.mktemp("run") / "wd"
+    train(checkpointing_config(), path, print_fn=_quiet)
+    return path
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---- 1. the identity of a workdir is what its checkpoints record --------------------------------
+
+def test_a_workdir_without_config_json_still_refuses_another_config(trained, tmp_path):
+    wd = _copy(trained, tmp_path / "wd")
+    (wd / "config.json").unlink()
+    before = _snapshot(wd)
+    config = checkpointing_config(steps=8)
+    config.optimizer.base_learning_rate = 0.5
+    config.seed = 7
+    with pytest.raises(ConfigMismatch) as e:
+        train(config, wd, print_fn=_quiet)
+    message = str(e.value)
+    assert "checkpoints/6 (the config it was trained with)" in message
+    assert "seed: 0 -> 7" in message and "optimizer.base_learning_rate" in message
+    assert _snapshot(wd) == before and not (wd / "config.json").exists()
+    # The same config as the checkpoints' resumes, and config.json is written again.
+    lines = []
+    train(checkpointing_config(steps=8), wd, print_fn=lines.append)
+    assert lines[0].startswith("resumed from step 6")
+    assert json.loads((wd / "config.json").read_text())["seed"] == 0
+
+
+def test_a_model_config_is_read_from_the_checkpoints_when_config_json_is_gone(trained,
+                                                                             tmp_path):
+    wd = _copy(trained, tmp_path / "wd")
+    (wd / "config.json").unlink()
+    config, full = Workdir(wd).model_config()
+    assert config.embed_dim == 64 and full["num_train_steps"] == 6
+
+
+# ---- 3. no silent restart from step 0 ------------------------------------------------------------
+
+def _flip_a_byte_in_arrays(step_dir: pathlib.Path) -> None:
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    target = max(files, key=lambda f: f.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+
+
+def test_only_damaged_checkpoints_refuse_a_restart_from_step_0(trained, tmp_path):
+    """keep_last=1 leaves one checkpoint: when it is damaged, the run must not retrain from
+    step 0 without a word."""
+    wd = _copy(trained, tmp_path / "wd")
+    for step in (2, 4):
+        shutil.rmtree(wd / "checkpoints" / str(step))
+    _flip_a_byte_in_arrays(wd / "checkpoints" / "6")
+    config = checkpointing_config(steps=8)
+    config.checkpoint.keep_last = 1
+    with pytest.raises(DamagedCheckpoint, match=r"no checkpoint verifies \(set aside: 6.damaged"
+                                                r"\); training would start again from step 0"):
+        train(config, wd, print_fn=_quiet)
+    assert (wd / "checkpoints" / "6.damaged").is_dir() and Workdir(wd).steps() == []
+    with pytest.raises(DamagedCheckpoint, match="no checkpoint verifies"):  # and again
+        train(config, wd, print_fn=_quiet)
+    assert not list((wd / "checkpoints").glob("[0-9]"))
+    # Moving the set-aside checkpoint away is the explicit "start over".
+    shutil.move(str(wd / "checkpoints" / "6.damaged"), str(tmp_path / "6.damaged"))
+    lines = []
+    train(config, wd, print_fn=lines.append)
+    assert lines[0].startswith("starting at step 0")
+
+
+# ---- 4 and 5. retention keeps what an earlier config promised -----------------------------------
+
+def test_dropping_keep_every_steps_keeps_the_kept_checkpoints(tmp_path, caplog):
+    wd = tmp_path / "wd"
+    config = checkpointing_config(steps=8, every=2)
+    config.checkpoint.keep_last = 1
+    config.checkpoint.keep_every_steps = 4
+    train(config, wd, print_fn=_quiet)
+    assert Workdir(wd).steps() == [4, 8]
+    config = checkpointing_config(steps=12, every=2)
+    config.checkpoint.keep_last = 1
+    with caplog.at_level(logging.WARNING):
+        train(config, wd, print_fn=_quiet)
+    assert Workdir(wd).steps() == [4, 8, 12]
+    assert "keeping checkpoints an earlier config of this run promised to keep" in caplog.text
+    assert "4 (checkpoint.keep_every_steps=4)" in caplog.text
+    # Only an explicit release lets them go.
+    config = checkpointing_config(steps=14, every=2)
+    config.checkpoint.keep_last = 1
+    config.checkpoint.release_kept = True
+    train(config, wd, print_fn=_quiet)
+    assert Workdir(wd).steps() == [14]
+
+
+def _save(wd, manager, step, top1, promise):
+    state = {"x": jax.numpy.full((3,), float(step))}
+    ckpt.save_checkpoint(wd, manager, step, state, {"position": step},
+                         {"step": step, "keep": promise}, force=True,
+                         metrics=None if top1 is None else {"top1": top1})
+    manager.wait_until_finished()
+
+
+def test_a_rerun_without_evaluation_keeps_the_best_checkpoint(tmp_path):
+    """A tagger resumed without tagger.eval_shards has no best-of policy: the best checkpoint
+    the earlier config kept must survive anyway (a tie kept as Orbax keeps it: the later)."""
+    config = checkpointing_config()
+    config.checkpoint.keep_last = 1
+    wd = Workdir(tmp_path / "wd")
+    manager = ckpt.make_manager(wd, config, best_metric="top1")
+    promise = ckpt.keep_promise(config, "top1")
+    for step, top1 in ((1, 0.5), (2, 0.9), (3, 0.3), (4, 0.9), (5, None)):
+        _save(wd, manager, step, top1, promise)
+    assert wd.steps() == [4, 5]
+    manager.close()
+    assert ckpt.promised_steps(wd, ckpt.keep_promise(config, None)) == {4: "the best top1"}
+    manager = ckpt.make_manager(wd, config, best_metric=None)
+    for step in (6, 7):
+        _save(wd, manager, step, None, ckpt.keep_promise(config, None))
+    assert wd.steps() == [4, 7]
+    manager.close()
+
+
+# ---- 6. the JSON items are verified too ----------------------------------------------------------
+
+@pytest.mark.parametrize("item,edit", [
+    ("data", lambda d: {"hosts": [{**d["hosts"][0], "position": d["hosts"][0]["position"] + 1}]}),
+    ("meta", lambda d: {**d, "examples_seen": d["examples_seen"] + 8}),
+])
+def test_an_edited_input_position_or_counter_is_damage(trained, tmp_path, item, edit):
+    wd = _copy(trained, tmp_path / "wd")
+    path = wd / "checkpoints" / "6" / item / "metadata"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    lines = []
+    train(checkpointing_config(steps=8), wd, print_fn=lines.append)
+    assert lines[0].startswith("resumed from step 4")
+    assert (wd / "checkpoints" / "6.damaged").is_dir()
+
+
+def test_checkpoints_record_their_json_checksums(trained):
+    from mwmae import checksum
+
+    wd = Workdir(trained)
+    meta = wd.read_meta(6)
+    assert checksum.META_CHECKSUM in meta and checksum.DATA_CHECKSUM in meta
+    assert meta["keep"] == {"keep_every_steps": 0, "best_metric": None}
+    assert meta["total_steps"] == 6 and isinstance(meta["learning_rate"], float)
+
+
+# ---- 7. the initial weights of a run started from pretrained ones -------------------------------
+
+def test_export_initial_of_an_init_from_run_is_what_it_started_from(trained, tmp_path):
+    from mwmae import api, export
+    from mwmae.model import encoder_keys
+
+    source = tmp_path / "source"
+    export.export_workdir(trained, str(source))
+    config = checkpointing_config(steps=2, every=2)
+    config.seed = 3
+    config.init_from = str(source)
+    run = tmp_path / "run"
+    train(config, run, print_fn=_quiet)
+    assert Workdir(run).read_meta(2)["initial"]["init_from"] == str(source)
+    export.export_initial(run, str(tmp_path / "initial"))
+    initial = api.load(str(tmp_path / "initial")).params
+    taken = api.load(str(source)).params
+    for key in encoder_keys(api.load(str(source)).config):
+        jax.tree.map(np.testing.assert_array_equal, initial[key], taken[key])
+    # The source retrained in place after the run began: refused, not silently other weights.
+    export.export_workdir(trained, str(tmp_path / "other"), step=4)
+    shutil.rmtree(source)
+    shutil.copytree(tmp_path / "other", source)
+    with pytest.raises(export.ExportError, match="no longer the weights the run started from"):
+        export.export_initial(run, str(tmp_path / "initial2"))
+
+
+# ---- the run's length ----------------------------------------------------------------------------
+
+def test_a_longer_run_says_how_its_schedule_moves(trained, tmp_path):
+    wd = _copy(trained, tmp_path / "wd")
+    lines = []
+    train(checkpointing_config(steps=10), wd, print_fn=lines.append)
+    notice = [line for line in lines if line.startswith("run length")]
+    assert notice and notice[0].startswith("run length 6 -> 10 steps: the learning-rate "
+                                           "schedule is recomputed over 10 steps; the rate "
+                                           "after step 6 moves from ")
+
+
+def test_a_shorter_run_than_the_workdir_trains_nothing_and_writes_nothing(trained, tmp_path):
+    wd = _copy(trained, tmp_path / "wd")
+    before = _snapshot(wd)
+    lines = []
+    result = train(checkpointing_config(steps=4), wd, print_fn=lines.append)
+    assert result["status"] == "done"
+    assert any("step 6 is already at or past this config's 4 steps: nothing to train" in line
+               for line in lines)
+    after = _snapshot(wd)
+    assert {k: v for k, v in after.items() if not k.startswith("goodput")} == {
+        k: v for k, v in before.items() if not k.startswith("goodput")}
+
+
+# ---- nothing written before a refusal ------------------------------------------------------------
+
+def test_shards_matching_nothing_write_nothing(tmp_path):
+    config = checkpointing_config()
+    config.data.source = "shards"
+    config.data.train_shards = str(tmp_path / "nowhere" / "*.tfrecord")
+    config.data.num_train_examples = 64
+    with pytest.raises(Exception, match="nowhere"):
+        train(config, tmp_path / "wd", print_fn=_quiet)
+    left = sorted(p.name for p in (tmp_path / "wd").glob("*")) if (tmp_path / "wd").exists() \
+        else []
+    assert not {"config.json", "checkpoints", "tensorboard"} & set(left), left
+
+
+# ---- the command line's refusals are one line ----------------------------------------------------
+
+def _cli(*args, workdir):
+    return subprocess.run([sys.executable, "-m", "mwmae.train", "--workdir", str(workdir),
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config", "configs/nope.py"], "error: --config configs/nope.py: no such config file"),
+    (["--config", "configs/tiny.py", "--config.batch_size=abc"],
+     "error: --config.batch_size=abc: "),
+])
+def test_cli_config_refusals_are_one_line(tmp_path, args, expect):
+    r = subprocess.run([sys.executable, "-m", "mwmae.train", "--workdir", str(tmp_path / "wd"),
+                        *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith(expect), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "wd").exists()
