@@ -416,3 +416,67 @@ def test_original_released_checkpoints_load_with_their_decoder(original_checkpoi
     assert w.has_decoder and w.config.embed_dim == 192 and w.step is None
     assert w.front_end["hop_length"] == 160
     assert PatchGrid.from_config(w.config, w.front_end).num_tokens == 250
+
+
+# ---- careless use: outputs over inputs, reruns, concurrent writers, odd numbers ---------------
+
+def test_out_inside_the_weights_it_reads_is_refused(artifacts, tiny_params, tmp_path, capsys):
+    import shutil
+
+    art = shutil.copytree(artifacts["encoder"], tmp_path / "art")
+    before = sorted(p.name for p in art.iterdir())
+    for out in (art, art / "analysis"):
+        rc = analysis_cli.main(["--artifact", str(art), "--shards", artifacts["shards"],
+                                "--out", str(out), "--clips", "4", "--batch", "4"])
+        assert rc == 2
+        assert last_error(capsys) == (f"error: --out {out} is inside --artifact {art}: the "
+                                      "analysis would write into what it reads; give another "
+                                      "folder")
+    assert sorted(p.name for p in art.iterdir()) == before
+    wd = Workdir(tmp_path / "run")
+    wd.write_config(json.dumps({"model": TINY.replace(attention_impl="auto").to_dict(),
+                                "seed": 0}))
+    rc = analysis_cli.main(["--workdir", str(wd.path), "--shards", artifacts["shards"],
+                            "--out", str(wd.path / "analysis")])
+    assert rc == 2 and "is inside --workdir" in last_error(capsys)
+
+
+def test_a_rerun_into_the_same_out_leaves_no_figure_of_the_earlier_one(artifacts, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "out"
+    args = ["--artifact", artifacts["full"], "--shards", artifacts["shards"], "--out", str(out),
+            "--clips", "4", "--batch", "4"]
+    assert analysis_cli.main([*args, "--part", "both"]) == 0
+    assert (out / "cka_decoder.png").exists()
+    (out / "notes.txt").write_text("mine")     # not the analysis' own: left alone
+    assert analysis_cli.main([*args, "--part", "encoder"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "analysis.json", "cka_encoder.png", "distance.png", "entropy.png", "notes.txt"]
+    assert list(json.loads((out / "analysis.json").read_text())["parts"]) == ["encoder"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".analysis-lock"]
+
+
+def test_two_analyses_never_write_one_out_at_once(artifacts, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".analysis-lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rc = analysis_cli.main(["--artifact", artifacts["encoder"], "--shards",
+                                artifacts["shards"], "--out", str(out), "--clips", "4",
+                                "--batch", "4"])
+    assert rc == 2
+    assert last_error(capsys) == (f"error: --out {out}: another analysis is writing there now; "
+                                  "wait for it or give another folder")
+    assert not (out / "analysis.json").exists()
+
+
+def test_a_seed_the_masks_cannot_take_is_refused_before_any_work(artifacts, tmp_path, capsys):
+    for seed in (str(2**64), str(-2**63 - 1)):
+        with pytest.raises(SystemExit) as e:
+            analysis_cli.main(["--artifact", artifacts["full"], "--shards", artifacts["shards"],
+                               "--out", str(tmp_path / "o"), "--seed", seed])
+        assert e.value.code == 2
+        assert last_error(capsys).endswith(f"--seed {seed}: must lie in [-2**63, 2**63)")
+    assert not (tmp_path / "o").exists()

@@ -15,15 +15,25 @@ head and window) and the figures ``OUT/distance.png``, ``OUT/entropy.png``,
 ``--part``, an encoder-only artifact (the default export) analyses its encoder and says so, and
 asking for its decoder (``--part decoder|both``) is an error. Bad input is one line on stderr and
 exit status 2.
+
+``--out`` may not lie inside the artifact or workdir it reads. A rerun into the same ``--out``
+replaces the analysis' own files whole (a figure of a part it did not analyse is removed; other
+files are left alone), and one analysis at a time writes there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from mwmae import cli
 from mwmae.analysis.errors import AnalysisError
@@ -75,11 +85,11 @@ def run(a: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AnalysisError(f"--out {out}: cannot create the folder ({e})") from e
-    report = analyse(w, clips, parts, batch=min(a.batch, len(clips)), seed=a.seed,
-                     clip_names=names, log=print)
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    (out / "analysis.json").write_text(json.dumps(report, indent=1))
-    written = [out / "analysis.json", *figures.write_figures(report, out)]
+    with _only_writer(out):
+        report = analyse(w, clips, parts, batch=min(a.batch, len(clips)), seed=a.seed,
+                         clip_names=names, log=print)
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        written = _write_outputs(report, out, figures)
     for name, part in report["parts"].items():
         for layer in part["layers"]:
             cells = ", ".join(f"{h['window_label']} {h['distance_patches']:.2f}p "
@@ -93,6 +103,51 @@ def run(a: argparse.Namespace) -> dict:
     return report
 
 
+LOCK = ".analysis-lock"  # in --out, held while an analysis writes there
+
+
+@contextlib.contextmanager
+def _only_writer(out: pathlib.Path) -> Iterator[None]:
+    """One analysis at a time per --out: two would leave one's report beside the other's
+    figures. The lock goes with the process, however it ends."""
+    import fcntl
+
+    with open(out / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise AnalysisError(f"--out {out}: another analysis is writing there now; wait for "
+                                "it or give another folder") from e
+        yield
+
+
+def _write_outputs(report: dict, out: pathlib.Path, figures: Any) -> list[pathlib.Path]:
+    """The report and figures, each written whole under a temporary name and renamed into
+    place; a figure of a part this run did not analyse (an earlier run's) is removed, so the
+    folder never shows figures that disagree with analysis.json."""
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".analysis-", dir=out))
+    try:
+        (staging / "analysis.json").write_text(json.dumps(report, indent=1))
+        made = [staging / "analysis.json", *figures.write_figures(report, staging)]
+        written = [out / p.name for p in made]
+        for p in made:
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for part in PARTS["both"]:
+        stale = out / f"cka_{part}.png"
+        if stale not in written:
+            stale.unlink(missing_ok=True)
+    return written
+
+
+def _inside(out: str, source: str) -> bool:
+    if "://" in out or "://" in source:
+        return False
+    a, b = pathlib.Path(out).resolve(), pathlib.Path(source).resolve()
+    return a == b or b in a.parents
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = cli.parse_args(p, argv)
@@ -100,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--step applies to --workdir")
     if a.clips < 1 or a.batch < 1:
         p.error("--clips and --batch must be at least 1")
+    if not -2**63 <= a.seed < 2**63:  # the masks' random key is a 64-bit integer
+        p.error(f"--seed {a.seed}: must lie in [-2**63, 2**63)")
+    for flag, source in (("--artifact", a.artifact), ("--workdir", a.workdir)):
+        if source and _inside(a.out, source):
+            print(f"error: --out {a.out} is inside {flag} {source}: the analysis would write "
+                  "into what it reads; give another folder", file=sys.stderr)
+            return 2
     try:
         run(a)
     except AnalysisError as e:
