@@ -238,3 +238,21 @@ def test_the_split_fingerprint_is_its_content_not_its_path(splits, tmp_path):
     moved = _copy_split(splits["eval"], tmp_path / "moved", labels=True)
     other = write_split(tmp_path / "other", "eval", 9, seed=2)
     assert fingerprint(moved) == fingerprint(splits["eval"]) != fingerprint(other)
+
+
+def test_the_split_fingerprint_is_the_same_however_many_hosts_read_it(splits, monkeypatch):
+    from mwmae.finetune import evaluate
+
+    def fingerprint():
+        return evaluate.EvalSplit(splits["eval"], frames=40, n_mels=80, max_labels=32,
+                                  batch_size=8, num_classes=3).fingerprint
+
+    whole = fingerprint()
+    shared = []   # what each host contributes to the last gather (the fingerprint's)
+    monkeypatch.setattr(evaluate.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(evaluate, "_every_host", lambda v: shared.append(v) or np.array([v]))
+    for host in (0, 1):
+        monkeypatch.setattr(evaluate.jax, "process_index", lambda host=host: host)
+        fingerprint()
+    parts = np.asarray([shared[2], shared[5]], np.int64)   # third gather of each host
+    assert f"{int(parts.astype(np.uint64).sum(dtype=np.uint64)):016x}" == whole
