@@ -273,13 +273,22 @@ class Workdir:
         checkpoint records; config.json is compared too (it is all a run without a checkpoint
         yet has), so neither deleting nor editing it lets another run in.
         """
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkdirError(f"{self.path}: a file, not a folder; --workdir names the folder "
+                               "a run writes its checkpoints and logs to")
+        old = self.read_config()
+        from mwmae.artifact import FORMAT as ARTIFACT_FORMAT
+
+        if old is not None and old.get("format") == ARTIFACT_FORMAT:
+            raise WorkdirError(f"{self.path}: an exported artifact, not a training workdir: "
+                               "training here would write over it. Nothing was written. Use "
+                               "another --workdir (and --config.init_from to start from it)")
         recorded = self.recorded_config()
         sources = []
         if recorded is not None:
             step, config = recorded
             sources.append((f"{self.checkpoint_path(step)} (the config it was trained with)",
                             config))
-        old = self.read_config()
         if old is not None:
             sources.append((str(self.config_path), old))
         for where, config in sources:

@@ -270,3 +270,18 @@ def test_cli_config_refusals_are_one_line(tmp_path, args, expect):
     assert lines[-1].startswith(expect), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_workdir_that_is_an_artifact_or_a_file_is_refused(trained, tmp_path):
+    from mwmae import export
+    from mwmae.workdir import WorkdirError
+
+    art = tmp_path / "art"
+    export.export_workdir(trained, str(art))
+    before = _snapshot(art)
+    with pytest.raises(WorkdirError, match="an exported artifact, not a training workdir"):
+        train(checkpointing_config(), art, print_fn=_quiet)
+    assert _snapshot(art) == before and not (art / "checkpoints").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirError, match="a file, not a folder"):
+        train(checkpointing_config(), tmp_path / "file", print_fn=_quiet)

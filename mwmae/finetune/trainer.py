@@ -37,7 +37,6 @@ from mwmae.finetune.model import Classifier, HeadConfig
 from mwmae.finetune.optim import tagger_optimizer
 from mwmae.finetune.step import make_supervised_step
 from mwmae.train import attention_plan, perf, sharding
-from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
 from mwmae.train.config import ConfigError
 from mwmae.train.optim import decay_mask, learning_rate_schedule
@@ -141,9 +140,8 @@ class Tagger(Trainer):
         balanced = clip_labels_csv(self.config) if self.config.data.balanced_sampling else None
         return make_source(self.config, balanced_labels=balanced)
 
-    def make_manager(self, wd: Any) -> Any:
-        best = self.main_metric if self.config.tagger.keep_best and self.evaluates else None
-        return ckpt.make_manager(wd, self.config, best_metric=best)
+    def best_metric(self) -> str | None:
+        return self.main_metric if self.config.tagger.keep_best and self.evaluates else None
 
     def attention_layers(self) -> list:
         """The encoder over every patch: fine-tuning has no masking and no decoder."""

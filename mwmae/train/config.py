@@ -90,7 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
                                    # or "skip" (drop the update, count it, go on)
     c.trace_batches = False        # write WORKDIR/trace/<host>.jsonl: per-step loss and clip ids
     # The workdir's writer lease goes stale this long after its holder last refreshed it (every
-    # quarter of it): how long a successor of a killed run waits before it may take over.
+    # quarter of it): how long a successor waits before taking over from a holder on another
+    # machine. A holder whose pid is gone on this same machine is taken over at once.
     c.lease_seconds = 120.0
     return c
 
