@@ -237,7 +237,7 @@ def collect(root: str | os.PathLike, names: Sequence[str] | None = None) -> dict
     if not found:
         raise SweepError(f"{root}: no point has HEAR results yet "
                          f"(<point>/{'/'.join(RESULTS)}); run the sweep first")
-    models = [compare.from_results(json.loads(p.read_text()), str(p), p.parent.parent.name)
+    models = [compare.from_results(_read_results(p), str(p), p.parent.parent.name)
               for p in found]
     labels = {t: n for preset in PRESETS.values() for t, n in preset.items()}
     text = compare.matrix(models, labels)
@@ -251,6 +251,17 @@ def collect(root: str | os.PathLike, names: Sequence[str] | None = None) -> dict
     (root / "sweep.md").write_text(text)
     (root / "sweep.json").write_text(json.dumps(summary, indent=1))
     return {"text": text, **summary}
+
+
+def _read_results(path: Any) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
+            raise ValueError("no 'tasks' object")
+    except ValueError as e:
+        raise SweepError(f"{path}: not a HEAR results file ({e}); rerun that point's "
+                         "evaluation") from e
+    return result
 
 
 def _settings(values: Sequence[str], flag: str) -> list[tuple[str, str]]:

@@ -203,3 +203,15 @@ def test_two_sweeps_never_run_one_point_at_once(tmp_path, monkeypatch, capsys):
     assert ran == []
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: {point}: another sweep is running this point now; wait for it", err
+
+
+def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, capsys):
+    _results(tmp_path, "mr0.7", {"t": 0.5})
+    for text in ('{"tasks": {"t": {"mean": 0.5,', "[1, 2]", '{"name": "x"}'):
+        _write = tmp_path / "mr0.8" / "hear" / "results.json"
+        _write.parent.mkdir(parents=True, exist_ok=True)
+        _write.write_text(text)
+        assert sweep.main(["collect", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {_write}: not a HEAR results file ("), err
+        assert err.endswith("rerun that point's evaluation"), err
