@@ -283,6 +283,7 @@ class Workdir:
             raise WorkdirError(f"{self.path}: an exported artifact, not a training workdir: "
                                "training here would write over it. Nothing was written. Use "
                                "another --workdir (and --config.init_from to start from it)")
+        self._check_not_nested()
         recorded = self.recorded_config()
         sources = []
         if recorded is not None:
@@ -300,6 +301,28 @@ class Workdir:
                     "Nothing was written. Use a new --workdir for the new configuration, or "
                     "rerun with the workdir's values.")
         self.check_not_only_damaged()
+
+    def _check_not_nested(self) -> None:
+        """Refuse a workdir inside an artifact (export would later replace the folder holding
+        it) or inside another run's workdir (its checkpoints, or a run's folder that retention
+        or a rerun of that run may rewrite). Local paths only: a walk up a bucket costs a
+        request per level and gs:// workdirs are laid out by launchers."""
+        if storage.is_remote(str(self.path)):
+            return
+        from mwmae.artifact import FORMAT as ARTIFACT_FORMAT
+
+        for parent in list(self.path.parents)[:16]:
+            if (parent / CHECKPOINTS).is_dir() and (parent / CONFIG_FILE).exists():
+                raise WorkdirError(f"{self.path}: inside the training workdir {parent}; a run "
+                                   "needs a folder of its own. Nothing was written")
+            try:
+                parent_config = json.loads((parent / CONFIG_FILE).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(parent_config, dict) and parent_config.get("format") == \
+                    ARTIFACT_FORMAT:
+                raise WorkdirError(f"{self.path}: inside the exported artifact {parent}, which "
+                                   "a later export may replace whole. Nothing was written")
 
     def check_not_only_damaged(self) -> None:
         """Refuse to start a run from step 0 in a workdir whose every checkpoint was set aside

@@ -285,3 +285,17 @@ def test_a_workdir_that_is_an_artifact_or_a_file_is_refused(trained, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(WorkdirError, match="a file, not a folder"):
         train(checkpointing_config(), tmp_path / "file", print_fn=_quiet)
+
+
+def test_a_workdir_inside_an_artifact_or_a_workdir_is_refused(trained, tmp_path):
+    from mwmae import export
+    from mwmae.workdir import WorkdirError
+
+    art = tmp_path / "art"
+    export.export_workdir(trained, str(art))
+    with pytest.raises(WorkdirError, match="inside the exported artifact"):
+        train(checkpointing_config(), art / "run", print_fn=_quiet)
+    wd = _copy(trained, tmp_path / "wd")
+    with pytest.raises(WorkdirError, match="inside the training workdir"):
+        train(checkpointing_config(), wd / "checkpoints" / "run", print_fn=_quiet)
+    assert not (art / "run").exists() and not (wd / "checkpoints" / "run").exists()
