@@ -58,6 +58,9 @@ def tag_config() -> ml_collections.ConfigDict:
     return c
 
 
+# tagger.eval_shards may name the same split elsewhere (a copy on another disk): a different
+# split is refused when the run resumes, since evaluations.jsonl records each row's split by
+# content and the best checkpoint is ranked over those rows.
 MAY_CHANGE = (*MAY_CHANGE_ON_RESUME, "tagger.eval_shards", "tagger.eval_every_steps",
               "tagger.eval_batch_size")
 
