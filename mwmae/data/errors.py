@@ -1,18 +1,25 @@
-"""Records skipped under ``on_error="skip"``: logged where they happen, counted in the state.
+"""Records skipped under ``on_error="skip"``: each keeps its place in the stream and is counted
+when the run consumes that place.
 
-Clips may be parsed in worker processes, each with its own copy of the pipeline, so a count kept
-in a Python object of the training process would never see them. Instead the last stage of
-every worker's pipeline (:class:`CountErrorsIterDataset`) writes its process's count, and the
-last few records it skipped, into its iterator state. Grain hands each worker's state to the
-training process with every element, so the training process sums them (:func:`summarize`),
-and a checkpoint of the input position carries the counts across a restart.
+A reader that cannot use a record (a damaged record; the rest of a shard whose stream broke off
+or vanished; the records a shard lacks against its manifest) yields a :class:`Skipped` marker
+where the clip would have been. Markers travel like clips through every stage that reads ahead
+(interleave buffers, the shuffle window, ArrayRecord reader threads, worker processes), and those
+stages already restore their position exactly. The stage just under the batcher
+(:class:`CountSkippedIterDataset`) drops the markers and counts them in its own state. It reads
+nothing ahead, so its count is the skips before the last clip it handed on; the prefetching above
+it (threads, worker processes) carry that state with each batch, and :func:`summarize` adds up
+the counts found in a pipeline state. So the metric and a checkpoint count what the consumed
+position has passed over, and a restore, which re-reads from that position, counts no skip twice.
+
+(Counting where records are read instead counts whatever was read ahead: up to a shuffle window
+and the prefetch buffers beyond the position, all of it counted again after a restore.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,56 +28,62 @@ import grain
 log = logging.getLogger(__name__)
 
 STATE_KEY = "skipped_records"
-_RECENT = 8  # skipped records named per worker in the state (the log has all of them)
+_RECENT = 8  # skipped records named per counter in the state (the log has all of them)
 
 
-class ErrorLog:
-    """Records one process skipped; shared by that process's reader threads.
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """In the stream in place of a record that could not be used.
 
-    ``count`` is the records lost: one per damaged record; for a shard whose stream breaks off
-    (or that vanished mid-run) the rest of it when the manifest gives its length, else one; for
-    a shard that reads cleanly but shorter than the manifest lists, the difference. ``events``
-    is how many skips were logged (one per damaged record or shard).
+    ``records`` is the records lost: 1 for a damaged record; for a shard whose stream breaks
+    off (or that vanished mid-run) the rest of it when the manifest gives its length, else 1;
+    for a shard that reads cleanly but shorter than the manifest lists, the difference.
     """
 
+    path: str
+    record: int
+    reason: str
+    records: int = 1
+
+
+def skipped(path: str, record: int, reason: str, records: int = 1) -> Skipped:
+    """The marker a reader yields for a record it skips; logged when read (so again after a
+    restore re-reads it), counted only when consumed."""
+    log.warning("skipping %s record %d: %s", path, record, reason)
+    return Skipped(path, record, reason, records)
+
+
+class SkipCount:
+    """Skips consumed so far: records lost, skip events and the last few events."""
+
     def __init__(self):
-        self._lock = threading.Lock()
         self.count = 0
         self.events = 0
         self.recent: list[tuple[str, int, str]] = []
 
-    def add(self, path: str, record: int, reason: str, records: int = 1) -> None:
-        log.warning("skipping %s record %d: %s", path, record, reason)
-        with self._lock:
-            self.count += records
-            self.events += 1
-            self.recent = [*self.recent, (path, record, reason)][-_RECENT:]
+    def add(self, marker: Skipped) -> None:
+        self.count += marker.records
+        self.events += 1
+        self.recent = [*self.recent, (marker.path, marker.record, marker.reason)][-_RECENT:]
 
     def get_state(self) -> dict[str, Any]:
-        with self._lock:
-            return {"count": self.count, "events": self.events,
-                    "recent": [list(e) for e in self.recent]}
+        return {"count": self.count, "events": self.events,
+                "recent": [list(e) for e in self.recent]}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        with self._lock:
-            self.count = int(state["count"])
-            self.events = int(state.get("events", state["count"]))
-            self.recent = [(str(p), int(r), str(m)) for p, r, m in state["recent"]]
-
-    def __getstate__(self) -> dict[str, Any]:  # each worker process starts its own, empty log
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
+        self.count = int(state["count"])
+        self.events = int(state.get("events", state["count"]))
+        self.recent = [(str(p), int(r), str(m)) for p, r, m in state["recent"]]
 
 
 @dataclasses.dataclass(frozen=True)
 class ErrorReport:
-    """Skipped records of one host, summed over its worker processes."""
+    """Skipped records of one host up to its consumed position, summed over its counters (one
+    per worker process when the workers batch)."""
 
-    count: int   # records lost (see ErrorLog); the figure metrics and checkpoints carry
+    count: int   # records lost (see Skipped); the figure metrics and checkpoints carry
     events: int  # skips logged: one per damaged record or shard
-    entries: list[tuple[str, int, str]]  # (file, record, reason), the last few per worker
+    entries: list[tuple[str, int, str]]  # (file, record, reason), the last few per counter
 
     @property
     def skipped_records(self) -> int:
@@ -80,41 +93,38 @@ class ErrorReport:
         return self.events
 
 
-class _CountErrorsIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, errors: ErrorLog):
+class _CountSkippedIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
-        self._errors = errors
+        self._skips = SkipCount()
 
     def __next__(self):
-        return next(self._parent)
+        while True:
+            element = next(self._parent)
+            if not isinstance(element, Skipped):
+                return element
+            self._skips.add(element)
 
     def get_state(self) -> dict[str, Any]:
-        return {"inner": self._parent.get_state(), STATE_KEY: self._errors.get_state()}
+        return {"inner": self._parent.get_state(), STATE_KEY: self._skips.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["inner"])
-        self._errors.set_state(state[STATE_KEY])
+        self._skips.set_state(state[STATE_KEY])
 
 
-class CountErrorsIterDataset(grain.IterDataset):
-    """Passes elements through; its state adds this process's :class:`ErrorLog`."""
+class CountSkippedIterDataset(grain.IterDataset):
+    """Passes clips on and counts the :class:`Skipped` markers between them in its state.
 
-    def __init__(self, parent: grain.IterDataset, errors: ErrorLog):
-        super().__init__(parent)
-        self._errors = errors
+    It must read nothing ahead of what it hands on: put it under the batcher, above every stage
+    that prefetches.
+    """
 
-    def __iter__(self) -> _CountErrorsIterator:
-        return _CountErrorsIterator(self._parent.__iter__(), self._errors)
-
-    def enable_shared_memory_output(self) -> None:
-        """Called in a worker process: a batching parent then stacks its batch straight into
-        the shared memory that carries it to the training process (one copy fewer)."""
-        enable = getattr(self._parent, "enable_shared_memory_output", None)
-        if enable is not None:
-            enable()
+    def __iter__(self) -> _CountSkippedIterator:
+        return _CountSkippedIterator(self._parent.__iter__())
 
     def __str__(self) -> str:
-        return "CountErrorsIterDataset"
+        return "CountSkippedIterDataset"
 
 
 def _walk(state: Any) -> Iterator[dict[str, Any]]:
@@ -129,7 +139,7 @@ def _walk(state: Any) -> Iterator[dict[str, Any]]:
 
 
 def summarize(state: Any) -> ErrorReport:
-    """The sum over every worker's counter found in a pipeline state."""
+    """The sum over every counter found in a pipeline state."""
     found = list(_walk(state))
     return ErrorReport(sum(int(s["count"]) for s in found),
                        sum(int(s.get("events", s["count"])) for s in found),

@@ -28,9 +28,10 @@ another host never makes).
 
 The whole position is ``get_state()``: per worker, the next shard of the schedule and the
 per-shard record offsets plus the shuffle window's start and progress (TFRecord) or the next
-index (ArrayRecord), and its count of skipped records. Restoring it with ``set_state()`` on a
-freshly built iterator (same shards, config, host layout and number of workers) continues with
-exactly the batches an uninterrupted run would produce.
+index (ArrayRecord), and the count of records skipped up to that position (per worker when the
+workers batch; see :mod:`mwmae.data.errors`). Restoring it with ``set_state()`` on a freshly built
+iterator (same shards, config, host layout and number of workers) continues with exactly the
+batches an uninterrupted run would produce, and the count with exactly its figures.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import numpy as np
 
 from mwmae.data import random_access, sequential, shards
 from mwmae.data import workers as workers_lib
-from mwmae.data.errors import CountErrorsIterDataset, ErrorLog, ErrorReport, summarize
+from mwmae.data.errors import CountSkippedIterDataset, ErrorReport, summarize
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class PipelineConfig:
     # Labels as int32 [max_labels] padded with -1, or multi-hot float32 when num_classes is set.
     max_labels: int = 32
     num_classes: int | None = None
-    # "raise": stop with an error naming the file and record. "skip": log it, count it in
-    # `InputIterator.errors`, skip the record (or the rest of a shard whose stream is damaged).
+    # "raise": stop with an error naming the file and record. "skip": log it, skip the record
+    # (or the rest of a shard whose stream is damaged) and count it in `InputIterator.errors`
+    # once the run has consumed the place in the stream where the record was.
     on_error: str = "raise"
     tfrecord_compression: str | None = "zlib"
     # Class-balanced sampling (training, ArrayRecord shards): the shard builder's
@@ -113,7 +115,6 @@ def host_dataset(
     *,
     local_batch_size: int,
     process_index: int = 0,
-    errors: ErrorLog | None = None,
 ) -> grain.IterDataset:
     """The Grain dataset of one host: batches of ``local_batch_size`` prepared clips.
 
@@ -122,7 +123,17 @@ def host_dataset(
     shuffle over all the host's clips (:mod:`mwmae.data.random_access`); TFRecord shards (or a
     mix) front to back, interleaved (:mod:`mwmae.data.sequential`).
     """
-    errors = errors if errors is not None else ErrorLog()
+    ds = _unprefetched(host_shards, config, local_batch_size=local_batch_size,
+                       process_index=process_index)
+    if config.prefetch_batches > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(
+            ds, prefetch_buffer_size=config.prefetch_batches
+        )
+    return ds
+
+
+def _unprefetched(host_shards: Sequence[tuple[int, shards.Shard]], config: PipelineConfig, *,
+                  local_batch_size: int, process_index: int) -> grain.IterDataset:
     host_shards = list(host_shards)
     workers = config.num_workers
     if config.balanced_labels and not all(s.format == shards.ARRAY_RECORD
@@ -132,27 +143,25 @@ def host_dataset(
                          "tfrecord_tools.build --format array_record")
     if all(s.format == shards.ARRAY_RECORD for _, s in host_shards):
         ds = random_access.clip_stream(host_shards, config, process_index=process_index,
-                                       errors=errors, epochs=config.epochs,
-                                       read_threads=config.cycle_length)
+                                       epochs=config.epochs, read_threads=config.cycle_length)
     else:
         # The shuffle memory is per host: each worker keeps its share of the window.
         window = config.shuffle_buffer // max(1, workers)
         ds = sequential.clip_stream(host_shards, config, process_index=process_index,
-                                    errors=errors, epochs=config.epochs, window=window,
-                                    workers=workers)
+                                    epochs=config.epochs, window=window, workers=workers)
+    # The skip markers are counted right under the batcher, which takes clips only as it needs
+    # them: each batch's state then counts the skips up to its last clip, whatever was read
+    # ahead below.
     if config.epochs is None:
         # Endless: workers batch (one transfer per batch, not per clip).
-        ds = ds.batch(local_batch_size, drop_remainder=True)
-        ds = workers_lib.in_workers(CountErrorsIterDataset(ds, errors), workers)
+        ds = CountSkippedIterDataset(ds).batch(local_batch_size, drop_remainder=True)
+        ds = workers_lib.in_workers(ds, workers)
     else:
         # A finite pass: batch once, after the workers, so only one remainder is dropped and
-        # every host can count its batches from the record counts alone.
-        ds = workers_lib.in_workers(CountErrorsIterDataset(ds, errors), workers)
-        ds = ds.batch(local_batch_size, drop_remainder=True)
-    if config.prefetch_batches > 0:
-        ds = grain.experimental.ThreadPrefetchIterDataset(
-            ds, prefetch_buffer_size=config.prefetch_batches
-        )
+        # every host can count its batches from the record counts alone. (The markers cross
+        # to this process like clips.)
+        ds = workers_lib.in_workers(ds, workers)
+        ds = CountSkippedIterDataset(ds).batch(local_batch_size, drop_remainder=True)
     return ds
 
 
@@ -188,16 +197,20 @@ class InputIterator:
         self.shards = list(all_shards)
         keyed = list(enumerate(self.shards))
         self.host_shards = [s for _, s in shards.for_host(keyed, process_index, process_count)]
-        self._errors = ErrorLog()
         self._sharding = sharding
         self.max_batches = max_batches
         self._batches = 0
-        self._dataset = host_dataset(
+        # Prefetched here rather than in host_dataset: once the stream has ended, the
+        # iterator under the prefetch thread holds the final position (the skips after the last
+        # batch included), which the prefetch's state, that of the last batch, does not.
+        self._inner = iter(_unprefetched(
             shards.for_host(keyed, process_index, process_count), config,
-            local_batch_size=self.local_batch_size, process_index=process_index,
-            errors=self._errors,
-        )
-        self._it = iter(self._dataset)
+            local_batch_size=self.local_batch_size, process_index=process_index))
+        self._it = self._inner
+        if config.prefetch_batches > 0:
+            self._it = grain.experimental.ThreadPrefetchDatasetIterator(
+                self._inner, config.prefetch_batches)
+        self._ended = False
         # Also at interpreter exit (Ctrl-C, an error in the step loop): stops the worker
         # processes and frees the shared memory of batches in flight, which would otherwise be
         # reported as leaked after the error that ended the run.
@@ -205,8 +218,15 @@ class InputIterator:
 
     @property
     def errors(self) -> ErrorReport:
-        """Records skipped so far (``on_error="skip"``), summed over this host's workers."""
-        return summarize(self._it.get_state())
+        """Records skipped (``on_error="skip"``) up to the position consumed: those passed over
+        before the last clip of the last batch drawn (after the end of a pass: all of them),
+        not those that reading ahead has met. Summed over this host's workers; restored with
+        the position, so after a resume it includes the skips before the checkpoint."""
+        return summarize(self._grain_state())
+
+    def _grain_state(self) -> dict[str, Any]:
+        # After the end the prefetch thread has stopped, so the iterator under it is at rest.
+        return self._inner.get_state() if self._ended else self._it.get_state()
 
     def __iter__(self) -> InputIterator:
         return self
@@ -217,6 +237,9 @@ class InputIterator:
             raise StopIteration
         try:
             batch = next(self._it)
+        except StopIteration:
+            self._ended = True
+            raise
         except Exception as e:
             workers_lib.drop_grain_notes(e)  # so the error itself is the last line printed
             clearer = workers_lib.explain_worker_death(
@@ -242,7 +265,7 @@ class InputIterator:
             "num_shards": len(self.shards),
             "num_workers": self.config.num_workers,
             "batches": self._batches,
-            "grain": self._it.get_state(),
+            "grain": self._grain_state(),
         })
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -264,6 +287,7 @@ class InputIterator:
             )
         self._it.set_state(copy.deepcopy(state["grain"]))
         self._batches = int(state["batches"])
+        self._ended = False
 
     def close(self) -> None:
         self._closer()

@@ -30,7 +30,7 @@ import numpy as np
 
 from mwmae.data import shards, storage
 from mwmae.data.clips import crop_key
-from mwmae.data.errors import ErrorLog
+from mwmae.data.errors import Skipped, skipped
 from mwmae.data.records import RecordError
 from mwmae.data.sequential import Preparer, seed_of
 
@@ -74,11 +74,13 @@ class ClipIndex(grain.MapDataset):
 
 
 class ReadClip:
-    """``(epoch, position)`` -> prepared clip, or None when skipped (``on_error="skip"``)."""
+    """``(epoch, position)`` -> prepared clip, or a :class:`Skipped` marker in its place
+    (``on_error="skip"``): the marker keeps the index's place in the stream, so it is counted
+    when the run consumes that place, not when a reader thread gets to it."""
 
     def __init__(self, host_shards: list[tuple[int, shards.Shard]], counts: list[int],
-                 config: Any, errors: ErrorLog):
-        self._shards, self._config, self._errors = list(host_shards), config, errors
+                 config: Any):
+        self._shards, self._config = list(host_shards), config
         self._starts = np.cumsum([0, *counts]).tolist()
         self._prepare = Preparer(config)
         self._source = None  # opened lazily, in the process that reads
@@ -93,7 +95,7 @@ class ReadClip:
                 [shard.path for _, shard in self._shards])
         return self._source[self._starts[shard_index] + record]
 
-    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray] | Skipped:
         epoch, position = item
         s = bisect.bisect_right(self._starts, position) - 1
         key, shard = self._shards[s]
@@ -106,29 +108,27 @@ class ReadClip:
                 message = f"{shard.path}: record {record}: {message}"
             if self._config.on_error == "raise":
                 raise RecordError(message) from e
-            self._errors.add(shard.path, record, str(e))
             self._failed_in_a_row += 1
             if self._failed_in_a_row > self._starts[-1]:
                 raise RuntimeError(f"every clip of this host's ArrayRecord shards failed to read "
                                    f"(the last: {message})") from e
-            return None
+            return skipped(shard.path, record, str(e))
         self._failed_in_a_row = 0
         return element
 
 
 def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
-                process_index: int, errors: ErrorLog, epochs: int | None,
+                process_index: int, epochs: int | None,
                 read_threads: int) -> grain.IterDataset:
-    """Prepared clips of one host (or, once sliced, one worker) in shuffled index order."""
+    """Prepared clips of one host (or, once sliced, one worker) in shuffled index order, with a
+    :class:`Skipped` marker in place of each clip that could not be read."""
     counts = [s.num_records if s.num_records is not None else shards.count_records(s)
               for _, s in host_shards]
     weights = None
     if config.balanced_labels:
         weights = balanced_weights(config.balanced_labels, [s for _, s in host_shards], counts)
     index = ClipIndex(sum(counts), config, process_index, epochs, weights)
-    clips = index.map(ReadClip(host_shards, counts, config, errors))
-    if config.on_error == "skip":
-        clips = clips.filter(lambda element: element is not None)
+    clips = index.map(ReadClip(host_shards, counts, config))
     return clips.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                    prefetch_buffer_size=4 * read_threads))
 

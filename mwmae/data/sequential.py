@@ -8,6 +8,10 @@ end is already a shard of the next epoch. So no reader slot idles at epoch bound
 clip is still read exactly once per epoch. (A worker reads at most as many shards at once as it
 gets per epoch, so a shard is never read beside its own next-epoch pass.)
 
+A record skipped under ``on_error="skip"`` leaves a marker in its place
+(:class:`mwmae.data.errors.Skipped`) that takes a place in the interleave and in the shuffle window
+like a clip, so it is counted when the run consumes that place, not when it is read.
+
 Worker processes (``mp_prefetch``) slice the schedule: worker ``w`` of ``N`` reads schedule
 elements ``w, w + N, ...``. Every shard of every epoch is read by exactly one worker, and the
 batches that come out depend only on (seed, hosts, workers).
@@ -24,7 +28,7 @@ import grain
 import numpy as np
 
 from mwmae.data import clips, shards
-from mwmae.data.errors import ErrorLog
+from mwmae.data.errors import Skipped, skipped
 from mwmae.data.records import RecordError, decode_example
 
 
@@ -75,76 +79,70 @@ class _EmptyGuard:
 
 
 class _ShardIterator(grain.DatasetIterator):
-    """Records of one shard, decoded and prepared; the state is the next record's index."""
+    """Records of one shard, decoded and prepared, or a :class:`Skipped` marker in place of what
+    could not be used (``on_error="skip"``); the state is the next record's index.
+
+    Each call yields one thing for exactly the records its state moves past, and reads nothing
+    ahead, so a restore neither repeats nor drops a clip or a marker.
+    """
 
     def __init__(self, shard: shards.Shard, key: int, epoch: int, config: Any,
-                 errors: ErrorLog, guard: _EmptyGuard):
+                 guard: _EmptyGuard):
         super().__init__()
         self._shard, self._key, self._epoch = shard, key, epoch
-        self._config, self._errors, self._guard = config, errors, guard
+        self._config, self._guard = config, guard
         self._prepare = Preparer(config)
         self._next = 0
         self._yielded = 0
         self._done = False
         self._reader = None
-        self._ahead: bytes | None = None  # the record at self._next, already read
 
-    def _fail(self, index: int, error: Exception, records: int = 1) -> None:
+    def _skip(self, index: int, error: Exception, records: int = 1) -> Skipped:
         if self._config.on_error == "raise":
             message = str(error)
             if self._shard.path not in message:
                 message = f"{self._shard.path}: record {index}: {message}"
             raise RecordError(message) from error
-        self._errors.add(self._shard.path, index, str(error), records)
+        return skipped(self._shard.path, index, str(error), records)
 
-    def _check_count(self) -> None:
+    def _shortfall(self) -> Skipped | None:
         # A shard cut at a record boundary reads cleanly: only the manifest's count shows it.
         listed = self._shard.num_records
         if listed is None or self._next == listed:
-            return
+            return None
         error = RecordError(f"{self._shard.path}: {self._next} records, the manifest lists "
                             f"{listed}")
-        self._fail(self._next, error, records=max(0, listed - self._next))
+        return self._skip(self._next, error, records=max(0, listed - self._next))
 
-    def _read(self) -> bytes | None:
-        """The record at ``self._next``, or None when the shard has ended (cleanly or not)."""
-        if self._reader is None:
-            self._reader = shards.iter_records(
-                self._shard, start=self._next, compression=self._config.tfrecord_compression
-            )
-        index = self._next
-        try:
-            return next(self._reader)
-        except StopIteration:
-            self._done = True
-            self._check_count()
-        except (RecordError, OSError) as e:
-            # The stream itself is damaged or gone: nothing after this point is readable.
-            self._done = True
-            self._close_reader()
-            listed = self._shard.num_records
-            self._fail(index, e, records=max(1, listed - index) if listed else 1)
-        return None
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        while not self._done:
-            raw = self._ahead if self._ahead is not None else self._read()
-            self._ahead = None
-            if raw is None:
-                break
+    def __next__(self) -> dict[str, np.ndarray] | Skipped:
+        if not self._done:
+            if self._reader is None:
+                self._reader = shards.iter_records(
+                    self._shard, start=self._next, compression=self._config.tfrecord_compression
+                )
             index = self._next
-            self._next += 1
-            # Read one record ahead: a shard's end (a short count, a damaged tail) is then
-            # logged before its last clip leaves, so the state that comes with the pipeline's
-            # last element already counts it.
-            self._ahead = self._read()
             try:
-                element = self._prepare(raw, self._epoch, self._key, index)
-            except (RecordError, ValueError) as e:
-                self._fail(index, e)
-                continue
-            self._yielded += 1
-            return element
+                raw = next(self._reader)
+            except StopIteration:
+                self._done = True
+                self._close_reader()
+                marker = self._shortfall()
+                if marker is not None:
+                    return marker
+            except (RecordError, OSError) as e:
+                # The stream itself is damaged or gone: nothing after this point is readable.
+                self._done = True
+                self._close_reader()
+                listed = self._shard.num_records
+                return self._skip(index, e, records=max(1, listed - index) if listed else 1)
+            else:
+                self._next += 1
+                try:
+                    element = self._prepare(raw, self._epoch, self._key, index)
+                except (RecordError, ValueError) as e:
+                    return self._skip(index, e)
+                self._yielded += 1
+                return element
         self._close_reader()
         if self._config.train:
             self._guard.shard_ended(self._shard.path, self._yielded)
@@ -161,7 +159,6 @@ class _ShardIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, int]) -> None:
         self._close_reader()
-        self._ahead = None
         self._next = int(state["record"])
         self._done = bool(state["done"])
         self._yielded = int(self._next > 0)
@@ -190,10 +187,10 @@ class ShardSchedule(grain.MapDataset):
     """
 
     def __init__(self, host_shards: list[tuple[int, shards.Shard]], config: Any,
-                 process_index: int, errors: ErrorLog, epochs: int | None):
+                 process_index: int, epochs: int | None):
         super().__init__()
         self._shards, self._config, self._host = list(host_shards), config, process_index
-        self._errors, self._epochs = errors, epochs
+        self._epochs = epochs
         self._guard = _EmptyGuard(max(8, 2 * len(self._shards)))
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -215,7 +212,7 @@ class ShardSchedule(grain.MapDataset):
             return self.slice(index)
         epoch, position = divmod(int(index), len(self._shards))
         key, shard = self._shards[int(self.order(epoch)[position])]
-        return _ShardDataset(shard, key, epoch, self._config, self._errors, self._guard)
+        return _ShardDataset(shard, key, epoch, self._config, self._guard)
 
     def __str__(self) -> str:
         return f"ShardSchedule({len(self._shards)} shards, epochs={self._epochs})"
@@ -294,11 +291,11 @@ class WindowShuffle(grain.IterDataset):
 
 
 def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,
-                process_index: int, errors: ErrorLog, epochs: int | None,
-                window: int, workers: int) -> grain.IterDataset:
+                process_index: int, epochs: int | None, window: int,
+                workers: int) -> grain.IterDataset:
     """Prepared clips of one host (or, once sliced, one of ``workers`` workers), epoch after
-    epoch."""
-    schedule = ShardSchedule(host_shards, config, process_index, errors, epochs)
+    epoch, with a :class:`Skipped` marker in place of each record skipped."""
+    schedule = ShardSchedule(host_shards, config, process_index, epochs)
     # A worker never reads more shards at once than it gets per epoch: otherwise it would
     # read a shard of epoch e beside the same shard of epoch e + 1 (the same clips in one
     # window). So epochs overlap only where one shard's tail meets the next epoch's first.

@@ -88,9 +88,10 @@ class ShardSource:
         self._it.set_state(state)
 
     def skipped_records(self) -> int:
-        """Records lost on this host under ``on_error="skip"``, summed over its workers. The
-        count lives in the iterator state, so after a restore it includes the records the run
-        skipped before its checkpoint."""
+        """Records lost on this host under ``on_error="skip"`` up to the position consumed
+        (not what reading ahead has met), summed over its workers. The count lives in the
+        iterator state, so after a restore it includes the records the run skipped before its
+        checkpoint, each once."""
         return self._it.errors.skipped_records
 
     def close(self) -> None:
