@@ -51,6 +51,9 @@ PREFLIGHT = "preflight.json"
 PREFLIGHT_SCRATCH = "preflight-scratch"
 DAMAGED_SUFFIX = ".damaged"
 ITEMS = ("state", "data", "meta")
+# Every name a workdir uses for itself: nothing else may write there.
+LAYOUT = frozenset({CONFIG_FILE, LEASE_FILE, LEASE_FILE + ".lock", CHECKPOINTS, TENSORBOARD,
+                    TRACE, EVALUATIONS, GOODPUT, PREFLIGHT, PREFLIGHT_SCRATCH})
 
 
 class WorkdirError(ValueError):
@@ -222,6 +225,19 @@ class Workdir:
 
     def checkpoint_path(self, step: int) -> epath.Path:
         return self.checkpoints / str(step)
+
+    def owns(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is this workdir or lies under one of the names its layout uses
+        (what another tool's output must never replace)."""
+        mine = storage.absolute(str(self.path)).rstrip("/")
+        theirs = storage.absolute(str(path)).rstrip("/")
+        if not storage.is_remote(mine):
+            mine, theirs = os.path.realpath(mine), os.path.realpath(theirs)
+        if theirs == mine:
+            return True
+        if not theirs.startswith(mine + "/"):
+            return False
+        return theirs[len(mine) + 1:].split("/", 1)[0] in LAYOUT
 
     @classmethod
     def looks_like_one(cls, path: str | os.PathLike) -> bool:

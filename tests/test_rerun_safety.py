@@ -299,3 +299,20 @@ def test_a_workdir_inside_an_artifact_or_a_workdir_is_refused(trained, tmp_path)
     with pytest.raises(WorkdirError, match="inside the training workdir"):
         train(checkpointing_config(), wd / "checkpoints" / "run", print_fn=_quiet)
     assert not (art / "run").exists() and not (wd / "checkpoints" / "run").exists()
+
+
+def test_preflight_out_never_replaces_a_workdir_file_or_another_file(trained, tmp_path):
+    from mwmae.preflight.run import check_out
+    from mwmae.workdir import WorkdirError
+
+    for out in (trained / "config.json", trained, trained / "checkpoints" / "r.json"):
+        with pytest.raises(WorkdirError, match="a file of the workdir"):
+            check_out(str(out), str(trained))
+    check_out(str(trained / "preflight.json"), str(trained))   # its own file
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(WorkdirError, match="not a preflight report"):
+        check_out(str(tmp_path / "notes.txt"), None)
+    (tmp_path / "old.json").write_text(json.dumps({"verdict": "ok"}))
+    check_out(str(tmp_path / "old.json"), None)   # an earlier report is replaced
+    assert Workdir(trained).owns(trained / "tensorboard" / "x")
+    assert not Workdir(trained).owns(trained / "export")

@@ -19,7 +19,7 @@ from mwmae.preflight import attention, hardware, pipeline, step, storage
 from mwmae.preflight.report import FAIL, OK, SECTIONS, WARN, Printer, Section, worst
 from mwmae.train import attention_plan
 from mwmae.train.attention_plan import AttentionPlan, Decision
-from mwmae.workdir import Workdir
+from mwmae.workdir import Workdir, WorkdirError
 
 
 def task_for(config: ml_collections.ConfigDict) -> type:
@@ -54,6 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
     printer = Printer(print_fn)
     task = task_for(config)
     task.check(config)
+    check_out(out, workdir)
     report: dict[str, Any] = {
         "meta": {"started": attention_plan.measured_now(), "host": socket.gethostname(),
                  "jax": jax.__version__, "workdir": workdir,
@@ -133,6 +134,34 @@ def _every_host_counts(sections: dict[str, Section], printer: Printer) -> None:
             sections[name].line(verdict, f"worse on host(s) {worse}: {verdict} (their own "
                                          "output says why)")
             printer.show(sections[name], len(sections[name].lines) - 1)
+
+
+def check_out(out: str | None, workdir: str | None) -> None:
+    """Refuse (WorkdirError, before anything runs) an ``--out`` that would replace something
+    that is not a preflight report: a file the workdir owns (its config.json, checkpoints...),
+    a folder, or an existing file of another kind."""
+    if not out:
+        return
+    if workdir:
+        wd = Workdir(workdir)
+        if wd.owns(out) and storage_lib.absolute(out) != str(wd.preflight_path):
+            raise WorkdirError(f"--out {out}: a file of the workdir {workdir} (its layout: "
+                               "config.json, checkpoints/ ...); the report would replace it. "
+                               f"Leave --out out (the report goes to {wd.preflight_path}) or "
+                               "name a file elsewhere")
+    if storage_lib.is_remote(out):
+        return
+    if os.path.isdir(out):
+        raise WorkdirError(f"--out {out}: a folder; --out names the report's JSON file")
+    if os.path.exists(out):
+        try:
+            with open(out) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = None
+        if not (isinstance(previous, dict) and "verdict" in previous):
+            raise WorkdirError(f"--out {out}: an existing file that is not a preflight report; "
+                               "the report would replace it. Name another file")
 
 
 def default_out(workdir: str | None) -> str:
