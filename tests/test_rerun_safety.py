@@ -316,3 +316,22 @@ def test_preflight_out_never_replaces_a_workdir_file_or_another_file(trained, tm
     check_out(str(tmp_path / "old.json"), None)   # an earlier report is replaced
     assert Workdir(trained).owns(trained / "tensorboard" / "x")
     assert not Workdir(trained).owns(trained / "export")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("seed", -1), ("model.mask_ratio", 0.0), ("model.mask_ratio", 1.0),
+    ("optimizer.base_learning_rate", -1.0), ("optimizer.base_learning_rate", float("nan")),
+    ("optimizer.weight_decay", -0.1), ("optimizer.warmup_epochs", -1.0),
+    ("optimizer.grad_clip_norm", -1.0), ("optimizer.b1", 1.5), ("optimizer.eps", 0.0),
+])
+def test_odd_numeric_settings_are_refused_naming_the_key(key, value):
+    from mwmae.train.config import ConfigError, check_config
+
+    config = checkpointing_config()
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"{key}="):
+        check_config(config)

@@ -7,6 +7,7 @@ defaults).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 import ml_collections
@@ -221,7 +222,25 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
             value = value[part]
         need(value in allowed, key, f"must be one of {', '.join(map(repr, allowed))}")
 
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(c.seed >= 0, "seed", "must be >= 0")
     need(c.batch_size >= 1, "batch_size", "must be >= 1")
+    o = c.optimizer
+    need(finite(o.base_learning_rate) and o.base_learning_rate > 0,
+         "optimizer.base_learning_rate", "must be a finite number > 0")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+         "must be a finite number >= 0")
+    need(finite(o.warmup_epochs) and o.warmup_epochs >= 0, "optimizer.warmup_epochs",
+         "must be a finite number >= 0")
+    need(finite(o.grad_clip_norm) and o.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+         "must be >= 0 (0: off)")
+    need(0 <= o.b1 < 1, "optimizer.b1", "must be in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", "must be in [0, 1)")
+    need(finite(o.eps) and o.eps > 0, "optimizer.eps", "must be a finite number > 0")
+    need(0 < c.model.mask_ratio < 1, "model.mask_ratio",
+         "must be strictly between 0 and 1 (some patches kept, some reconstructed)")
     need(c.num_train_steps == -1 or c.num_train_steps >= 1, "num_train_steps",
          "must be >= 1, or -1 to train num_epochs epochs")
     need(c.num_train_steps >= 1 or c.num_epochs >= 1, "num_epochs",
