@@ -335,3 +335,27 @@ def test_odd_numeric_settings_are_refused_naming_the_key(key, value):
     node[leaf] = value
     with pytest.raises(ConfigError, match=rf"{key}="):
         check_config(config)
+
+
+def test_export_initial_of_a_tagger_is_the_encoder_it_started_from(tmp_path):
+    from tag_helpers import FRAMES, tiny_tag_config, write_split
+
+    from mwmae import api, export
+    from mwmae.artifact import save_artifact
+    from mwmae.finetune.trainer import Tagger
+    from mwmae.model import encoder_keys, init_params
+    from mwmae.train.config import model_config_from
+
+    config = tiny_tag_config(write_split(tmp_path / "data", "train", 16, seed=0), "", steps=2)
+    config.checkpoint.every_steps = 2
+    model = model_config_from(config)
+    assert model.img_size == (FRAMES, 80)
+    source = tmp_path / "pretrained"
+    save_artifact(str(source), model, jax.device_get(init_params(model, jax.random.key(11))),
+                  source="test")
+    config.init_from = str(source)
+    train(config, tmp_path / "wd", print_fn=_quiet, task=Tagger)
+    export.export_initial(tmp_path / "wd", str(tmp_path / "initial"))
+    initial, taken = api.load(str(tmp_path / "initial")), api.load(str(source))
+    for key in encoder_keys(model):
+        jax.tree.map(np.testing.assert_array_equal, initial.params[key], taken.params[key])
