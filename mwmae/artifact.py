@@ -14,11 +14,14 @@ description.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -66,6 +69,106 @@ def is_artifact(path: str | os.PathLike) -> bool:
         return json.loads(cfg.read_text()).get("format") == FORMAT
     except (json.JSONDecodeError, AttributeError):
         return False
+
+
+# What a folder may hold and still be an artifact (possibly a damaged one) that --overwrite may
+# replace: its two files and their temporary names (see save_artifact).
+ARTIFACT_NAMES = frozenset({CONFIG_FILE, PARAMS_FILE, f".{CONFIG_FILE}.tmp", f".{PARAMS_FILE}.tmp"})
+
+
+def existing_output(path: str | os.PathLike) -> tuple[str, str]:
+    """What an artifact's output path holds now: ``("free", "")`` (nothing, or an empty folder),
+    ``("artifact", description)`` (an artifact, or the remains of one: only its files, with a
+    config.json that is unreadable or an artifact's) or ``("other", description)``."""
+    path = pathlib.Path(path)
+    if not path.exists() and not path.is_symlink():
+        return "free", ""
+    if not path.is_dir():
+        return "other", "exists and is a file, not an artifact folder"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "free", ""
+    if is_artifact(path):
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+            what = f"from {meta.get('source') or 'an unknown source'}"
+            if meta.get("params_sha256"):
+                what += f", sha256 {str(meta['params_sha256'])[:16]}..."
+        except (OSError, ValueError):
+            what = "unreadable"
+        return "artifact", f"already holds an artifact ({what})"
+    if set(names) <= ARTIFACT_NAMES:
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            return "artifact", "already holds a damaged artifact"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return "other", f"exists and holds other files ({shown}), not an artifact"
+
+
+def _same_artifact(a: pathlib.Path, b: pathlib.Path) -> bool:
+    try:
+        return all((a / n).read_bytes() == (b / n).read_bytes() for n in (CONFIG_FILE, PARAMS_FILE))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def replacing(directory: str | os.PathLike, *, overwrite: bool = False, name: str | None = None,
+              log: Callable[[str], Any] = print) -> Iterator[pathlib.Path]:
+    """A fresh folder beside ``directory`` to write an artifact into; at a clean exit it takes
+    ``directory``'s place, after an error it is removed and ``directory`` is as it was.
+
+    Only an artifact is ever replaced, and only with ``overwrite``: anything else that is not
+    an empty folder is refused (ArtifactError) before the caller writes, another artifact once
+    the new one is complete (the files identical to what is there count as done: reruns of a
+    pipeline need no ``overwrite``). The old artifact stays whole until the new one is; the swap
+    is two renames, and if the second fails the first is undone. ``name`` is how messages call
+    ``directory`` (e.g. the flag that gave it).
+    """
+    directory = pathlib.Path(os.path.abspath(directory))
+    name = name or str(directory)
+
+    def check() -> str:
+        kind, what = existing_output(directory)
+        if kind == "other":
+            raise ArtifactError(f"{name}: {what}; choose a new or empty folder (--overwrite "
+                                "replaces only an artifact). Nothing was written.")
+        return kind
+
+    check()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = directory.parent / f".{directory.name}.partial-{tag}"
+    staging.mkdir()
+    try:
+        yield staging
+        # Checked again: another writer may have filled the path in the meantime.
+        kind = check()
+        if kind == "free":
+            if directory.is_dir():
+                directory.rmdir()
+            os.rename(staging, directory)
+            return
+        if _same_artifact(staging, directory):
+            log(f"{name}: already holds this very artifact (identical files); left as it is")
+            return
+        if not overwrite:
+            _, what = existing_output(directory)
+            raise ArtifactError(f"{name}: {what.replace('an artifact', 'another artifact')}; "
+                                "pass --overwrite to replace it. Nothing was written.")
+        old = directory.parent / f".{directory.name}.old-{tag}"
+        os.rename(directory, old)
+        try:
+            os.rename(staging, directory)
+        except BaseException:
+            os.rename(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_artifact(directory: str | os.PathLike, config: ModelConfig, params: Any, *,

@@ -157,13 +157,13 @@ def test_corrupt_or_mismatched_artifacts_fail_clearly(workdir, tmp_path):
     (out / "config.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="config.json: not valid JSON"):
         mwmae.load(out)
-    export.export_workdir(workdir, str(out))
+    export.export_workdir(workdir, str(out), overwrite=True)
     meta = json.loads((out / "config.json").read_text())
     meta["model"]["depth"] = 3
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="weights do not match the config"):
         mwmae.load(out)
-    export.export_workdir(workdir, str(out))
+    export.export_workdir(workdir, str(out), overwrite=True)
     (out / "params.msgpack").unlink()
     with pytest.raises(ArtifactError, match="params.msgpack: missing"):
         mwmae.load(out)
@@ -202,3 +202,203 @@ def test_export_gathers_a_two_host_sharded_checkpoint(tmp_path):
     for k, v in got.items():
         np.testing.assert_allclose(v, np.asarray(want[k]), atol=1e-6, rtol=0, err_msg=str(k))
     assert meta["step"] == 1
+
+
+# ---- outputs that would lose or mix something --------------------------------------------------
+
+def _last_err(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def workdir_copy(workdir, tmp_path) -> pathlib.Path:
+    """A copy of the module's workdir that a test may damage or prune."""
+    import shutil
+
+    return pathlib.Path(shutil.copytree(workdir, tmp_path / "runs" / "w1", symlinks=True))
+
+
+def test_export_refuses_an_out_that_overlaps_a_workdir(workdir_copy, tmp_path, capsys):
+    wd = workdir_copy
+    before = _snapshot(wd.parent)
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "checkpoints").mkdir()
+    (other / "config.json").write_text('{"model": {}, "seed": 0}')
+    cases = [
+        (["--workdir", str(wd), "--out", str(wd)], "is the --workdir"),
+        (["--workdir", str(wd), "--initial", "--out", str(wd)], "is the --workdir"),
+        (["--workdir", str(wd), "--out", str(wd / "checkpoints" / "art")],
+         "inside the --workdir"),
+        (["--workdir", str(wd), "--out", str(wd / "tensorboard")], "inside the --workdir"),
+        (["--workdir", str(wd), "--out", str(wd / "config.json")], "inside the --workdir"),
+        (["--workdir", str(wd), "--out", str(wd.parent)], "--workdir " + str(wd) + " lies inside"),
+        (["--workdir", str(wd), "--out", str(other)], "a training workdir"),
+    ]
+    for argv, message in cases:
+        assert export.main(argv) == 2, argv
+        last = _last_err(capsys)
+        assert last.startswith("error: --out") and message in last, (argv, last)
+        assert "nothing was written" in last.lower(), last
+    assert _snapshot(wd.parent) == before
+    assert not (wd / "params.msgpack").exists() and not (wd / "export").exists()
+    assert _snapshot(other) == {"config.json": b'{"model": {}, "seed": 0}'}
+    # A folder of its own directly in the workdir (what a sweep point does) is fine.
+    assert export.main(["--workdir", str(wd), "--out", str(wd / "export")]) == 0
+    assert {k: v for k, v in _snapshot(wd.parent).items()
+            if not k.startswith("w1/export/")} == before
+    assert Workdir(wd).steps() == [2, 4]
+
+
+def test_export_refuses_an_out_that_overlaps_the_original(original_checkpoint, tmp_path, capsys):
+    import shutil
+
+    src = pathlib.Path(shutil.copytree(original_checkpoint, tmp_path / "orig"))
+    before = _snapshot(src)
+    for out, message in ((src, "is the --from-original"),
+                         (src / "art", "inside the --from-original"), (tmp_path, "lies inside")):
+        assert export.main(["--from-original", str(src), "--out", str(out)]) == 2
+        last = _last_err(capsys)
+        assert message in last and str(src) in last, last
+    assert _snapshot(src) == before
+
+
+def test_export_into_an_existing_artifact_needs_overwrite(workdir, tmp_path, capsys):
+    art = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir), "--step", "2", "--out", str(art)]) == 0
+    first = _snapshot(art)
+    capsys.readouterr()
+    assert export.main(["--workdir", str(workdir), "--out", str(art)]) == 2
+    last = _last_err(capsys)
+    assert "already holds another artifact" in last and "--overwrite" in last, last
+    assert last.startswith(f"error: --out {art}") and "@2" in last, last
+    assert _snapshot(art) == first
+    assert export.main(["--workdir", str(workdir), "--out", str(art), "--overwrite"]) == 0
+    assert json.loads((art / "config.json").read_text())["step"] == 4
+    assert mwmae.load(art).num_params > 0
+    # Nothing left beside it: the new artifact was built in a sibling and swapped in.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert sorted(p.name for p in art.iterdir()) == ["config.json", "params.msgpack"]
+    # An existing empty folder is a fine place to export to.
+    (tmp_path / "empty").mkdir()
+    assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_exporting_the_same_weights_again_leaves_the_artifact_alone(workdir, tmp_path, capsys):
+    """A rerun of a pipeline (the demo, a sweep point) exports the same step again: nothing to
+    replace, so no --overwrite needed, and the files are not rewritten."""
+    art = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir), "--out", str(art)]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in art.iterdir()}
+    first = _snapshot(art)
+    capsys.readouterr()
+    assert export.main(["--workdir", str(workdir), "--out", str(art)]) == 0
+    assert "identical" in capsys.readouterr().out
+    assert _snapshot(art) == first
+    assert {p.name: p.stat().st_mtime_ns for p in art.iterdir()} == stamps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_export_never_replaces_a_folder_of_other_files(workdir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("keep me too")
+    for out in (mine, tmp_path / "a_file"):
+        for extra in ([], ["--overwrite"]):
+            assert export.main(["--workdir", str(workdir), "--out", str(out), *extra]) == 2
+            last = _last_err(capsys)
+            assert last.startswith(f"error: --out {out}") and "not an artifact" in last, last
+    assert _snapshot(mine) == {"notes.txt": b"keep me"}
+    assert (tmp_path / "a_file").read_text() == "keep me too"
+
+
+def test_a_failed_overwrite_keeps_the_old_artifact(workdir, tmp_path, monkeypatch, capsys):
+    import mwmae.artifact as artifact
+
+    art = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir), "--step", "2", "--out", str(art)]) == 0
+    first = _snapshot(art)
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifact.os, "replace", full_disk)
+    assert export.main(["--workdir", str(workdir), "--out", str(art), "--overwrite"]) == 1
+    assert "No space left on device" in _last_err(capsys)
+    assert _snapshot(art) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    monkeypatch.undo()
+    assert json.loads((art / "config.json").read_text())["step"] == 2
+    mwmae.load(art)
+
+
+def _deleting(monkeypatch, wd: pathlib.Path, step: int, when: str) -> list[int]:
+    """Delete checkpoints/STEP the first time the export's checkpoint manager calls ``when``
+    for it: what a running job's retention does between the export's listing and its read."""
+    import shutil
+
+    real_manager = Workdir.manager
+    deleted: list[int] = []
+
+    def manager(self, *args, **kwargs):
+        m = real_manager(self, *args, **kwargs)
+        real = getattr(m, when)
+
+        def call(s, *a, **k):
+            if s == step and not deleted:
+                shutil.rmtree(wd / "checkpoints" / str(step))
+                deleted.append(step)
+            return real(s, *a, **k)
+
+        setattr(m, when, call)
+        return m
+
+    monkeypatch.setattr(Workdir, "manager", manager)
+    return deleted
+
+
+@pytest.mark.parametrize("when", ["item_metadata", "restore"])
+def test_export_of_the_latest_step_retries_when_retention_deletes_it(workdir_copy, tmp_path,
+                                                                     monkeypatch, capsys, when):
+    deleted = _deleting(monkeypatch, workdir_copy, 4, when)
+    out = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir_copy), "--out", str(out)]) == 0
+    assert deleted == [4]
+    printed = capsys.readouterr().out
+    assert "step 4" in printed and "deleted" in printed and "exporting step 2" in printed, printed
+    assert json.loads((out / "config.json").read_text())["step"] == 2
+    mwmae.load(out)
+
+
+def test_export_of_a_chosen_step_that_is_deleted_names_it(workdir_copy, tmp_path, monkeypatch,
+                                                          capsys):
+    _deleting(monkeypatch, workdir_copy, 4, "item_metadata")
+    out = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir_copy), "--step", "4", "--out", str(out)]) == 2
+    last = _last_err(capsys)
+    assert "step 4" in last and "deleted while" in last and "[2]" in last, last
+    assert not out.exists()
+
+
+def test_a_damaged_latest_checkpoint_stays_an_error(workdir_copy, tmp_path, capsys):
+    """Only a checkpoint that is gone is replaced by an older one; damage is reported."""
+    state = workdir_copy / "checkpoints" / "4" / "state"
+    data = [p for p in state.glob("ocdbt.process_*/d/*") if p.is_file()]
+    assert data
+    for p in data:  # the arrays' bytes, as a failing disk leaves them
+        p.write_bytes(b"\0" * p.stat().st_size)
+    out = tmp_path / "art"
+    assert export.main(["--workdir", str(workdir_copy), "--out", str(out)]) == 2
+    last = _last_err(capsys)
+    assert "checkpoints/4" in last, last
+    assert not out.exists()
