@@ -167,11 +167,17 @@ def test_rerun_with_other_weights_or_a_changed_task_never_reuses_old_outputs(tmp
     assert any("already done" in line for line in logs)
     logs.clear()
     (tmp_path / "a.json").write_text((out / "results.json").read_text())
-    # other weights, same output folder; beside the first run's results
-    result = ev.evaluate(str(_random_artifact(tmp_path / "b", seed=1)), str(tmp_path / "tasks"),
+    # other weights, same output folder: refused, nothing lost
+    kept = (out / "results.json").read_text()
+    with pytest.raises(ev.EvaluationError, match="another artifact.*--overwrite"):
+        ev.evaluate(str(_random_artifact(tmp_path / "b", seed=1)), str(tmp_path / "tasks"),
+                    str(out), seeds=2, grid="faster", grid_points=1, log=logs.append)
+    assert (out / "results.json").read_text() == kept
+    # ... unless asked to replace them; beside the first run's results
+    result = ev.evaluate(str(tmp_path / "b"), str(tmp_path / "tasks"),
                          str(out), seeds=2, grid="faster", grid_points=1, log=logs.append,
-                         compare=[str(tmp_path / "a.json")])
-    assert any("evaluating afresh" in line for line in logs), logs
+                         compare=[str(tmp_path / "a.json")], overwrite=True)
+    assert any("--overwrite: evaluating afresh" in line for line in logs), logs
     assert sorted(result["overall_score"]) == ["a", "b"]
     assert sorted(result["overall_score"].values()) == [0.0, 100.0] or \
         result["overall_score"]["a"] == result["overall_score"]["b"] == 100.0
@@ -186,9 +192,13 @@ def test_rerun_with_other_weights_or_a_changed_task_never_reuses_old_outputs(tmp
         (tmp_path / "b" / "config.json").read_text())["params_sha256"]
     # The same weights on a regenerated task (other clips): that task is embedded again.
     logs.clear()
-    tasks.make_task(tmp_path / "tasks", "noise", per_class=6, duration_s=1.0, seed=5)
-    run(tmp_path / "b")
-    assert any("changed since its embeddings were made" in line for line in logs), logs
+    tasks.make_task(tmp_path / "tasks", "noise", per_class=6, duration_s=1.0, seed=5,
+                    overwrite=True)
+    with pytest.raises(ev.EvaluationError, match="mwmae_noise changed since"):
+        run(tmp_path / "b")
+    ev.evaluate(str(tmp_path / "b"), str(tmp_path / "tasks"), str(out), seeds=1, grid="faster",
+                grid_points=1, log=logs.append, overwrite=True)
+    assert any("changed since its embeddings there were made" in line for line in logs), logs
     train_json = json.loads((out / "embeddings" / "mwmae.hear" / "mwmae_noise" /
                              "train.json").read_text())
     assert len(train_json) == len(json.loads(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import statistics
 from collections.abc import Mapping, Sequence
@@ -201,6 +202,26 @@ def matrix(models: Sequence[Model], labels: Mapping[str, str] | None = None) -> 
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def check_out(out: str, results: Sequence[str]) -> None:
+    """Refuse (ComparisonError) a table file that would replace one of the ``results`` files
+    or any other results file, or that is a folder."""
+    path = pathlib.Path(out)
+    where = f"--out {out}"
+    if path.is_dir():
+        raise ComparisonError(f"{where}: is a folder; give the table's file name (e.g. "
+                              "comparison.md). Nothing was written.")
+    if any(os.path.realpath(out) == os.path.realpath(r) for r in results):
+        raise ComparisonError(f"{where}: is one of the results files this table reads; write "
+                              "the table to another file. Nothing was written.")
+    if path.is_file():
+        try:
+            load(path)
+        except ComparisonError:
+            return  # not results: an earlier table, which a new one may replace
+        raise ComparisonError(f"{where}: holds results (a results file); write the table to "
+                              "another file. Nothing was written.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mwmae.hear.compare THIS.json OTHER.json ...``: the table of an existing run."""
     import argparse
@@ -215,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = cli.parse_args(p, argv)
     try:
+        if a.out:
+            check_out(a.out, a.results)
         models = [m for path in a.results for m in load(path)]
         if len(models) < 2:
             raise ComparisonError(f"{a.results[0]}: one model; give at least two to compare")
@@ -226,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.out:
-        pathlib.Path(a.out).write_text(text)
+        out = pathlib.Path(a.out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"error: --out {a.out}: {e}", file=sys.stderr)
+            return 1
     print(text)
     return 0
 

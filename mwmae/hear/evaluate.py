@@ -2,7 +2,7 @@
 
     python -m mwmae.hear.evaluate --artifact DIR --tasks-dir TASKS --out OUT \
         [--seeds 10] [--grid faster] [--grid-points 8] [--tasks a,b | --preset hear2021]
-        [--model-options JSON] [--name NAME] [--compare RESULTS.json ...]
+        [--model-options JSON] [--name NAME] [--compare RESULTS.json ...] [--overwrite]
 
 1. Embeddings: hear-eval-kit's embedding step (``heareval.embeddings.task_embeddings``) with the
    HEAR module ``--module`` (default ``mwmae.hear``) and the artifact as ``model_file_path``,
@@ -23,10 +23,14 @@
    (:mod:`mwmae.hear.compare` states the formula).
 
 Steps whose outputs are complete are skipped on a rerun (resume after preemption), as long as
-they were made from the same weights and task: ``OUT/fingerprint.json`` records the artifact's
-weights hash, module and options, and each task's done marker the hash of its label files, so
-a re-exported artifact or a regenerated task is evaluated afresh, never mixed with old outputs.
-Runs on CPU;
+they were made from the same weights, settings and tasks: ``OUT/fingerprint.json`` records the
+artifact's weights hash, module, options and predictor settings, and each task's done marker
+the hash of its label files. An ``OUT`` that holds results of another artifact, other settings
+or an earlier version of a task is refused (nothing is removed) unless ``--overwrite`` says to
+start those outputs afresh. ``OUT`` may not be, contain or lie in the artifact or the tasks
+folder, nor be a folder of other files. One evaluation at a time writes an ``OUT``: it holds
+``OUT/evaluate.lock`` (pid, host, start time) while it runs; a lock left by a process that is
+no longer running on this host is taken over. Runs on CPU;
 on a GPU host JAX embeds on the GPU and the predictor uses CUDA when torch has it.
 """
 
@@ -38,16 +42,23 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
+import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mwmae import cli
 from mwmae.hear import compare as compare_lib
 
 GRIDS = ("default", "fast", "faster")
+FINGERPRINT = "fingerprint.json"
+LOCK_FILE = "evaluate.lock"
+RESULTS = ("results.json", "results.md", "comparison.md")
+# Everything an evaluation writes in OUT; anything else there belongs to someone else.
+OUTPUTS = frozenset({FINGERPRINT, LOCK_FILE, "embeddings", "predictions", *RESULTS})
 
 
 class EvaluationError(RuntimeError):
@@ -76,20 +87,69 @@ def find_tasks(tasks_dir: pathlib.Path, names: Sequence[str] | None = None
     return found
 
 
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_vocabulary(task: pathlib.Path) -> set[str]:
+    """The labels of ``labelvocabulary.csv`` as hear-eval-kit reads them (pandas, as strings),
+    checked for what its predictor assumes: columns idx and label, idx 0..n-1, no repeats."""
+    import pandas as pd
+
+    path = task / "labelvocabulary.csv"
+    try:
+        vocab = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"{path}: unreadable ({e})") from e
+    if not {"idx", "label"} <= set(vocab.columns):
+        raise EvaluationError(f"{path}: expected the columns idx,label; found "
+                              f"{list(vocab.columns)}")
+    labels = vocab["label"].astype(str)
+    repeated = labels[labels.duplicated()]
+    if len(repeated):
+        raise EvaluationError(f"{path}: label {repeated.iloc[0]!r} is listed twice")
+    try:
+        idx = sorted(int(i) for i in vocab["idx"])
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"{path}: idx is not a whole number ({e})") from e
+    if idx != list(range(len(vocab))):
+        raise EvaluationError(f"{path}: idx must number the labels 0..{len(vocab) - 1}; found "
+                              f"{idx[:10]}")
+    return set(labels)
+
+
+def _target_labels(split_json: pathlib.Path, name: str, target: Any, event: bool) -> list:
+    """The labels of one clip: a list of labels (scene) or of {label, start, end} (event)."""
+    if event:
+        if not isinstance(target, list) or not all(
+                isinstance(e, dict) and {"label", "start", "end"} <= set(e) for e in target):
+            raise EvaluationError(f"{split_json}: {name}: expected a list of events "
+                                  f"{{\"label\", \"start\", \"end\"}}, got {target!r:.80}")
+        return [e["label"] for e in target]
+    if not isinstance(target, list):
+        raise EvaluationError(f"{split_json}: {name}: expected a list of labels, got "
+                              f"{target!r:.80}")
+    return target
+
+
 def check_task(task: pathlib.Path, sample_rate: int = 16_000) -> None:
     import soundfile as sf
 
     meta_path = task / "task_metadata.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{meta_path}: not valid JSON ({e})") from e
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise EvaluationError(f"{meta_path}: not a JSON object")
     for key in ("task_name", "embedding_type", "prediction_type", "split_mode", "evaluation",
                 "splits"):
         if key not in meta:
             raise EvaluationError(f"{meta_path}: no {key!r}")
     if not (task / "labelvocabulary.csv").is_file():
         raise EvaluationError(f"{task / 'labelvocabulary.csv'}: missing")
+    vocabulary = read_vocabulary(task)
+    event = meta["embedding_type"] == "event"
     audio_root = task / str(sample_rate)
     if not audio_root.is_dir():
         rates = sorted(p.name for p in task.iterdir() if p.is_dir() and p.name.isdigit())
@@ -100,7 +160,20 @@ def check_task(task: pathlib.Path, sample_rate: int = 16_000) -> None:
         split_json = task / f"{split}.json"
         if not split_json.is_file():
             raise EvaluationError(f"{split_json}: missing")
-        for name in json.loads(split_json.read_text()):
+        data = _read_json(split_json)
+        if not isinstance(data, dict):
+            raise EvaluationError(f"{split_json}: expected {{file name: labels}}")
+        # hear-eval-kit looks labels up only after the embeddings and the predictor's
+        # training, and then fails with a bare KeyError: check them all first.
+        for name, target in data.items():
+            for label in _target_labels(split_json, name, target, event):
+                if str(label) not in vocabulary:
+                    raise EvaluationError(
+                        f"{task}: {split_json.name}: label {str(label)!r} of {name} (split "
+                        f"{split!r}) is not in labelvocabulary.csv ({len(vocabulary)} labels: "
+                        f"{', '.join(sorted(vocabulary)[:8])}"
+                        f"{', ...' if len(vocabulary) > 8 else ''})")
+        for name in data:
             path = audio_root / split / name
             try:
                 info = sf.info(str(path))
@@ -111,6 +184,36 @@ def check_task(task: pathlib.Path, sample_rate: int = 16_000) -> None:
                                       "in a 16000/ folder")
             if info.channels != 1:
                 raise EvaluationError(f"{path}: {info.channels} channels; expected mono")
+
+
+def check_model_options(module: str, options: dict[str, Any]) -> None:
+    """Refuse options the module's ``load_model`` does not take (hear-eval-kit passes them as
+    keywords after the model path), and values mwmae's module would refuse later."""
+    import importlib
+    import inspect
+
+    try:
+        load = importlib.import_module(module).load_model
+    except ImportError as e:
+        raise EvaluationError(f"--module {module}: cannot import it ({e})") from e
+    except AttributeError as e:
+        raise EvaluationError(f"--module {module}: no load_model; not a HEAR module") from e
+    params = list(inspect.signature(load).parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        # The first parameter receives the model path.
+        known = sorted(p.name for p in named[1:])
+        for key in sorted(options):
+            if key not in known:
+                raise EvaluationError(f"--model-options: unknown key {key!r}; {module}'s "
+                                      f"load_model takes {', '.join(known) or 'none'}")
+    from mwmae.hear import module as ours
+
+    if load is ours.load_model:
+        try:
+            ours.check_options(**options)
+        except ValueError as e:
+            raise EvaluationError(f"--model-options: {e}") from e
 
 
 def artifact_fingerprint(artifact: str, module: str, model_options: dict[str, Any]) -> dict:
@@ -136,25 +239,217 @@ def task_fingerprint(task: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def _forget_stale(out_dir: pathlib.Path, fingerprint: dict, tasks: Sequence[pathlib.Path],
-                  module: str, log=print) -> None:
-    """Remove outputs made from other weights or an earlier version of a task."""
-    import shutil
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """A reader (or a rerun after a crash) sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
-    stamp = out_dir / "fingerprint.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != fingerprint:
-        log(f"{out_dir}: made from other weights or options than {fingerprint['weights']!s:.24}"
-            "...; evaluating afresh")
-        for sub in ("embeddings", "predictions"):
-            shutil.rmtree(out_dir / sub, ignore_errors=True)
-    stamp.write_text(json.dumps(fingerprint, indent=1))
-    for task in tasks:
-        done = out_dir / "embeddings" / module / task.name / ".done.embeddings"
-        if done.exists() and done.read_text() != task_fingerprint(task):
-            log(f"{task}: changed since its embeddings were made; evaluating it afresh")
-            shutil.rmtree(done.parent)
-            for seed_dir in (out_dir / "predictions").glob("seed_*"):
-                shutil.rmtree(seed_dir / task.name, ignore_errors=True)
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out(out_dir: pathlib.Path, inputs: Sequence[tuple[str, str]],
+              compare: Sequence[str] = ()) -> None:
+    """Refuse (before anything is written) an ``--out`` that is, holds or lies inside one of
+    the ``inputs`` (``(flag, path)``), that is a folder of other files, or whose results file
+    is one of the ``compare`` files."""
+    mine = os.path.realpath(out_dir)
+
+    def refuse(problem: str) -> EvaluationError:
+        return EvaluationError(f"--out {out_dir}{problem}. Nothing was written.")
+
+    for flag, path in inputs:
+        theirs = os.path.realpath(path)
+        if mine == theirs:
+            raise refuse(f" is the {flag}; evaluation outputs would mix with its files")
+        if _inside(mine, theirs):
+            raise refuse(f" lies inside the {flag} {path}; write the evaluation elsewhere")
+        if _inside(theirs, mine):
+            raise refuse(f": the {flag} {path} lies inside it; write the evaluation elsewhere")
+    for path in compare:
+        if os.path.realpath(path) == os.path.join(mine, RESULTS[0]):
+            raise refuse(f": --compare {path} is this run's own output; compare with another "
+                         "run's results")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise refuse(": exists and is a file, not a folder")
+    if out_dir.is_dir() and not (out_dir / FINGERPRINT).exists():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS
+                       and not p.name.startswith("."))
+        if other:
+            shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+            raise refuse(f": holds other files ({shown}), not an evaluation's output folder; "
+                         "choose a new or empty folder (--overwrite replaces only an "
+                         "evaluation's outputs)")
+
+
+def _finished(out_dir: pathlib.Path, module: str, task_names: Sequence[str] | None = None, *,
+              embeddings: bool = True) -> list[pathlib.Path]:
+    """The finished outputs in ``out_dir`` (of ``task_names`` only, if given): results files,
+    done embeddings (with ``embeddings``) and predictor scores; what a fresh start would lose."""
+    names = ["*"] if task_names is None else list(task_names)
+    found = [out_dir / n for n in RESULTS if (out_dir / n).exists()]
+    for name in names:
+        if embeddings:
+            found += (out_dir / "embeddings").glob(f"*/{name}/.done.embeddings")
+        found += (out_dir / "predictions").glob(f"seed_*/{name}/test.predicted-scores.json")
+    return found
+
+
+def _describe(stamp: Any) -> str:
+    if not isinstance(stamp, dict):
+        return "an unknown artifact"
+    weights = stamp.get("weights")
+    what = f"weights {weights[:16]}..." if isinstance(weights, str) else "other weights"
+    return f"{stamp['artifact']} ({what})" if stamp.get("artifact") else what
+
+
+def _claim(out_dir: pathlib.Path, stamp: dict[str, Any], tasks: Sequence[pathlib.Path],
+           module: str, *, overwrite: bool, log=print) -> None:
+    """Make ``out_dir`` this run's: keep what was made from the same artifact, settings and
+    tasks (resume); refuse to drop finished outputs of another artifact, other settings or an
+    earlier version of a task unless ``overwrite``, which removes exactly the outputs that no
+    longer apply. Call with the lock held."""
+    path = out_dir / FINGERPRINT
+    same = lambda a, b, keys: all(a.get(k) == b.get(k) for k in keys)  # noqa: E731
+    old: Any = None
+    problem, scope = "", ""  # scope: "all", "predictions" or "tasks"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            problem, scope = (f"its {FINGERPRINT} is unreadable ({e}), so its results are of "
+                              "unknown origin"), "all"
+    elif _finished(out_dir, module):
+        problem, scope = (f"it holds results but no {FINGERPRINT}, so they are of unknown "
+                          "origin"), "all"
+    changed = [t for t in tasks
+               if (done := out_dir / "embeddings" / module / t.name / ".done.embeddings").exists()
+               and done.read_text() != task_fingerprint(t)]
+    if isinstance(old, dict):
+        if not same(old, stamp, ("weights", "module", "model_options")):
+            problem, scope = ("it holds results of another artifact or options: "
+                              f"{_describe(old)}"), "all"
+            if old.get("model_options") != stamp["model_options"]:
+                problem += f", model options {old.get('model_options')}"
+            if old.get("module") != stamp["module"]:
+                problem += f", module {old.get('module')}"
+        elif not same(old, stamp, ("predictor",)):
+            problem, scope = ("it holds results made with other predictor settings "
+                              f"({old.get('predictor', 'not recorded')}; this run: "
+                              f"{stamp['predictor']})"), "predictions"
+        elif changed:
+            problem, scope = (f"task {changed[0]} changed since its embeddings there were "
+                              f"made ({len(changed)} task(s) changed)"), "tasks"
+    if scope:
+        doomed = _finished(out_dir, module, [t.name for t in changed] if scope == "tasks"
+                           else None, embeddings=scope != "predictions")
+        if doomed and not overwrite:
+            raise EvaluationError(f"--out {out_dir}: {problem}. Nothing was changed. Use "
+                                  "another --out, or pass --overwrite to replace those results.")
+        if doomed:
+            log(f"{out_dir}: {problem}; --overwrite: evaluating afresh")
+        for name in RESULTS:
+            (out_dir / name).unlink(missing_ok=True)
+        if scope == "tasks":
+            for task in changed:
+                shutil.rmtree(out_dir / "embeddings" / module / task.name)
+                for seed_dir in (out_dir / "predictions").glob("seed_*"):
+                    shutil.rmtree(seed_dir / task.name, ignore_errors=True)
+        else:
+            shutil.rmtree(out_dir / "predictions", ignore_errors=True)
+            if scope == "all":
+                shutil.rmtree(out_dir / "embeddings", ignore_errors=True)
+    _write_atomic(path, json.dumps(stamp, indent=1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    started = holder.get("started")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+            if isinstance(started, (int, float)) else "an unknown time")
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {when}"
+
+
+@contextlib.contextmanager
+def out_lock(out_dir: pathlib.Path, log: Callable[[str], Any] = print) -> Iterator[None]:
+    """Hold ``out_dir``'s lock while the block runs: ``OUT/evaluate.lock`` with this process's
+    pid, host and start time, under an exclusive ``flock``. Another holder is refused
+    (EvaluationError naming it); a lock file left by a process that is no longer running on
+    this host is taken over (said through ``log``); one left from another host, whose
+    processes cannot be checked from here, is refused with how to clear it."""
+    import fcntl
+
+    path = out_dir / LOCK_FILE
+    host = socket.gethostname()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise EvaluationError(
+                f"--out {out_dir}: another evaluation is writing here ({_holder_text(holder)}; "
+                f"lock {path}); wait for it to finish or choose another --out") from None
+        try:
+            # A holder that finished removed the file between our open and our lock: lock the
+            # file that is there now instead.
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        holder = _read_holder(fd)
+        if holder:
+            pid = holder.get("pid")
+            if holder.get("host") != host:
+                raise EvaluationError(
+                    f"--out {out_dir}: locked by {_holder_text(holder)} (lock {path}); that "
+                    "host's processes cannot be checked from here: if that evaluation is no "
+                    "longer running, remove the lock file and rerun")
+            if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                raise EvaluationError(
+                    f"--out {out_dir}: another evaluation is writing here "
+                    f"({_holder_text(holder)}; lock {path}); wait for it to finish or choose "
+                    "another --out")
+            log(f"{path}: taking over the lock of {_holder_text(holder)}, which is no longer "
+                "running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host, "started": time.time()}
+                                 ).encode(), 0)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        holder = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError):
+        return {"pid": "?", "host": "?"}
+    return holder if isinstance(holder, dict) else {"pid": "?", "host": "?"}
 
 
 def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
@@ -327,42 +622,70 @@ def _labels() -> dict[str, str]:
     return {t: label for preset in PRESETS.values() for t, label in preset.items()}
 
 
+def _check_model(artifact: str, module: str) -> None:
+    """A model the module will load, checked before the slow imports and the tasks' audio."""
+    from mwmae.artifact import PARAMS_FILE, ArtifactError, is_artifact, load_artifact
+
+    path = pathlib.Path(artifact)
+    if not path.is_dir():
+        raise EvaluationError(f"{artifact}: artifact directory not found")
+    try:
+        if is_artifact(path) or (path / PARAMS_FILE).exists():
+            load_artifact(path)
+        elif module in ("mwmae.hear", "hear_mwmae"):
+            import mwmae
+
+            mwmae.load(path)  # an original checkpoint or a training workdir
+    except (ArtifactError, ValueError, FileNotFoundError) as e:
+        raise EvaluationError(str(e)) from e
+
+
 def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: str = "default",
              grid_points: int = 8, task_names: Sequence[str] | None = None,
              module: str = "mwmae.hear", model_options: dict[str, Any] | None = None,
-             name: str | None = None, compare: Sequence[str] = (), log=print
-             ) -> dict[str, Any]:
+             name: str | None = None, compare: Sequence[str] = (), overwrite: bool = False,
+             log=print) -> dict[str, Any]:
     """Embeddings once, predictions per seed, summary (and the comparison with ``compare``'s
-    results files); returns what results.json holds."""
+    results files); returns what results.json holds.
+
+    Every input is checked before anything is written; ``out`` follows the rules of the module
+    docstring (``overwrite`` replaces another run's results there)."""
     if seeds < 1:
         raise EvaluationError(f"--seeds must be >= 1, got {seeds}")
+    if grid_points < 1:
+        raise EvaluationError(f"--grid-points must be >= 1, got {grid_points}")
+    if grid not in GRIDS:
+        raise EvaluationError(f"--grid {grid!r}: expected one of {GRIDS}")
+    model_options = dict(model_options or {})
+    out_dir = pathlib.Path(out)
+    check_out(out_dir, [("--artifact", artifact), ("--tasks-dir", tasks_dir)], compare)
     # Read the files to compare with first: a typo there should not cost an evaluation.
     try:
         others = [m for path in compare for m in compare_lib.load(path)]
     except compare_lib.ComparisonError as e:
         raise EvaluationError(str(e)) from e
-    if grid not in GRIDS:
-        raise EvaluationError(f"--grid {grid!r}: expected one of {GRIDS}")
+    check_model_options(module, model_options)
     # heareval's predictor reloads its own Lightning checkpoints, which torch >= 2.6 refuses
     # under weights_only (the files are this run's own).
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    out_dir = pathlib.Path(out)
     tasks = find_tasks(pathlib.Path(tasks_dir), task_names)
-    # Fail on a bad artifact before the slow imports and the tasks' audio.
-    from mwmae.artifact import ArtifactError, is_artifact, load_artifact
-
-    if not pathlib.Path(artifact).is_dir():
-        raise EvaluationError(f"{artifact}: artifact directory not found")
-    if is_artifact(artifact):
-        try:
-            load_artifact(artifact)
-        except ArtifactError as e:
-            raise EvaluationError(str(e)) from e
+    _check_model(artifact, module)
+    stamp = {**artifact_fingerprint(artifact, module, model_options),
+             "predictor": {"grid": grid, "grid_points": grid_points},
+             "artifact": str(pathlib.Path(artifact).resolve())}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _forget_stale(out_dir, artifact_fingerprint(artifact, module, model_options or {}), tasks,
-                  module, log=log)
-    embed_dirs = embed_tasks(module, artifact, tasks, out_dir / "embeddings",
-                             model_options or {}, log=log)
+    with out_lock(out_dir, log=log):
+        _claim(out_dir, stamp, tasks, module, overwrite=overwrite, log=log)
+        return _run(artifact, tasks, out_dir, seeds=seeds, grid=grid, grid_points=grid_points,
+                    module=module, model_options=model_options, name=name, others=others,
+                    log=log)
+
+
+def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *, seeds: int,
+         grid: str, grid_points: int, module: str, model_options: dict[str, Any],
+         name: str | None, others: Sequence[compare_lib.Model], log=print) -> dict[str, Any]:
+    embed_dirs = embed_tasks(module, artifact, tasks, out_dir / "embeddings", model_options,
+                             log=log)
     scores: dict[str, list[float]] = {}
     metrics: dict[str, str] = {}
     for task in tasks:
@@ -376,7 +699,7 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
     name = name or pathlib.Path(artifact).resolve().name
     result = {"name": name, "artifact": str(pathlib.Path(artifact).resolve()), "module": module,
               "grid": grid, "grid_points": grid_points, "seeds": list(range(seeds)),
-              "model_options": model_options or {}, "tasks": summary}
+              "model_options": model_options, "tasks": summary}
     result["mean_score"] = statistics.fmean(s["mean"] for s in summary.values()) * 100
     table = markdown_table(summary, f"HEAR ({grid} grid, {seeds} seed(s)): {name}")
     if others:
@@ -386,10 +709,10 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
         except compare_lib.ComparisonError as e:
             raise EvaluationError(str(e)) from e
         result["overall_score"] = compare_lib.overall_scores([this, *others])
-        (out_dir / "comparison.md").write_text(side_by_side)
+        _write_atomic(out_dir / "comparison.md", side_by_side)
         table += "\n" + side_by_side
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "results.md").write_text(table)
+    _write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
+    _write_atomic(out_dir / "results.md", table)
     log(table)
     return result
 
@@ -418,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
                    help="results file to put beside this run (another run's results.json or "
                         "a table of published numbers; see mwmae.hear.compare); repeatable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds from another artifact, other settings or an "
+                        "earlier version of a task (without it such an --out is refused)")
     a = cli.parse_args(p, argv)
     # Before JAX starts: it must not take all GPU memory from torch.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -437,10 +763,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate(a.artifact, a.tasks_dir, a.out, seeds=a.seeds, grid=a.grid,
                  grid_points=a.grid_points, task_names=names or None,
-                 module=a.module, model_options=options, name=a.name, compare=a.compare)
+                 module=a.module, model_options=options, name=a.name, compare=a.compare,
+                 overwrite=a.overwrite)
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: --out {a.out}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

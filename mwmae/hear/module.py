@@ -43,8 +43,28 @@ class EmbeddingModel(torch.nn.Module):
                 f"embedding_size={self.timestamp_embedding_size}, dtype={c.dtype}")
 
 
+DTYPES = ("float32", "bfloat16")
+OPTIONS = ("batch_size", "dtype")
+
+
+def check_options(*, dtype: str | None = None, batch_size: int | None = None,
+                  **unknown: Any) -> None:
+    """Raise ValueError for options :func:`load_model` does not take or cannot honour (they
+    come from the user's ``--model-options``, so the messages use their names)."""
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}; mwmae.hear's load_model takes "
+                         f"{', '.join(OPTIONS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    # 0 would silently mean "the default" below; a bool is an int to Python.
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size {batch_size!r}: expected a whole number >= 1 (2-second "
+                         "chunks per encoder call)")
+
+
 def load_model(model_file_path: str = "", *, dtype: str | None = None,
-               batch_size: int | None = None) -> EmbeddingModel:
+               batch_size: int | None = None, **unknown: Any) -> EmbeddingModel:
     """Load an exported artifact (``python -m mwmae.export``); a training workdir or an
     original-format checkpoint directory also works.
 
@@ -54,6 +74,8 @@ def load_model(model_file_path: str = "", *, dtype: str | None = None,
     """
     import mwmae
 
+    # hear-eval-kit passes --model-options as keywords: a typo gets a message, not a TypeError.
+    check_options(dtype=dtype, batch_size=batch_size, **unknown)
     if not model_file_path:
         # Random weights would give meaningless embeddings without any warning.
         raise ValueError("load_model needs model_file_path: the directory of an mwmae artifact "
@@ -61,7 +83,7 @@ def load_model(model_file_path: str = "", *, dtype: str | None = None,
     if not os.path.exists(model_file_path):
         raise FileNotFoundError(f"{model_file_path}: no such artifact directory")
     model = mwmae.load(model_file_path, dtype=dtype)
-    embedder = Embedder(model, max_batch=int(batch_size or max_batch_default()))
+    embedder = Embedder(model, max_batch=batch_size or max_batch_default())
     return EmbeddingModel(embedder, source=str(model_file_path))
 
 

@@ -32,8 +32,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import os
 import pathlib
+import shutil
 import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -165,25 +171,145 @@ def _split_of(i: int, total: int) -> str:
     return SPLITS[int(np.searchsorted(edges, i, side="right"))]
 
 
+VERSION = "mwmae-synthetic-1"
+
+
+class TaskError(ValueError):
+    """Settings or an output folder this tool refuses; the message names the flag or path."""
+
+
+def _check_settings(kind: str, per_class: int, duration_s: float, seed: int, name: str) -> None:
+    if kind not in KINDS:
+        raise TaskError(f"unknown task kind {kind!r}; known: {list(KINDS)}")
+    if per_class < 5:
+        raise TaskError(f"--per-class {per_class}: at least 5 clips per label so that each "
+                        "split gets one")
+    if not math.isfinite(duration_s) or duration_s < 0.1:
+        raise TaskError(f"--duration {duration_s:g}: expected at least 0.1 seconds per clip")
+    if seed < 0:
+        raise TaskError(f"--seed {seed}: expected a whole number >= 0")
+    if name in ("", ".", "..") or "/" in name or os.sep in name or name.startswith("."):
+        raise TaskError(f"--name {name!r}: expected a plain folder name (the task becomes a "
+                        "folder inside the tasks directory)")
+
+
+def _plan(kind: str, per_class: int) -> list[tuple[str, str, str | None]]:
+    """(split, file name, label) of every clip, in the order they are drawn (label None:
+    an event clip, whose events are drawn with it)."""
+    if kind == "events":
+        total = per_class * len(EVENT_LABELS)
+        return [(_split_of(i, total), f"{i:05d}.wav", None) for i in range(total)]
+    return [(_split_of(i, per_class), f"{label}_{i:04d}.wav", label)
+            for label in SCENE_KINDS[kind] for i in range(per_class)]
+
+
+def _same_task(task: pathlib.Path, kind: str, per_class: int, duration_s: float, seed: int,
+               name: str) -> bool:
+    """Whether ``task`` is what these settings would write (by this tool, so a rerun keeps
+    it)."""
+    try:
+        meta = json.loads((task / "task_metadata.json").read_text())
+        files = {s: set(json.loads((task / f"{s}.json").read_text())) for s in SPLITS}
+    except (OSError, ValueError):
+        return False
+    want: dict[str, set[str]] = {s: set() for s in SPLITS}
+    for split, fname, _ in _plan(kind, per_class):
+        want[split].add(fname)
+    return (isinstance(meta, dict) and meta.get("version") == VERSION
+            and meta.get("kind") == kind and meta.get("seed") == seed
+            and meta.get("sample_duration") == duration_s and meta.get("task_name") == name
+            and files == want)
+
+
+def _written_by_this_tool(task: pathlib.Path) -> bool:
+    try:
+        meta = json.loads((task / "task_metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("version", "")).startswith("mwmae-synthetic")
+
+
 def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int = 24,
-              duration_s: float = 2.0, seed: int = 0, name: str | None = None) -> pathlib.Path:
+              duration_s: float = 2.0, seed: int = 0, name: str | None = None,
+              overwrite: bool = False, log: Callable[[str], Any] = print) -> pathlib.Path:
     """Write one task under ``root`` and return its folder (``root`` is the ``--tasks-dir``).
 
     ``per_class`` clips per label (scene) or ``per_class * 2`` clips (events), split 60/20/20
     into train/valid/test with every label in every split.
+
+    The task is written beside its folder and moved into place when complete. A folder that
+    already holds this very task (same settings) is kept as it is; one this tool wrote with
+    other settings is replaced only with ``overwrite``; anything else there is refused
+    (TaskError), as is a ``root`` that is an artifact or a training workdir.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; known: {list(KINDS)}")
-    if per_class < 5:
-        raise ValueError(f"per_class {per_class}: at least 5 clips per label so that each split "
-                         "gets one")
     name = name or f"mwmae_{kind}"
-    task = pathlib.Path(root) / name
+    _check_settings(kind, per_class, duration_s, seed, name)
+    root = pathlib.Path(root)
+    for what, probe in (("an mwmae artifact", _is_artifact), ("a training workdir", _is_workdir),
+                        ("an evaluation's output folder", _is_evaluation)):
+        if root.is_dir() and probe(root):
+            raise TaskError(f"{root}: is {what}; write tasks to a tasks directory of their own. "
+                            "Nothing was written.")
+    task = root / name
+    if task.exists() and not (task.is_dir() and not any(task.iterdir())):
+        if _same_task(task, kind, per_class, duration_s, seed, name):
+            log(f"{task}: already holds this task (same settings); left as it is")
+            return task
+        if not task.is_dir() or not _written_by_this_tool(task):
+            raise TaskError(f"{task}: exists and is not a task this tool wrote; choose another "
+                            "--name or tasks directory (--overwrite replaces only this tool's "
+                            "tasks). Nothing was written.")
+        if not overwrite:
+            raise TaskError(f"{task}: holds this task with other settings; pass --overwrite to "
+                            "replace it (evaluations of the old one then need --overwrite "
+                            "too). Nothing was written.")
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = root / f".{name}.partial-{tag}"
+    try:
+        _write_task(staging, kind, per_class=per_class, duration_s=duration_s, seed=seed,
+                    name=name)
+        if task.exists():
+            old = root / f".{name}.old-{tag}"
+            os.rename(task, old)
+            try:
+                os.rename(staging, task)
+            except BaseException:
+                os.rename(old, task)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, task)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return task
+
+
+def _is_artifact(path: pathlib.Path) -> bool:
+    from mwmae.artifact import is_artifact
+
+    return is_artifact(path)
+
+
+def _is_evaluation(path: pathlib.Path) -> bool:
+    from mwmae.hear.evaluate import FINGERPRINT
+
+    return (path / FINGERPRINT).is_file()
+
+
+def _is_workdir(path: pathlib.Path) -> bool:
+    from mwmae.workdir import Workdir
+
+    return Workdir.looks_like_one(path)
+
+
+def _write_task(task: pathlib.Path, kind: str, *, per_class: int, duration_s: float, seed: int,
+                name: str) -> None:
     n = int(round(duration_s * SAMPLE_RATE))
     rng = np.random.default_rng(seed)
     is_event = kind == "events"
     labels = EVENT_LABELS if is_event else SCENE_KINDS[kind]
     split_data: dict[str, dict] = {s: {} for s in SPLITS}
+    task.mkdir(parents=True)
 
     def write(split: str, fname: str, x: np.ndarray, target) -> None:
         folder = task / str(SAMPLE_RATE) / split
@@ -191,17 +317,12 @@ def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int 
         sf.write(folder / fname, x, SAMPLE_RATE, subtype="PCM_16")
         split_data[split][fname] = target
 
-    if is_event:
-        total = per_class * len(labels)
-        for i in range(total):
+    for split, fname, label in _plan(kind, per_class):
+        if label is None:
             x, events = _event_clip(rng, n)
-            write(_split_of(i, total), f"{i:05d}.wav", x, events)
-    else:
-        for label in labels:
-            for i in range(per_class):
-                split = _split_of(i, per_class)
-                x = _scene_clip(kind, label, rng, n, split)
-                write(split, f"{label}_{i:04d}.wav", x, [label])
+            write(split, fname, x, events)
+        else:
+            write(split, fname, _scene_clip(kind, label, rng, n, split), [label])
 
     for split, data in split_data.items():
         (task / f"{split}.json").write_text(json.dumps(data, indent=1))
@@ -210,7 +331,7 @@ def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int 
         w.writerow(["idx", "label"])
         w.writerows(enumerate(labels))
     meta = {
-        "task_name": name, "version": "mwmae-synthetic-1", "mode": "full",
+        "task_name": name, "version": VERSION, "mode": "full",
         "embedding_type": "event" if is_event else "scene",
         "prediction_type": "multilabel" if is_event else "multiclass",
         "split_mode": "trainvaltest", "sample_duration": duration_s,
@@ -222,7 +343,6 @@ def make_task(root: str | pathlib.Path, kind: str = "chords", *, per_class: int 
         "evaluation_params": {"task_specific_param_grid": SMALL_TASK_GRID},
     }
     (task / "task_metadata.json").write_text(json.dumps(meta, indent=1))
-    return task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,11 +354,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="task folder name (default mwmae_<kind>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a task this tool wrote with other settings (the same "
+                        "settings again keep it as it is)")
     a = cli.parse_args(p, argv)
-    task = make_task(a.out, a.kind, per_class=a.per_class, duration_s=a.duration, seed=a.seed,
-                     name=a.name)
+    kept: list[str] = []
+
+    def log(message: str) -> None:
+        kept.append(message)
+        print(message)
+
+    try:
+        task = make_task(a.out, a.kind, per_class=a.per_class, duration_s=a.duration,
+                         seed=a.seed, name=a.name, overwrite=a.overwrite, log=log)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {a.out}: {e}", file=sys.stderr)
+        return 1
     counts = {s: len(json.loads((task / f"{s}.json").read_text())) for s in SPLITS}
-    print(f"wrote {task}: {counts}")
+    print(f"{'kept' if kept else 'wrote'} {task}: {counts}")
     return 0
 
 
