@@ -188,9 +188,14 @@ def export_workdir(workdir: str | epath.PathLike, out: str, *, step: int | None 
 
 def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: bool = False
                    ) -> dict[str, Any]:
-    """The run's initial (untrained) weights -> artifact in ``out``; needs only config.json."""
+    """The run's initial weights -> artifact in ``out``: the network before its first step,
+    the baseline that shows what training bought. That is the initialisation from
+    ``key(config.seed)``, with the ``init_from`` weights laid over it when the run started
+    from pretrained weights (verified against the digest its checkpoints record)."""
     import jax
+    import numpy as np
 
+    from mwmae import pretrained
     from mwmae.model import init_params
 
     wd = Workdir(workdir)
@@ -200,9 +205,24 @@ def export_initial(workdir: str | epath.PathLike, out: str, *, with_decoder: boo
         raise ExportError(str(e)) from e
     if "seed" not in full_config:
         raise ExportError(f"{wd.config_path}: no 'seed'; cannot recreate the initial weights")
-    params = jax.device_get(init_params(config, jax.random.key(int(full_config["seed"]))))
+    params = jax.tree.map(np.asarray, jax.device_get(
+        init_params(config, jax.random.key(int(full_config["seed"])))))
+    extra: dict[str, Any] = {"step": 0}
+    if full_config.get("init_from"):
+        newest = wd.newest_meta()
+        record = newest[1].get("initial") if newest is not None else None
+        step = full_config.get("init_from_step", -1)
+        try:
+            params, verified = pretrained.initial_params(
+                dict(params), config, str(full_config["init_from"]), record,
+                default_step=step if isinstance(step, int) and step >= 0 else None)
+        except pretrained.InitFromError as e:
+            raise ExportError(f"{wd}: cannot recreate the weights the run started from: "
+                              f"{e}") from e
+        extra["init_from"] = str(full_config["init_from"])
+        extra["init_from_verified"] = verified
     save_artifact(out, config, params, source=f"{wd}@initial",
-                  extra={"step": 0}, encoder_only=not with_decoder)
+                  extra=extra, encoder_only=not with_decoder)
     return json.loads((epath.Path(out) / ARTIFACT_CONFIG).read_text())
 
 
