@@ -108,10 +108,14 @@ def point_commands(config: str, workdir: str, tasks_dir: str, *,
     workdir = workdir.rstrip("/")
     train = [python, "-m", "mwmae.train", "--config", config, "--workdir", workdir]
     train += [f"--config.{k}={v}" for k, v in overrides]
-    export = [python, "-m", "mwmae.export", "--workdir", workdir, "--out", f"{workdir}/export"]
+    # A point resumed after more training replaces its export and evaluation (the point's
+    # settings are pinned by sweep-point.json, so what is replaced is this point's own output).
+    export = [python, "-m", "mwmae.export", "--workdir", workdir, "--out", f"{workdir}/export",
+              "--overwrite"]
     evaluate = [python, "-m", "mwmae.hear.evaluate", "--artifact", f"{workdir}/export",
                 "--tasks-dir", tasks_dir, "--out", f"{workdir}/hear",
-                "--name", name or pathlib.PurePosixPath(workdir).name, *evaluate_args]
+                "--name", name or pathlib.PurePosixPath(workdir).name, "--overwrite",
+                *evaluate_args]
     return [train, export, evaluate]
 
 

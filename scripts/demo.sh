@@ -68,7 +68,9 @@ stage train "$PYTHON" -m mwmae.train --config configs/demo.py --workdir "$work/t
 # 4. Export the encoder as an artifact, and the same network's untrained initial weights as
 #    the baseline that shows what pretraining bought.
 export_both() {
-  "$PYTHON" -m mwmae.export --workdir "$work/train" --out "$work/export" || return
+  # A rerun after more training replaces the previous export (identical weights are left as
+  # they are); the initial weights never change, so that export needs no --overwrite.
+  "$PYTHON" -m mwmae.export --workdir "$work/train" --out "$work/export" --overwrite || return
   "$PYTHON" -m mwmae.export --workdir "$work/train" --initial --out "$work/initial"
 }
 stage export export_both
@@ -87,7 +89,8 @@ evaluate_both() {
   "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/initial" --name initial \
     --out "$work/hear/initial" "${common[@]}" || return
   "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/export" --name pretrained \
-    --out "$work/hear/pretrained" "${common[@]}" --compare "$work/hear/initial/results.json"
+    --out "$work/hear/pretrained" "${common[@]}" --compare "$work/hear/initial/results.json" \
+    --overwrite
 }
 stage evaluate evaluate_both
 

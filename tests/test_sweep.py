@@ -39,10 +39,10 @@ def test_a_point_is_pretrain_then_export_then_evaluate_in_its_workdir():
     assert train == ["py", "-m", "mwmae.train", "--config", "configs/tiny.py", "--workdir",
                      "runs/s/mr0.7", "--config.model.mask_ratio=0.7"]
     assert export == ["py", "-m", "mwmae.export", "--workdir", "runs/s/mr0.7", "--out",
-                      "runs/s/mr0.7/export"]
+                      "runs/s/mr0.7/export", "--overwrite"]
     assert evaluate == ["py", "-m", "mwmae.hear.evaluate", "--artifact", "runs/s/mr0.7/export",
                         "--tasks-dir", "TASKS", "--out", "runs/s/mr0.7/hear", "--name", "mr0.7",
-                        "--seeds", "10"]
+                        "--overwrite", "--seeds", "10"]
 
 
 def _results(root, name, scores):
