@@ -6,7 +6,8 @@ without the original code (and without flax's legacy restore, which needs a matc
 maps every parameter onto :class:`mwmae.model.MaskedAutoencoder`, and refuses, with the list, any
 parameter it cannot place.
 
-CLI: ``python -m mwmae.convert SRC_DIR DST_DIR [--num-heads=N] [--decoder-num-heads=N]``.
+CLI: ``python -m mwmae.convert SRC_DIR DST_DIR [--num-heads=N] [--decoder-num-heads=N]
+[--overwrite]``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from mwmae import cli
-from mwmae.artifact import save_artifact
+from mwmae.artifact import ArtifactError, replacing, save_artifact
 from mwmae.model import param_problems
 from mwmae.model.config import HEADS_BY_WIDTH, ModelConfig
 
@@ -284,16 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dst", help="output artifact directory")
     p.add_argument("--num-heads", type=int, default=None, help="encoder heads, if not the paper's")
     p.add_argument("--decoder-num-heads", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing artifact in DST (built beside it, then swapped in)")
     a = cli.parse_args(p, argv)
+    src, dst = pathlib.Path(a.src).resolve(), pathlib.Path(a.dst).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        print(f"error: {a.dst}: overlaps the original checkpoint folder {a.src}; an artifact "
+              "there would mix with (or replace) its files. Nothing was written.",
+              file=sys.stderr)
+        return 2
     try:
         config, params = load_original(a.src, num_heads=a.num_heads,
                                        decoder_num_heads=a.decoder_num_heads)
-    except CheckpointError as e:
+        with replacing(a.dst, overwrite=a.overwrite, name=a.dst) as staging:
+            save_artifact(staging, config, params, source=str(src))
+    except (CheckpointError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = save_artifact(a.dst, config, params, source=str(pathlib.Path(a.src).resolve()))
     n = sum(x.size for x in jax.tree.leaves(params))
-    print(f"converted {a.src} -> {path} ({n:,} parameters)")
+    print(f"converted {a.src} -> {dst} ({n:,} parameters)")
     return 0
 
 

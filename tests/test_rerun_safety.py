@@ -359,3 +359,25 @@ def test_export_initial_of_a_tagger_is_the_encoder_it_started_from(tmp_path):
     initial, taken = api.load(str(tmp_path / "initial")), api.load(str(source))
     for key in encoder_keys(model):
         jax.tree.map(np.testing.assert_array_equal, initial.params[key], taken.params[key])
+
+
+def test_convert_never_writes_into_its_source_or_over_another_artifact(original_checkpoint,
+                                                                       tmp_path, capsys):
+    from mwmae import convert
+
+    src = _copy(original_checkpoint, tmp_path / "orig")
+    before = _snapshot(src)
+    for dst in (src, src / "art", tmp_path):
+        assert convert.main([str(src), str(dst)]) == 2
+        assert "overlaps the original checkpoint folder" in capsys.readouterr().err
+    assert _snapshot(src) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert convert.main([str(src), str(tmp_path / "other")]) == 2
+    assert "choose a new or empty folder" in capsys.readouterr().err
+    assert convert.main([str(src), str(tmp_path / "art")]) == 0
+    config = json.loads((tmp_path / "art" / "config.json").read_text())
+    config["source"] = "edited"
+    (tmp_path / "art" / "config.json").write_text(json.dumps(config))
+    assert convert.main([str(src), str(tmp_path / "art")]) == 2   # another artifact now
+    assert convert.main([str(src), str(tmp_path / "art"), "--overwrite"]) == 0
