@@ -25,6 +25,9 @@ RULES: dict[str, set[str]] = {
     "mwmae.goodput": set(),  # the ledger's arithmetic: inspect and the trainer share it
     "mwmae.data": {"mwmae.audio"},
     "mwmae.model": {"mwmae.kernels"},
+    # The PyTorch encoder imports torch and numpy only (no jax, flax, tensorflow) and no other
+    # mwmae module, so it can be installed and used without JAX.
+    "mwmae.torch": set(),
     "tfrecord_tools": {"mwmae.data", "mwmae.audio"},
     "mwmae.artifact": {"mwmae.model", "mwmae.audio"},
     "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
