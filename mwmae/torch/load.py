@@ -8,6 +8,7 @@ is the model dict (unknown keys are refused) and the tensor names (checked one b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -72,6 +73,7 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
 
     A whole-autoencoder artifact loads too: its decoder tensors are left out. A folder with only
     the older ``params.msgpack`` is refused with the command that writes ``model.safetensors``.
+    The file is checked against the SHA-256 that ``config.json`` records for it.
     """
     folder = pathlib.Path(path)
     config, meta = read_config(folder)
@@ -92,6 +94,13 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
     except ImportError as e:
         raise ImportError("reading model.safetensors needs the safetensors package "
                           "(pip install safetensors)") from e
+    recorded = meta.get("params_sha256") if meta.get("params_file") == WEIGHTS_FILE else None
+    if recorded is not None:
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if digest != recorded:
+            raise ArtifactError(f"{weights}: checksum {digest[:12]}... does not match "
+                                f"{str(recorded)[:12]}... in {CONFIG_FILE} (corrupt or "
+                                "partially copied)")
     try:
         tensors = load_file(str(weights), device="cpu")
     except Exception as e:  # the library raises its own error types for a damaged file
