@@ -43,12 +43,15 @@ RULES: dict[str, set[str]] = {
                     "mwmae.api", "mwmae.goodput", "mwmae.pretrained"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.
-    "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data"},
+    "mwmae.finetune": {"mwmae.model", "mwmae.train", "mwmae.data", "mwmae.workdir"},
+    # mwmae.data: its storage helpers, to tell a gs:// --out from a local one.
     "mwmae.export": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.workdir",
-                     "mwmae.pretrained"},
+                     "mwmae.pretrained", "mwmae.data"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
-    "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech"},
+    # mwmae.workdir: only to refuse writing tasks into a training workdir.
+    "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech",
+                   "mwmae.workdir"},
     # The attention analysis reads weights (artifact, original format, workdir) and clips
     # (shards) through their owners, and runs the model with its capture option.
     "mwmae.analysis": {"mwmae.model", "mwmae.data", "mwmae.artifact", "mwmae.convert",
