@@ -65,6 +65,7 @@ def make_run(tmp_path, *, manager=None, watch=None, verified=None, **config_over
                                     reconstructions=lambda params, audio, step: np.full(
                                         (4, 4, 3), step, np.uint8))
     trainer.task_hooks = lambda run: Trainer.task_hooks(trainer, run)
+    trainer.checkpoint_record = lambda step: {"total_steps": 10}
     printed = []
     run = hooks_lib.Run(trainer, Workdir(tmp_path), config, Writer(), manager or Manager(),
                         SyntheticSource(8, 0, 200, 80), watch or Watch(), printed.append,

@@ -50,6 +50,8 @@ class EncoderConfig:
     """What the encoder's shapes and numbers depend on (defaults: the JAX ``ModelConfig``'s);
     ``window_sizes`` has one entry per head (0: a global head)."""
 
+    # Deliberate repeat of the JAX ModelConfig's encoder fields: this package must not import
+    # the JAX side; a test keeps the two in step.
     img_size: tuple[int, int] = (200, 80)
     patch_size: tuple[int, int] = (4, 16)
     in_chans: int = 1
