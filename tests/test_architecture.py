@@ -45,7 +45,8 @@ RULES: dict[str, set[str]] = {
                      "mwmae.pretrained"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
-    "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech"},
+    "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech",
+                   "mwmae.torch"},
     # The attention analysis reads weights (artifact, original format, workdir) and clips
     # (shards) through their owners, and runs the model with its capture option.
     "mwmae.analysis": {"mwmae.model", "mwmae.data", "mwmae.artifact", "mwmae.convert",

@@ -622,15 +622,26 @@ def _labels() -> dict[str, str]:
     return {t: label for preset in PRESETS.values() for t, label in preset.items()}
 
 
-def _check_model(artifact: str, module: str) -> None:
+def _check_model(artifact: str, module: str, backend: str | None = None) -> None:
     """A model the module will load, checked before the slow imports and the tasks' audio."""
-    from mwmae.artifact import PARAMS_FILE, ArtifactError, is_artifact, load_artifact
-
     path = pathlib.Path(artifact)
     if not path.is_dir():
         raise EvaluationError(f"{artifact}: artifact directory not found")
+    if module in ("mwmae.hear", "hear_mwmae"):
+        from mwmae.hear.module import default_backend
+
+        if (backend or default_backend()) == "torch":
+            import mwmae.torch
+
+            try:
+                mwmae.torch.load(path)
+            except (ValueError, FileNotFoundError) as e:
+                raise EvaluationError(str(e)) from e
+            return
+    from mwmae.artifact import ArtifactError, has_weights_file, is_artifact, load_artifact
+
     try:
-        if is_artifact(path) or (path / PARAMS_FILE).exists():
+        if is_artifact(path) or has_weights_file(path):
             load_artifact(path)
         elif module in ("mwmae.hear", "hear_mwmae"):
             import mwmae
@@ -669,7 +680,7 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
     # under weights_only (the files are this run's own).
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     tasks = find_tasks(pathlib.Path(tasks_dir), task_names)
-    _check_model(artifact, module)
+    _check_model(artifact, module, model_options.get("backend"))
     stamp = {**artifact_fingerprint(artifact, module, model_options),
              "predictor": {"grid": grid, "grid_points": grid_points},
              "artifact": str(pathlib.Path(artifact).resolve())}
@@ -736,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", default="mwmae.hear", help="HEAR module to import")
     p.add_argument("--model-options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
+    p.add_argument("--backend", choices=("jax", "torch"), default=None,
+                   help="mwmae's module only: compute embeddings with JAX or PyTorch (default: "
+                        "JAX where installed, else PyTorch); same as --model-options "
+                        "'{\"backend\": ...}'")
     p.add_argument("--name", default=None,
                    help="this model's name in the tables (default: the artifact's folder name)")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
@@ -754,6 +769,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: --model-options {a.model_options!r}: {e}", file=sys.stderr)
         return 2
+    if a.backend is not None:
+        if a.module not in ("mwmae.hear", "hear_mwmae"):
+            print(f"error: --backend applies to mwmae's module, not --module {a.module}",
+                  file=sys.stderr)
+            return 2
+        if options.setdefault("backend", a.backend) != a.backend:
+            print(f"error: --backend {a.backend} and --model-options backend "
+                  f"{options['backend']!r} disagree", file=sys.stderr)
+            return 2
     names = [t for t in a.tasks.split(",") if t]
     if a.preset and names:
         print("error: --preset and --tasks both name tasks; give one", file=sys.stderr)
