@@ -4,7 +4,7 @@
 model expects (sample rate, log-mel settings, normalisation), the name and SHA-256 of the weights
 file, whether the decoder is included, and where the weights came from. ``model.safetensors``
 holds every parameter as a float32 tensor named by its path in the parameter tree, the keys
-joined by ``/`` (``encoder/blocks/attn/qkv/kernel``, stacked layers with their leading layer
+joined by ``/`` (``encoder/layers/block_0/attn/qkv/kernel``, scanned layers with their leading layer
 axis), the layout model hubs and any safetensors reader take, and what :mod:`mwmae.torch` loads.
 Writes go to temporary names renamed at the end, so a crash never leaves a half-written artifact
 that looks complete.
