@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mwmae.artifact import PARAMS_FILE, ArtifactError, is_artifact, load_artifact
+from mwmae.artifact import ArtifactError, has_weights_file, is_artifact, load_artifact
 from mwmae.convert import _CKPT_RE, CheckpointError, load_original
 from mwmae.model import (
     Encoder,
@@ -127,8 +127,8 @@ def load(path: str | os.PathLike, *, dtype: str | None = None,
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    # A params.msgpack beside a broken config.json is a damaged artifact: say what is wrong.
-    if is_artifact(path) or (path / PARAMS_FILE).exists():
+    # A weights file beside a broken config.json is a damaged artifact: say what is wrong.
+    if is_artifact(path) or has_weights_file(path):
         config, params, meta = load_artifact(path)
         check_params(config, params, str(path), encoder_only=bool(meta.get("encoder_only")))
     elif path.is_dir() and any(_CKPT_RE.match(p.name) for p in path.iterdir()):
@@ -141,7 +141,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None,
     else:
         raise CheckpointError(
             f"{path}: not a model: expected an mwmae artifact (config.json with format "
-            "'mwmae-artifact' + params.msgpack), an original-format checkpoint directory "
+            "'mwmae-artifact' + model.safetensors), an original-format checkpoint directory "
             "(checkpoint_<step> + config.json) or a training workdir (see mwmae.workdir)")
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
     if overrides:

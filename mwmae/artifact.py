@@ -1,15 +1,20 @@
-"""The standalone model artifact: ``config.json`` + ``params.msgpack`` in one directory.
+"""The standalone model artifact: ``config.json`` + ``model.safetensors`` in one directory.
 
 ``config.json`` holds the format tag, the architecture (:class:`ModelConfig`), the front end the
-model expects (sample rate, log-mel settings, normalisation), the SHA-256 of the parameter file,
-whether the decoder is included, and where the weights came from; ``params.msgpack`` holds the
-parameter tree as flax msgpack (float32). Writes go to temporary names renamed at the end, so a
-crash never leaves a half-written artifact that looks complete.
+model expects (sample rate, log-mel settings, normalisation), the name and SHA-256 of the weights
+file, whether the decoder is included, and where the weights came from. ``model.safetensors``
+holds every parameter as a float32 tensor named by its path in the parameter tree, the keys
+joined by ``/`` (``encoder/layers/block_0/attn/qkv/kernel``, scanned layers with their leading layer
+axis), the layout model hubs and any safetensors reader take, and what :mod:`mwmae.torch` loads.
+Writes go to temporary names renamed at the end, so a crash never leaves a half-written artifact
+that looks complete.
 
 Version 1 artifacts always hold the whole autoencoder. Version 2 adds ``encoder_only`` (written
 as version 2 only when true, so readers that know version 1 refuse an encoder-only artifact
 with an "upgrade" message instead of a list of missing decoder weights) and the ``front_end``
-description.
+description. Both keep their weights in ``params.msgpack`` (flax msgpack), which this module
+still reads. Version 3 keeps them in ``model.safetensors`` (older readers refuse it with the
+"upgrade" message).
 """
 
 from __future__ import annotations
@@ -33,9 +38,13 @@ from mwmae.model import encoder_keys
 from mwmae.model.config import ModelConfig
 
 FORMAT = "mwmae-artifact"
-VERSION = 2
+VERSION = 3
 CONFIG_FILE = "config.json"
-PARAMS_FILE = "params.msgpack"
+PARAMS_FILE = "model.safetensors"
+MSGPACK_PARAMS_FILE = "params.msgpack"  # versions 1 and 2
+PARAMS_FILES = (PARAMS_FILE, MSGPACK_PARAMS_FILE)
+# How tensor names spell a parameter's path (safetensors names are flat strings).
+NAME_SEPARATOR = "/"
 
 
 class ArtifactError(ValueError):
@@ -71,9 +80,43 @@ def is_artifact(path: str | os.PathLike) -> bool:
         return False
 
 
+def has_weights_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds an artifact's weights file (of any version)."""
+    return any((pathlib.Path(path) / name).exists() for name in PARAMS_FILES)
+
+
 # What a folder may hold and still be an artifact (possibly a damaged one) that --overwrite may
-# replace: its two files and their temporary names (see save_artifact).
-ARTIFACT_NAMES = frozenset({CONFIG_FILE, PARAMS_FILE, f".{CONFIG_FILE}.tmp", f".{PARAMS_FILE}.tmp"})
+# replace: its files and their temporary names (see save_artifact).
+ARTIFACT_NAMES = frozenset({CONFIG_FILE, *PARAMS_FILES, f".{CONFIG_FILE}.tmp",
+                            *(f".{name}.tmp" for name in PARAMS_FILES)})
+
+
+def flat_tensors(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The parameter tree as safetensors stores it: ``a/b/c`` -> contiguous float32 array."""
+    from flax.traverse_util import flatten_dict
+
+    out = {}
+    for key, value in flatten_dict(dict(params)).items():
+        name = NAME_SEPARATOR.join(map(str, key))
+        out[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+    return out
+
+
+def tree_from_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of :func:`flat_tensors`."""
+    from flax.traverse_util import unflatten_dict
+
+    return unflatten_dict({tuple(name.split(NAME_SEPARATOR)): np.asarray(value)
+                           for name, value in tensors.items()})
+
+
+def _safetensors_bytes(params: Mapping[str, Any], config: ModelConfig) -> bytes:
+    from safetensors.numpy import save
+
+    # The header's metadata says what the names mean to a reader that has only this file.
+    return save(flat_tensors(params), metadata={
+        "format": FORMAT, "names": "parameter paths, keys joined by '/'",
+        "model": json.dumps(config.to_dict(), sort_keys=True)})
 
 
 def existing_output(path: str | os.PathLike) -> tuple[str, str]:
@@ -173,22 +216,33 @@ def replacing(directory: str | os.PathLike, *, overwrite: bool = False, name: st
 
 def save_artifact(directory: str | os.PathLike, config: ModelConfig, params: Any, *,
                   source: str = "", extra: dict[str, Any] | None = None,
-                  encoder_only: bool = False) -> pathlib.Path:
-    """Write an artifact; ``encoder_only`` drops the decoder weights (features still work)."""
+                  encoder_only: bool = False, weights_format: str = "safetensors"
+                  ) -> pathlib.Path:
+    """Write an artifact; ``encoder_only`` drops the decoder weights (features still work).
+    ``weights_format="msgpack"`` writes the version 1/2 layout (``params.msgpack``) for readers
+    that predate version 3."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if encoder_only:
         params = encoder_params(config, params)
-    blob = serialization.msgpack_serialize(
-        jax.tree.map(lambda x: np.asarray(x, np.float32), params))
-    meta = {"format": FORMAT, "version": 2 if encoder_only else 1, "model": config.to_dict(),
+    if weights_format == "safetensors":
+        params_file, version = PARAMS_FILE, VERSION
+        blob = _safetensors_bytes(params, config)
+    elif weights_format == "msgpack":
+        params_file, version = MSGPACK_PARAMS_FILE, 2 if encoder_only else 1
+        blob = serialization.msgpack_serialize(
+            jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+    else:
+        raise ValueError(f"weights_format {weights_format!r}: expected 'safetensors' or "
+                         "'msgpack'")
+    meta = {"format": FORMAT, "version": version, "model": config.to_dict(),
             "encoder_only": bool(encoder_only),
             "sample_rate": audio.SAMPLE_RATE, "front_end": front_end(),
             "embedding_size": config.feature_dim,
-            "params_file": PARAMS_FILE, "params_sha256": hashlib.sha256(blob).hexdigest(),
+            "params_file": params_file, "params_sha256": hashlib.sha256(blob).hexdigest(),
             "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
             "source": source, **(extra or {})}
-    for name, data in ((PARAMS_FILE, blob), (CONFIG_FILE, json.dumps(meta, indent=1).encode())):
+    for name, data in ((params_file, blob), (CONFIG_FILE, json.dumps(meta, indent=1).encode())):
         tmp = directory / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, directory / name)
@@ -215,7 +269,11 @@ def load_artifact(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
     if rate != audio.SAMPLE_RATE:
         raise ArtifactError(f"{cfg_path}: sample_rate {rate}; this mwmae's front end runs at "
                             f"{audio.SAMPLE_RATE} Hz only")
-    params_path = directory / meta.get("params_file", PARAMS_FILE)
+    params_file = meta.get("params_file", MSGPACK_PARAMS_FILE)
+    if params_file not in PARAMS_FILES:
+        raise ArtifactError(f"{cfg_path}: params_file {params_file!r}: expected one of "
+                            f"{', '.join(PARAMS_FILES)}")
+    params_path = directory / params_file
     try:
         blob = params_path.read_bytes()
     except FileNotFoundError as e:
@@ -227,8 +285,17 @@ def load_artifact(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
                             "(corrupt or partially copied)")
     try:
         config = ModelConfig.from_dict(meta["model"])
-        params = serialization.msgpack_restore(blob)
     except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{directory}: {e}") from e
+    try:
+        if params_file == PARAMS_FILE:
+            from safetensors.numpy import load
+
+            params = tree_from_tensors(load(blob))
+        else:
+            params = serialization.msgpack_restore(blob)
+    except Exception as e:  # noqa: BLE001 - the checksum matched: a writer's bug or a new format
+        raise ArtifactError(f"{params_path}: unreadable ({type(e).__name__}: {e})") from e
     meta.setdefault("encoder_only", False)
+    meta["params_file"] = params_file
     return config, params, meta

@@ -2,10 +2,18 @@
 # Install mwmae into a virtual environment. The Dockerfile and CI call this same script, so the
 # image and the tests cannot drift apart.
 #   scripts/install.sh [VENV_DIR] [EXTRAS]     (defaults: .venv test; e.g. test,hear)
+# The training stack (extra `train`: JAX, Orbax, TensorFlow's event writer...) comes with any
+# EXTRAS except those naming `hear-torch` without `train`: that is the JAX-free HEAR install
+# (PyTorch, safetensors, numpy and the HEAR tools), e.g. `scripts/install.sh .venv-hear hear-torch`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 extras=${2:-test}
+case ",$extras," in
+  *,train,*) ;;
+  *,hear-torch,*) ;;
+  *) extras="train,$extras" ;;
+esac
 python=${PYTHON:-python3.11}
 if ! command -v "$python" >/dev/null 2>&1; then
   python=python3
@@ -22,7 +30,7 @@ fi
 # pyproject.toml gives ranges; constraints.txt the exact versions CI and the images test.
 "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[${extras}]"
 case ",$extras," in
-  *,hear,*)
+  *,hear,* | *,hear-torch,*)
     # They pin numpy 1.19 (impossible on Python 3.11); their runtime deps are the hear extra.
     "$venv/bin/python" -m pip install --quiet --no-deps heareval==2021.1.3 hearvalidator==2021.0.2
     ;;

@@ -49,9 +49,10 @@ RULES: dict[str, set[str]] = {
                      "mwmae.pretrained", "mwmae.data"},
     "mwmae.api": {"mwmae.model", "mwmae.artifact", "mwmae.convert", "mwmae.export",
                   "mwmae.workdir", "mwmae.audio"},
-    # mwmae.workdir: only to refuse writing tasks into a training workdir.
+    # mwmae.workdir: only to refuse writing tasks into a training workdir; mwmae.torch: the
+    # PyTorch backend of the embedder.
     "mwmae.hear": {"mwmae", "mwmae.api", "mwmae.audio", "mwmae.artifact", "mwmae.speech",
-                   "mwmae.workdir"},
+                   "mwmae.workdir", "mwmae.torch"},
     # The attention analysis reads weights (artifact, original format, workdir) and clips
     # (shards) through their owners, and runs the model with its capture option.
     "mwmae.analysis": {"mwmae.model", "mwmae.data", "mwmae.artifact", "mwmae.convert",

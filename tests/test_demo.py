@@ -63,7 +63,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert summary["loss_final"] < 0.7 * summary["loss_first"], summary
     # Checkpoints exist; the export passed hear-validator (the stage fails otherwise).
     assert summary["checkpoints"][-1] == STEPS
-    assert (work / "export" / "params.msgpack").stat().st_size > 0
+    assert (work / "export" / "model.safetensors").stat().st_size > 0
     assert "validate" in first.stdout and "hear-validator" in first.stdout
     # Pretraining beat the same network's initial weights on the downstream task.
     digits = {m: summary["downstream"][m]["mwmae_digits"] for m in ("pretrained", "initial")}

@@ -56,7 +56,7 @@ def test_export_from_original_is_encoder_only_and_matches(original_checkpoint, t
     assert meta["encoder_only"] is True and meta["version"] == 2
     assert meta["sample_rate"] == 16000 and meta["front_end"]["hop_length"] == 160
     assert meta["embedding_size"] == 960 and meta["model"]["embed_dim"] == 192
-    assert meta["params_sha256"] == hashlib.sha256((out / "params.msgpack").read_bytes()
+    assert meta["params_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()
                                                    ).hexdigest()
     config, params, _ = load_artifact(out)
     assert set(params) == set(encoder_keys(config)) and "decoder" not in params
@@ -164,8 +164,8 @@ def test_corrupt_or_mismatched_artifacts_fail_clearly(workdir, tmp_path):
     with pytest.raises(ArtifactError, match="weights do not match the config"):
         mwmae.load(out)
     export.export_workdir(workdir, str(out), overwrite=True)
-    (out / "params.msgpack").unlink()
-    with pytest.raises(ArtifactError, match="params.msgpack: missing"):
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="model.safetensors: missing"):
         mwmae.load(out)
 
 
@@ -247,7 +247,7 @@ def test_export_refuses_an_out_that_overlaps_a_workdir(workdir_copy, tmp_path, c
         assert last.startswith("error: --out") and message in last, (argv, last)
         assert "nothing was written" in last.lower(), last
     assert _snapshot(wd.parent) == before
-    assert not (wd / "params.msgpack").exists() and not (wd / "export").exists()
+    assert not (wd / "model.safetensors").exists() and not (wd / "export").exists()
     assert _snapshot(other) == {"config.json": b'{"model": {}, "seed": 0}'}
     # A folder of its own directly in the workdir (what a sweep point does) is fine.
     assert export.main(["--workdir", str(wd), "--out", str(wd / "export")]) == 0
@@ -284,7 +284,7 @@ def test_export_into_an_existing_artifact_needs_overwrite(workdir, tmp_path, cap
     assert mwmae.load(art).num_params > 0
     # Nothing left beside it: the new artifact was built in a sibling and swapped in.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    assert sorted(p.name for p in art.iterdir()) == ["config.json", "params.msgpack"]
+    assert sorted(p.name for p in art.iterdir()) == ["config.json", "model.safetensors"]
     # An existing empty folder is a fine place to export to.
     (tmp_path / "empty").mkdir()
     assert export.main(["--workdir", str(workdir), "--out", str(tmp_path / "empty")]) == 0

@@ -254,12 +254,12 @@ def test_missing_or_corrupt_artifacts_fail_clearly(artifact, tmp_path):
         hear.load_model(str(tmp_path / "empty"))
     bad = tmp_path / "corrupt"
     bad.mkdir()
-    for f in ("config.json", "params.msgpack"):
+    for f in ("config.json", "model.safetensors"):
         (bad / f).write_bytes((artifact / f).read_bytes())
-    blob = bytearray((bad / "params.msgpack").read_bytes())
+    blob = bytearray((bad / "model.safetensors").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
-    (bad / "params.msgpack").write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match="params.msgpack: checksum .*corrupt or partially"):
+    (bad / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="model.safetensors: checksum .*corrupt or partially"):
         hear.load_model(str(bad))
 
 

@@ -101,9 +101,9 @@ def test_driver_refuses_bad_tasks_and_artifacts(tmp_path):
         ev.evaluate(str(art), str(tmp_path / "t"), str(tmp_path / "out"))
     # A corrupt artifact fails before any embedding work.
     good = tasks.make_task(tmp_path / "g", "noise", per_class=5, duration_s=0.5)
-    blob = bytearray((art / "params.msgpack").read_bytes())
+    blob = bytearray((art / "model.safetensors").read_bytes())
     blob[-10] ^= 0xFF
-    (art / "params.msgpack").write_bytes(bytes(blob))
+    (art / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ev.EvaluationError, match="checksum"):
         ev.evaluate(str(art), str(good.parent), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "embeddings").exists()

@@ -178,10 +178,10 @@ def test_wrong_input_shape_is_rejected(reference_model):
 
 def test_corrupt_or_mismatched_artifact_is_rejected(reference_model, tmp_path):
     art = save_artifact(tmp_path / "a", reference_model.config, reference_model.params)
-    blob = bytearray((art / "params.msgpack").read_bytes())
+    blob = bytearray((art / "model.safetensors").read_bytes())
     blob[-5] ^= 0xFF
-    (art / "params.msgpack").write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match="params.msgpack: checksum"):
+    (art / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="model.safetensors: checksum"):
         mwmae.load(art)
     wrong = save_artifact(tmp_path / "b", reference_model.config.replace(decoder_depth=2),
                           reference_model.params)

@@ -15,7 +15,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("mwmae", "tfrecord_tools", "hear_mwmae")
 
-# Core dependencies no module imports by name, and why they are declared.
+# Training-stack dependencies (the `train` extra) no module imports by name, and why they are
+# declared.
 INDIRECT = {
     "jaxlib": "jax's compiled half; pinned with jax",
     "tensorstore": "Orbax's array storage (the gs:// path of checkpoints)",
@@ -80,15 +81,27 @@ def test_pyproject_states_ranges_and_the_constraints_pin_them():
 def test_every_import_is_declared_and_every_core_dependency_used():
     p = project()
     core = {requirement_name(r) for r in p["dependencies"]}
+    train = {requirement_name(r) for r in p["optional-dependencies"]["train"]}
     extras = {requirement_name(r) for extra in p["optional-dependencies"].values()
               for r in extra}
     imported = imported_distributions()
     undeclared = {d: f for d, f in imported.items()
                   if d not in core | extras | INSTALLED_BY_SCRIPT}
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
-    unused = core - set(imported) - set(INDIRECT)
+    unused = (core | train) - set(imported) - set(INDIRECT)
     assert not unused, f"declared but never imported (remove, or say why in INDIRECT): {unused}"
-    assert set(INDIRECT) <= core
+    assert set(INDIRECT) <= train
+
+
+def test_the_core_is_what_a_jax_free_install_needs():
+    """`pip install "mwmae[hear-torch]"` must not bring JAX: the core holds no part of the
+    training stack, and hear-torch is the HEAR side alone."""
+    p = project()
+    core = {requirement_name(r) for r in p["dependencies"]}
+    assert core == {"numpy", "safetensors"}, core
+    assert p["optional-dependencies"]["hear-torch"] == ["mwmae[hear]"]
+    hear = {requirement_name(r) for r in p["optional-dependencies"]["hear"]}
+    assert "torch" in hear and not hear & {"jax", "jaxlib", "flax", "tensorflow-cpu"}
 
 
 def test_install_script_and_image_use_the_constraints():
@@ -112,14 +125,14 @@ def newer_pythons() -> list[str]:
 
 @pytest.mark.slow
 def test_a_plain_pip_install_resolves_without_the_constraints(tmp_path):
-    """What `pip install .` would install, from the ranges alone (no constraints file): it must
-    resolve, to versions inside the ranges (pip checks that), with this interpreter and any newer
-    one present."""
+    """What `pip install ".[train]"` would install, from the ranges alone (no constraints
+    file): it must resolve, to versions inside the ranges (pip checks that), with this
+    interpreter and any newer one present."""
     for python in [sys.executable, *newer_pythons()[:1]]:
         report = tmp_path / f"report-{pathlib.Path(python).parent.parent.name}.json"
         out = subprocess.run(
             [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-             "--report", str(report), str(REPO)],
+             "--report", str(report), f"{REPO}[train]"],
             capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{python}: pip could not resolve:\n{out.stderr[-3000:]}"
         names = {norm(i["metadata"]["name"]) for i in json.loads(report.read_text())["install"]}

@@ -41,7 +41,7 @@ def from_artifact(path: str) -> Weights:
     if not directory.exists():
         raise AnalysisError(f"--artifact {path}: no such directory")
     # As mwmae.load decides: an artifact (or a damaged one) first, then the original format.
-    maybe_artifact = artifact.is_artifact(directory) or (directory / artifact.PARAMS_FILE).exists()
+    maybe_artifact = artifact.is_artifact(directory) or artifact.has_weights_file(directory)
     if not maybe_artifact and directory.is_dir() and any(
             _CKPT_RE.match(p.name) for p in directory.iterdir()):
         try:
@@ -56,7 +56,7 @@ def from_artifact(path: str) -> Weights:
     encoder_only = bool(meta.get("encoder_only"))
     problems = param_problems(config, params, encoder_only=encoder_only)
     if problems:
-        raise AnalysisError(f"{directory / artifact.PARAMS_FILE}: the weights do not match "
+        raise AnalysisError(f"{directory / meta['params_file']}: the weights do not match "
                             f"{artifact.CONFIG_FILE}: {'; '.join(problems[:5])}")
     no_decoder = ""
     if encoder_only:

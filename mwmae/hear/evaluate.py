@@ -22,6 +22,13 @@
    difference and whether it lies inside this run's interval, and the overall score
    (:mod:`mwmae.hear.compare` states the formula).
 
+What hear-eval-kit prints (its own lines, tqdm bars, Lightning's logs and profiler tables,
+warnings, and anything C code or subprocesses write to fds 1 and 2) goes to a log file per step:
+``OUT/logs/embeddings-TASK.log`` and ``OUT/logs/predictions-TASK-seed_S.log``. The terminal
+shows a progress bar over tasks x seeds, a line per embedded task and per seed (its score), the
+logs folder and the results table. A step that fails leaves its traceback at the end of its log;
+the command prints that log's last lines, then the error.
+
 Steps whose outputs are complete are skipped on a rerun (resume after preemption), as long as
 they were made from the same weights, settings and tasks: ``OUT/fingerprint.json`` records the
 artifact's weights hash, module, options and predictor settings, and each task's done marker
@@ -42,11 +49,13 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -57,12 +66,125 @@ GRIDS = ("default", "fast", "faster")
 FINGERPRINT = "fingerprint.json"
 LOCK_FILE = "evaluate.lock"
 RESULTS = ("results.json", "results.md", "comparison.md")
+LOGS = "logs"
 # Everything an evaluation writes in OUT; anything else there belongs to someone else.
-OUTPUTS = frozenset({FINGERPRINT, LOCK_FILE, "embeddings", "predictions", *RESULTS})
+OUTPUTS = frozenset({FINGERPRINT, LOCK_FILE, "embeddings", "predictions", LOGS, *RESULTS})
+TAIL_LINES = 20
 
 
 class EvaluationError(RuntimeError):
     """Bad inputs to the evaluation (tasks, audio, artifact); the message names the path."""
+
+
+class StepFailed(RuntimeError):
+    """A hear-eval-kit step raised (the original exception is ``__cause__``). Its output and
+    traceback are in ``log_file``; ``tail`` holds the last lines of it."""
+
+    def __init__(self, message: str, log_file: pathlib.Path, tail: list[str]):
+        super().__init__(message)
+        self.log_file = log_file
+        self.tail = tail
+
+
+def step_log(out_dir: pathlib.Path, task: str, seed: int | None = None) -> pathlib.Path:
+    """The log file of a task's embedding step (``seed`` None) or of one predictor seed."""
+    name = f"embeddings-{task}.log" if seed is None else f"predictions-{task}-seed_{seed}.log"
+    return out_dir / LOGS / name
+
+
+def _remove_logs(out_dir: pathlib.Path, tasks: Sequence[str] | None, *,
+                 embeddings: bool) -> None:
+    """Drop the logs of outputs that are being removed (``tasks`` None: of every task)."""
+    folder = out_dir / LOGS
+    if not folder.is_dir():
+        return
+    pattern = re.compile(r"(embeddings-(?P<e>.+)|predictions-(?P<p>.+)-seed_\d+)\.log")
+    for f in folder.iterdir():
+        m = pattern.fullmatch(f.name)
+        if m is None or (m["e"] is not None and not embeddings):
+            continue
+        if tasks is None or (m["e"] or m["p"]) in tasks:
+            f.unlink(missing_ok=True)
+
+
+def _flush_output() -> None:
+    """Flush Python's and C's stdio buffers, so that text written before a switch of fds 1 and
+    2 lands where it was meant to go."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.flush()
+    with contextlib.suppress(AttributeError, OSError, TypeError):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+def _tail(path: pathlib.Path, n: int = TAIL_LINES, width: int = 300) -> list[str]:
+    """The last ``n`` lines of a log as a terminal would have shown them: of a line redrawn
+    with carriage returns (tqdm), its last state; escape sequences dropped."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+        text = f.read().decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    lines = []
+    for line in text.split("\n"):
+        shown = next((part for part in reversed(line.split("\r")) if part.strip()), "")
+        if shown.strip():
+            lines.append(shown[:width] + (" ..." if len(shown) > width else ""))
+    return lines[-n:]
+
+
+def _on_fd(stream: Any, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def output_to(log_file: pathlib.Path, what: str) -> Iterator[None]:
+    """Run the block with fds 1 and 2 sent to ``log_file`` (replaced), so that everything it
+    prints goes there, that of C code and subprocesses included; then put them back. Where
+    ``sys.stdout`` or ``sys.stderr`` is not on its fd (a notebook's, a test's capture), it is
+    replaced by one that is for the block, so that Python's prints follow too.
+
+    An exception from the block is written to the log with its traceback and raised again as
+    :class:`StepFailed` (``what`` failed), which names the log and holds its last lines."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    _flush_output()
+    saved = os.dup(1), os.dup(2)
+    streams = sys.stdout, sys.stderr
+    try:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        # Never closed: a logging handler made inside the block may keep one; after the block
+        # it writes to the restored fd.
+        if not _on_fd(sys.stdout, 1):
+            sys.stdout = open(1, "w", buffering=1, errors="replace", closefd=False)
+        if not _on_fd(sys.stderr, 2):
+            sys.stderr = open(2, "w", buffering=1, errors="replace", closefd=False)
+        failure: Exception | None = None
+        try:
+            yield
+        except Exception as e:
+            failure = e
+            _flush_output()
+            os.write(2, traceback.format_exc().encode(errors="replace"))
+        finally:
+            _flush_output()
+            sys.stdout, sys.stderr = streams
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+    if failure is not None:
+        raise StepFailed(f"{what} failed: {type(failure).__name__}: {failure} (its output and "
+                         f"traceback: {log_file})", log_file, _tail(log_file)) from failure
 
 
 def find_tasks(tasks_dir: pathlib.Path, names: Sequence[str] | None = None
@@ -354,6 +476,8 @@ def _claim(out_dir: pathlib.Path, stamp: dict[str, Any], tasks: Sequence[pathlib
             log(f"{out_dir}: {problem}; --overwrite: evaluating afresh")
         for name in RESULTS:
             (out_dir / name).unlink(missing_ok=True)
+        _remove_logs(out_dir, [t.name for t in changed] if scope == "tasks" else None,
+                     embeddings=scope != "predictions")
         if scope == "tasks":
             for task in changed:
                 shutil.rmtree(out_dir / "embeddings" / module / task.name)
@@ -454,10 +578,10 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
                 embeddings_dir: pathlib.Path, model_options: dict[str, Any],
-                log=print) -> dict[str, pathlib.Path]:
-    """hear-eval-kit's embedding step for each task; returns {task name: embedding dir}."""
-    from heareval.embeddings.task_embeddings import Embedding, task_embeddings
-
+                log: Callable[[str], Any] = print) -> dict[str, pathlib.Path]:
+    """hear-eval-kit's embedding step for each task; returns {task name: embedding dir}.
+    What it prints goes to ``OUT/logs/embeddings-TASK.log`` (``OUT``: ``embeddings_dir``'s
+    parent); the first task embedded holds the imports and the model's loading too."""
     out: dict[str, pathlib.Path] = {}
     embedding = None
     for task in tasks:
@@ -467,15 +591,18 @@ def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
         if done.exists():
             log(f"embeddings for {task.name}: already done ({embed_dir})")
             continue
-        if embedding is None:
-            embedding = Embedding(module, artifact, model_options)
         if embed_dir.exists():
-            import shutil
-
             shutil.rmtree(embed_dir)
-        start = time.time()
-        task_embeddings(embedding, task, embed_dir)
-        seconds = time.time() - start
+        with output_to(step_log(embeddings_dir.parent, task.name),
+                       f"embeddings for {task.name}"):
+            # Imported here: TensorFlow and JAX announce themselves on stderr.
+            from heareval.embeddings.task_embeddings import Embedding, task_embeddings
+
+            if embedding is None:
+                embedding = Embedding(module, artifact, model_options)
+            start = time.time()
+            task_embeddings(embedding, task, embed_dir)
+            seconds = time.time() - start
         (embed_dir / "profile.embeddings.json").write_text(json.dumps(
             {"time_elapsed": seconds, "module": module, "artifact": artifact}, indent=1))
         done.write_text(task_fingerprint(task))
@@ -535,15 +662,15 @@ def primary_score(scores: dict[str, Any]) -> float:
 
 
 def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid: str,
-                 grid_points: int, log=print) -> float:
-    """hear-eval-kit's predictor on one task's embeddings with one seed; the primary score."""
+                 grid_points: int, log: Callable[[str], Any] = print) -> float:
+    """hear-eval-kit's predictor on one task's embeddings with one seed; the primary score.
+    ``work`` is ``OUT/predictions/seed_S/TASK``; what the predictor prints goes to
+    ``OUT/logs/predictions-TASK-seed_S.log``."""
     import logging
 
-    import torch
-    from heareval.predictions.task_predictions import task_predictions
-
     scores_file = work / "test.predicted-scores.json"
-    if not scores_file.exists():
+    done = scores_file.exists()
+    if not done:
         _mirror(embed_dir, work)
         meta = json.loads((work / "task_metadata.json").read_text())
         sizes = {json.loads((work / f"{s}.embedding-dimensions.json").read_text())[1]
@@ -555,16 +682,24 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
         handler = logging.FileHandler(work / "prediction.log")
         logger.addHandler(handler)
         try:
-            with _predictor_seed(seed):
-                task_predictions(
-                    embedding_path=work.resolve(), embedding_size=sizes.pop(),
-                    grid_points=grid_points, gpus=[0] if torch.cuda.is_available() else None,
-                    in_memory=True, deterministic=True, grid=grid, logger=logger)
+            with output_to(step_log(work.parents[2], work.name, seed),
+                           f"predictions for {work.name}, seed {seed}"):
+                # Imported here: Lightning warns on stderr as it loads.
+                import torch
+                from heareval.predictions.task_predictions import task_predictions
+
+                with _predictor_seed(seed):
+                    task_predictions(
+                        embedding_path=work.resolve(), embedding_size=sizes.pop(),
+                        grid_points=grid_points,
+                        gpus=[0] if torch.cuda.is_available() else None,
+                        in_memory=True, deterministic=True, grid=grid, logger=logger)
         finally:
             logger.removeHandler(handler)
             handler.close()
     score = primary_score(json.loads(scores_file.read_text()))
-    log(f"predictions for {work.name}, seed {seed}: {score:.4f}")
+    log(f"predictions for {work.name}, seed {seed}: {score:.4f}"
+        + (" (already done)" if done else ""))
     return score
 
 
@@ -622,15 +757,26 @@ def _labels() -> dict[str, str]:
     return {t: label for preset in PRESETS.values() for t, label in preset.items()}
 
 
-def _check_model(artifact: str, module: str) -> None:
+def _check_model(artifact: str, module: str, backend: str | None = None) -> None:
     """A model the module will load, checked before the slow imports and the tasks' audio."""
-    from mwmae.artifact import PARAMS_FILE, ArtifactError, is_artifact, load_artifact
-
     path = pathlib.Path(artifact)
     if not path.is_dir():
         raise EvaluationError(f"{artifact}: artifact directory not found")
+    if module in ("mwmae.hear", "hear_mwmae"):
+        from mwmae.hear.module import default_backend
+
+        if (backend or default_backend()) == "torch":
+            import mwmae.torch
+
+            try:
+                mwmae.torch.load(path)
+            except (ValueError, FileNotFoundError) as e:
+                raise EvaluationError(str(e)) from e
+            return
+    from mwmae.artifact import ArtifactError, has_weights_file, is_artifact, load_artifact
+
     try:
-        if is_artifact(path) or (path / PARAMS_FILE).exists():
+        if is_artifact(path) or has_weights_file(path):
             load_artifact(path)
         elif module in ("mwmae.hear", "hear_mwmae"):
             import mwmae
@@ -640,16 +786,62 @@ def _check_model(artifact: str, module: str) -> None:
         raise EvaluationError(str(e)) from e
 
 
+class _Progress:
+    """A bar over the predictor runs on the terminal: on a copy of fd 2 taken before any step
+    sends fds 1 and 2 to its log. Lines logged through it are printed above the bar."""
+
+    def __init__(self, total: int, log: Callable[[str], Any]):
+        import weakref
+
+        from tqdm import tqdm
+
+        class Bar(tqdm):
+            # Bars of its own: tqdm would give hear-eval-kit's bars (in the logs) the line
+            # below this one, which fills the logs with blank lines and cursor movements.
+            _instances = weakref.WeakSet()
+
+        self._log = log
+        self._closed = False
+        self._stream = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
+        self._bar = Bar(total=total, desc="HEAR", unit="seed", file=self._stream,
+                        dynamic_ncols=True, leave=True)
+
+    def log(self, text: str) -> None:
+        if self._closed:
+            self._log(text)
+            return
+        self._bar.clear()
+        self._log(text)
+        _flush_output()
+        self._bar.refresh()
+
+    def doing(self, what: str) -> None:
+        self._bar.set_postfix_str(what)
+
+    def done(self) -> None:
+        self._bar.update()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bar.set_postfix_str("", refresh=False)
+            self._bar.close()
+            self._stream.close()
+
+
 def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: str = "default",
              grid_points: int = 8, task_names: Sequence[str] | None = None,
              module: str = "mwmae.hear", model_options: dict[str, Any] | None = None,
              name: str | None = None, compare: Sequence[str] = (), overwrite: bool = False,
-             log=print) -> dict[str, Any]:
+             log: Callable[[str], Any] = print, progress: bool = False) -> dict[str, Any]:
     """Embeddings once, predictions per seed, summary (and the comparison with ``compare``'s
     results files); returns what results.json holds.
 
     Every input is checked before anything is written; ``out`` follows the rules of the module
-    docstring (``overwrite`` replaces another run's results there)."""
+    docstring (``overwrite`` replaces another run's results there). What hear-eval-kit prints
+    goes to the log files of ``OUT/logs``; ``log`` gets this module's lines, and ``progress``
+    adds a bar over tasks x seeds on the terminal (stderr). A step that raises is re-raised as
+    :class:`StepFailed`."""
     if seeds < 1:
         raise EvaluationError(f"--seeds must be >= 1, got {seeds}")
     if grid_points < 1:
@@ -669,21 +861,30 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
     # under weights_only (the files are this run's own).
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     tasks = find_tasks(pathlib.Path(tasks_dir), task_names)
-    _check_model(artifact, module)
+    _check_model(artifact, module, model_options.get("backend"))
     stamp = {**artifact_fingerprint(artifact, module, model_options),
              "predictor": {"grid": grid, "grid_points": grid_points},
              "artifact": str(pathlib.Path(artifact).resolve())}
     out_dir.mkdir(parents=True, exist_ok=True)
     with out_lock(out_dir, log=log):
         _claim(out_dir, stamp, tasks, module, overwrite=overwrite, log=log)
-        return _run(artifact, tasks, out_dir, seeds=seeds, grid=grid, grid_points=grid_points,
-                    module=module, model_options=model_options, name=name, others=others,
-                    log=log)
+        bar = _Progress(len(tasks) * seeds, log) if progress else None
+        try:
+            return _run(artifact, tasks, out_dir, seeds=seeds, grid=grid,
+                        grid_points=grid_points, module=module, model_options=model_options,
+                        name=name, others=others, log=bar.log if bar else log, bar=bar)
+        finally:
+            if bar:
+                bar.close()
 
 
 def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *, seeds: int,
          grid: str, grid_points: int, module: str, model_options: dict[str, Any],
-         name: str | None, others: Sequence[compare_lib.Model], log=print) -> dict[str, Any]:
+         name: str | None, others: Sequence[compare_lib.Model], log: Callable[[str], Any] = print,
+         bar: _Progress | None = None) -> dict[str, Any]:
+    log(f"hear-eval-kit's output, per task and seed: {out_dir / LOGS}{os.sep}")
+    if bar:
+        bar.doing("embeddings")
     embed_dirs = embed_tasks(module, artifact, tasks, out_dir / "embeddings", model_options,
                              log=log)
     scores: dict[str, list[float]] = {}
@@ -691,10 +892,17 @@ def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *,
     for task in tasks:
         meta = json.loads((task / "task_metadata.json").read_text())
         metrics[task.name] = meta["evaluation"][0]
-        scores[task.name] = [
-            predict_task(embed_dirs[task.name], out_dir / "predictions" / f"seed_{s}" / task.name,
-                         s, grid=grid, grid_points=grid_points, log=log)
-            for s in range(seeds)]
+        scores[task.name] = []
+        for s in range(seeds):
+            if bar:
+                bar.doing(f"{task.name} seed {s}")
+            scores[task.name].append(predict_task(
+                embed_dirs[task.name], out_dir / "predictions" / f"seed_{s}" / task.name, s,
+                grid=grid, grid_points=grid_points, log=log))
+            if bar:
+                bar.done()
+    if bar:
+        bar.close()
     summary = summarise(scores, metrics)
     name = name or pathlib.Path(artifact).resolve().name
     result = {"name": name, "artifact": str(pathlib.Path(artifact).resolve()), "module": module,
@@ -736,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", default="mwmae.hear", help="HEAR module to import")
     p.add_argument("--model-options", dest="model_options", default="{}",
                    help='JSON kwargs for load_model, e.g. \'{"dtype": "bfloat16"}\'')
+    p.add_argument("--backend", choices=("jax", "torch"), default=None,
+                   help="mwmae's module only: compute embeddings with JAX or PyTorch (default: "
+                        "JAX where installed, else PyTorch); same as --model-options "
+                        "'{\"backend\": ...}'")
     p.add_argument("--name", default=None,
                    help="this model's name in the tables (default: the artifact's folder name)")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
@@ -754,6 +966,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: --model-options {a.model_options!r}: {e}", file=sys.stderr)
         return 2
+    if a.backend is not None:
+        if a.module not in ("mwmae.hear", "hear_mwmae"):
+            print(f"error: --backend applies to mwmae's module, not --module {a.module}",
+                  file=sys.stderr)
+            return 2
+        if options.setdefault("backend", a.backend) != a.backend:
+            print(f"error: --backend {a.backend} and --model-options backend "
+                  f"{options['backend']!r} disagree", file=sys.stderr)
+            return 2
     names = [t for t in a.tasks.split(",") if t]
     if a.preset and names:
         print("error: --preset and --tasks both name tasks; give one", file=sys.stderr)
@@ -764,7 +985,13 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(a.artifact, a.tasks_dir, a.out, seeds=a.seeds, grid=a.grid,
                  grid_points=a.grid_points, task_names=names or None,
                  module=a.module, model_options=options, name=a.name, compare=a.compare,
-                 overwrite=a.overwrite)
+                 overwrite=a.overwrite, progress=True)
+    except StepFailed as e:
+        print(f"{e.log_file}, its last {len(e.tail)} lines:", file=sys.stderr)
+        for line in e.tail:
+            print(f"  {line}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (EvaluationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
