@@ -113,10 +113,12 @@ def tree_from_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def _safetensors_bytes(params: Mapping[str, Any], config: ModelConfig) -> bytes:
     from safetensors.numpy import save
 
-    # The header's metadata says what the names mean to a reader that has only this file.
-    return save(flat_tensors(params), metadata={
-        "format": FORMAT, "names": "parameter paths, keys joined by '/'",
-        "model": json.dumps(config.to_dict(), sort_keys=True)})
+    # The header's metadata says what the names mean to a reader that has only this file. One
+    # key: safetensors writes a map of several in no fixed order, and the same weights must give
+    # the same bytes (the artifact's checksum, reruns that find "this very artifact").
+    return save(flat_tensors(params), metadata={FORMAT: json.dumps(
+        {"names": "parameter paths, keys joined by '/'", "model": config.to_dict()},
+        sort_keys=True)})
 
 
 def existing_output(path: str | os.PathLike) -> tuple[str, str]:

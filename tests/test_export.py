@@ -53,7 +53,7 @@ def test_export_from_original_is_encoder_only_and_matches(original_checkpoint, t
     assert export.main(["--from-original", str(original_checkpoint), "--out", str(out)]) == 0
     assert "encoder only" in capsys.readouterr().out
     meta = json.loads((out / "config.json").read_text())
-    assert meta["encoder_only"] is True and meta["version"] == 2
+    assert meta["encoder_only"] is True and meta["version"] == 3
     assert meta["sample_rate"] == 16000 and meta["front_end"]["hop_length"] == 160
     assert meta["embedding_size"] == 960 and meta["model"]["embed_dim"] == 192
     assert meta["params_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()

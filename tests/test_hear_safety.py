@@ -137,7 +137,7 @@ def test_a_malformed_vocabulary_is_refused(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ('{"dtyp": "bfloat16"}', "unknown key 'dtyp'; mwmae.hear's load_model takes "
-                             "batch_size, dtype"),
+                             "backend, batch_size, dtype"),
     ('{"dtype": "float16"}', "dtype 'float16'"),
     ('{"batch_size": 0}', "batch_size 0"),
     ('{"batch_size": "8"}', "batch_size '8'"),
@@ -159,7 +159,7 @@ def test_the_hear_module_refuses_bad_options_itself(tmp_path):
     with pytest.raises(ValueError, match="batch_size 0: expected a whole number >= 1"):
         module.load_model(str(art), batch_size=0)
     with pytest.raises(ValueError, match="unknown key 'dtyp'; mwmae.hear's load_model takes "
-                                         "batch_size, dtype"):
+                                         "backend, batch_size, dtype"):
         module.load_model(str(art), dtyp="bfloat16")
 
 
@@ -392,7 +392,7 @@ def test_tasks_are_not_written_into_an_artifact_or_an_evaluation(tmp_path, capsy
     art = _artifact(tmp_path / "art")
     assert tasks.main([str(art), "--kind", "noise", "--per-class", "5"]) == 2
     assert "is an mwmae artifact" in _last_err(capsys)
-    assert sorted(p.name for p in art.iterdir()) == ["config.json", "params.msgpack"]
+    assert sorted(p.name for p in art.iterdir()) == ["config.json", "model.safetensors"]
     out = tmp_path / "out"
     out.mkdir()
     (out / "fingerprint.json").write_text("{}")
