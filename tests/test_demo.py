@@ -71,6 +71,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert digits["pretrained"]["mean"] > digits["initial"]["mean"], digits
     # ... reported as the paper does: mean ± 95% interval, and the overall score beside them.
     assert "mean ± 95% interval over 10 seeds" in first.stdout
+    # ... in a stage a person can read: hear-eval-kit's own output went to the logs.
+    evaluate_stage = first.stdout.split("== evaluate")[1].split("== finetune")[0]
+    assert len(evaluate_stage.splitlines()) < 100, len(evaluate_stage.splitlines())
+    assert list((work / "hear" / "pretrained" / "logs").glob("predictions-mwmae_digits-*.log"))
     comparison = (work / "hear" / "pretrained" / "comparison.md").read_text()
     assert "| Spoken digits |" in comparison and "**overall score s(m)** | 100.0 | 0.0" in \
         comparison, comparison
