@@ -101,10 +101,16 @@ def test_the_hear_module_gives_the_same_embeddings_with_either_backend(artifact,
                                hear.get_scene_embeddings(wav, on_jax).numpy(), atol=1e-5, rtol=0)
 
 
-def test_backend_options_are_checked():
+def test_backend_options_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="backend 'tf': expected one of jax, torch"):
         hear.check_options(backend="tf")
+    monkeypatch.delenv("MWMAE_HEAR_BACKEND", raising=False)
     assert hear.default_backend() == "jax"   # JAX is installed here
+    monkeypatch.setenv("MWMAE_HEAR_BACKEND", "torch")   # what the cuda image sets
+    assert hear.default_backend() == "torch"
+    monkeypatch.setenv("MWMAE_HEAR_BACKEND", "tf")
+    with pytest.raises(ValueError, match=r"\$MWMAE_HEAR_BACKEND='tf'"):
+        hear.default_backend()
 
 
 def test_evaluate_backend_flag_refuses_a_disagreeing_option(capsys, tmp_path):

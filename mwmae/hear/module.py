@@ -63,8 +63,17 @@ def jax_installed() -> bool:
     return importlib.util.find_spec("jax") is not None
 
 
+BACKEND_ENV = "MWMAE_HEAR_BACKEND"
+
+
 def default_backend() -> str:
-    """JAX where it is installed, else PyTorch."""
+    """``$MWMAE_HEAR_BACKEND`` when set (an image's choice, e.g. the cuda image evaluates with
+    PyTorch on the GPU), else JAX where it is installed, else PyTorch."""
+    chosen = os.environ.get(BACKEND_ENV, "")
+    if chosen:
+        if chosen not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV}={chosen!r}: expected one of {', '.join(BACKENDS)}")
+        return chosen
     return "jax" if jax_installed() else "torch"
 
 
