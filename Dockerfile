@@ -1,10 +1,21 @@
 # syntax=docker/dockerfile:1
-# The mwmae image. One build argument picks the accelerator stack:
-#   docker build --build-arg TARGET=cpu  -t mwmae:cpu  .   (CI, local runs)
-#   docker build --build-arg TARGET=tpu  -t mwmae:tpu  .   (jax[tpu]: TPU VMs, launch/tpu_vm.sh)
-#   docker build --build-arg TARGET=cuda -t mwmae:cuda .   (jax[cuda12]: GPU hosts, launch/gpu_docker.sh)
-# The CUDA libraries come as pip wheels with jax[cuda12]; a GPU host needs only the NVIDIA driver
-# and the NVIDIA Container Toolkit. EXTRAS adds more extras of the package (comma-separated).
+# The mwmae image. One build argument, TARGET, picks the accelerator stack; each image carries
+# what its hosts run and nothing they cannot use:
+#   cpu   training and HEAR evaluation (JAX on CPU, torch CPU wheels, hear-validator,
+#         hear-eval-kit), the demo and the tests: CI and local runs, no accelerator needed.
+#   tpu   training with jax[tpu] (libtpu) on TPU VMs (launch/tpu_vm.sh). No torch: evaluation
+#         runs elsewhere, and torch would only add gigabytes a TPU VM never uses.
+#   cuda  training with jax[cuda12] on GPU hosts (launch/gpu_docker.sh) and evaluation through
+#         PyTorch on the same GPU (torch's CUDA build), so one image serves a GPU job end to end.
+#     docker build --build-arg TARGET=cpu  -t mwmae:cpu  .
+#     docker build --build-arg TARGET=tpu  -t mwmae:tpu  .
+#     docker build --build-arg TARGET=cuda -t mwmae:cuda .
+# The extras each target installs are chosen in one place, the case block below. The CUDA
+# libraries come as pip wheels; a GPU host needs only the NVIDIA driver and the NVIDIA Container
+# Toolkit. EXTRAS adds more extras of the package (comma-separated). TORCH_INDEX overrides where
+# the cpu image finds torch's CPU build (its own index: PyPI's Linux torch is the CUDA build,
+# gigabytes of CUDA libraries); "none" leaves pip's configured indexes alone, for a mirror that
+# holds the CPU wheel. Without a Docker daemon: scripts/build_images.sh (buildah).
 # The package is installed by scripts/install.sh, the same script CI runs (.ci/run ->
 # scripts/test.sh -> scripts/install.sh), so the image and the tests install the same pins.
 # Entry point: python -m mwmae.job, the training CLI (IMAGE --config ... --workdir ...), or with
@@ -24,6 +35,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 FROM base AS build
 ARG TARGET=cpu
 ARG EXTRAS=""
+ARG TORCH_INDEX=""
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY scripts ./scripts
@@ -31,11 +43,15 @@ COPY mwmae ./mwmae
 COPY tfrecord_tools ./tfrecord_tools
 COPY hear_mwmae ./hear_mwmae
 RUN case "$TARGET" in \
-      cpu) extras="test,hear,demo" ;; \
-      tpu) extras="test,tpu" ;; \
-      cuda) extras="test,cuda,hear" ;; \
+      cpu) extras="test,hear,demo"; torch_index="https://download.pytorch.org/whl/cpu" ;; \
+      tpu) extras="test,tpu"; torch_index="" ;; \
+      cuda) extras="test,cuda,hear"; torch_index="" ;; \
       *) echo "TARGET must be cpu, tpu or cuda (got '$TARGET')" >&2; exit 1 ;; \
     esac; \
+    torch_index="${TORCH_INDEX:-$torch_index}"; \
+    if [ -n "$torch_index" ] && [ "$torch_index" != none ]; then \
+      export PIP_EXTRA_INDEX_URL="$torch_index"; \
+    fi; \
     PYTHON=python3 scripts/install.sh /opt/venv "${extras}${EXTRAS:+,$EXTRAS}"
 
 # ---- runtime: the venv and the source, run as an unprivileged user ----

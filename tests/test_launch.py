@@ -587,8 +587,37 @@ def test_dockerfile_installs_with_the_shared_script(tmp_path, target, extras):
         assert log.read_text() == f"PYTHON=python3 /opt/venv {extras}\n"
 
 
-def test_ci_runs_the_same_install_script(tmp_path):
-    """.ci/run -> scripts/test.sh -> scripts/install.sh, run with the installer stubbed."""
+@pytest.mark.parametrize("target,torch_index,expected", [
+    ("cpu", "", "https://download.pytorch.org/whl/cpu"),  # PyPI's Linux torch is the CUDA build
+    ("cpu", "https://mirror.example/torch-cpu", "https://mirror.example/torch-cpu"),
+    ("cpu", "none", "unset"),  # the configured indexes hold the CPU wheel
+    ("tpu", "", "unset"), ("cuda", "", "unset")])
+def test_dockerfile_picks_where_torch_comes_from(tmp_path, target, torch_index, expected):
+    write_exe(tmp_path / "scripts" / "install.sh", f"""
+        #!/usr/bin/env bash
+        echo "${{PIP_EXTRA_INDEX_URL-unset}}" >> {tmp_path / 'index.log'}
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "PIP_EXTRA_INDEX_URL"}
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", dockerfile_install_run()],
+                            cwd=tmp_path, env={**env, "TARGET": target, "EXTRAS": "",
+                                               "TORCH_INDEX": torch_index},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "index.log").read_text() == f"{expected}\n"
+
+
+def test_dockerfile_says_what_each_image_carries():
+    header = (REPO / "Dockerfile").read_text().split("\nARG ")[0]
+    for target, carries in (("cpu", "HEAR evaluation"), ("tpu", "jax[tpu]"),
+                            ("cuda", "jax[cuda12]")):
+        assert re.search(rf"^#\s+{target}\s+.*{re.escape(carries)}", header, re.M), target
+    assert "No torch" in header and "PyTorch" in header
+    # The extras are chosen in one place: the install step's case block.
+    assert (REPO / "Dockerfile").read_text().count("extras=") == 3
+
+
+def ci_repo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A copy of .ci/run and the scripts it calls, with the installer and the venvs stubbed."""
     repo = tmp_path / "repo"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci" / "run", repo / ".ci" / "run")
@@ -600,18 +629,57 @@ def test_ci_runs_the_same_install_script(tmp_path):
     for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv-tpu", "python")):
         write_exe(repo / venv / "bin" / name, f"""
             #!/usr/bin/env bash
-            echo "{venv} {name} $*" >> {tmp_path / 'venv.log'}
+            echo "{venv} {name} CI=$CI $*" >> {tmp_path / 'venv.log'}
             """)
+    return repo, log
+
+
+def image_tools(bin_dir: pathlib.Path, log: pathlib.Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        write_exe(bin_dir / name, f"""
+            #!/usr/bin/env bash
+            echo "{name} $*" >> {log}
+            """)
+
+
+def test_ci_runs_the_same_install_script(tmp_path):
+    """.ci/run -> scripts/test.sh -> scripts/install.sh, run with the installer stubbed."""
+    repo, log = ci_repo(tmp_path)
+    bin_dir, tools = tmp_path / "bin", tmp_path / "tools.log"
+    image_tools(bin_dir, tools, ("buildah", "debootstrap", "apt-get"))
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
     result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
+                            env={**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
                             timeout=30)
     assert result.returncode == 0, result.stderr
     # The default suite, then the TPU compile checks in their own environment (libtpu).
     assert log.read_text() == "PYTHON= .venv test,hear,demo\nPYTHON= .venv-tpu test,tpu\n"
     ran = (tmp_path / "venv.log").read_text()
-    assert ".venv python -m pytest" in ran
-    assert ".venv-tpu python -m pytest tests_tpu" in ran
+    assert ".venv python CI=1 -m pytest -m slow" in ran  # the image test may not skip there
+    assert re.search(r"^\.venv-tpu python CI=\S* -m pytest tests_tpu", ran, re.M)
+    assert not tools.exists(), "buildah and debootstrap are there: nothing to install"
     # ... and the cpu image calls the same script with the same extra
     assert "cpu) extras=\"test,hear,demo\"" in dockerfile_install_run()
+
+
+def test_ci_installs_the_image_tools_when_missing(tmp_path):
+    repo, _ = ci_repo(tmp_path)
+    bin_dir, tools = tmp_path / "bin", tmp_path / "venv.log"  # one log: the order shows
+    image_tools(bin_dir, tools, ("apt-get",))
+    for name in ("bash", "dirname"):  # PATH is only this folder: no buildah, no debootstrap
+        (bin_dir / name).symlink_to(shutil.which(name))
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
+                            env={**env, "PATH": str(bin_dir)}, timeout=30)
+    if os.geteuid() != 0:
+        assert result.returncode == 1 and "root to install them" in result.stderr
+        assert not tools.exists()
+        return
+    assert result.returncode == 0, result.stderr
+    lines = tools.read_text().splitlines()
+    install = lines.index("apt-get install -y -qq buildah debootstrap")
+    slow = next(i for i, line in enumerate(lines) if "-m pytest -m slow" in line)
+    assert lines[install - 1] == "apt-get update -qq" and install < slow
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():
