@@ -6,7 +6,9 @@
 #   tpu   training with jax[tpu] (libtpu) on TPU VMs (launch/tpu_vm.sh). No torch: evaluation
 #         runs elsewhere, and torch would only add gigabytes a TPU VM never uses.
 #   cuda  training with jax[cuda12] on GPU hosts (launch/gpu_docker.sh) and evaluation through
-#         PyTorch on the same GPU (torch's CUDA build), so one image serves a GPU job end to end.
+#         PyTorch on the same GPU (torch's CUDA build; the HEAR module's backend is "torch" in
+#         this image, MWMAE_TARGET=cuda), so one image serves a GPU job end to end and embedding
+#         needs no JAX CUDA memory beside torch's.
 #     docker build --build-arg TARGET=cpu  -t mwmae:cpu  .
 #     docker build --build-arg TARGET=tpu  -t mwmae:tpu  .
 #     docker build --build-arg TARGET=cuda -t mwmae:cuda .
@@ -45,7 +47,7 @@ COPY hear_mwmae ./hear_mwmae
 RUN case "$TARGET" in \
       cpu) extras="test,hear,demo"; torch_index="https://download.pytorch.org/whl/cpu" ;; \
       tpu) extras="test,tpu"; torch_index="" ;; \
-      cuda) extras="test,cuda,hear"; torch_index="" ;; \
+      cuda) extras="train,test,cuda,hear-torch"; torch_index="" ;; \
       *) echo "TARGET must be cpu, tpu or cuda (got '$TARGET')" >&2; exit 1 ;; \
     esac; \
     torch_index="${TORCH_INDEX:-$torch_index}"; \

@@ -105,7 +105,10 @@ def test_backend_options_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="backend 'tf': expected one of jax, torch"):
         hear.check_options(backend="tf")
     monkeypatch.delenv("MWMAE_HEAR_BACKEND", raising=False)
+    monkeypatch.delenv("MWMAE_TARGET", raising=False)
     assert hear.default_backend() == "jax"   # JAX is installed here
+    monkeypatch.setenv("MWMAE_TARGET", "cuda")   # the cuda image
+    assert hear.default_backend() == "torch"
     monkeypatch.setenv("MWMAE_HEAR_BACKEND", "torch")   # what the cuda image sets
     assert hear.default_backend() == "torch"
     monkeypatch.setenv("MWMAE_HEAR_BACKEND", "tf")

@@ -566,7 +566,7 @@ def stub_install(root: pathlib.Path, log: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("target,extras", [("cpu", "test,hear,demo"), ("tpu", "test,tpu"),
-                                           ("cuda", "test,cuda,hear"), ("gpu", None)])
+                                           ("cuda", "train,test,cuda,hear-torch"), ("gpu", None)])
 def test_dockerfile_installs_with_the_shared_script(tmp_path, target, extras):
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^COPY scripts \./scripts$", dockerfile, re.M)
@@ -634,52 +634,21 @@ def ci_repo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     return repo, log
 
 
-def image_tools(bin_dir: pathlib.Path, log: pathlib.Path, names: tuple[str, ...]) -> None:
-    for name in names:
-        write_exe(bin_dir / name, f"""
-            #!/usr/bin/env bash
-            echo "{name} $*" >> {log}
-            """)
-
-
 def test_ci_runs_the_same_install_script(tmp_path):
     """.ci/run -> scripts/test.sh -> scripts/install.sh, run with the installer stubbed."""
     repo, log = ci_repo(tmp_path)
-    bin_dir, tools = tmp_path / "bin", tmp_path / "tools.log"
-    image_tools(bin_dir, tools, ("buildah", "debootstrap", "apt-get"))
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
-                            env={**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
-                            timeout=30)
+                            env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     # The default suite, then the TPU compile checks in their own environment (libtpu).
     assert log.read_text() == "PYTHON= .venv test,hear,demo\nPYTHON= .venv-tpu test,tpu\n"
     ran = (tmp_path / "venv.log").read_text()
-    assert ".venv python CI=1 -m pytest -m slow" in ran  # the image test may not skip there
+    # The slow group without the image build (buildah as root, 10-15 min: run on purpose).
+    assert ".venv python CI= -m pytest -m slow and not images" in ran
     assert re.search(r"^\.venv-tpu python CI=\S* -m pytest tests_tpu", ran, re.M)
-    assert not tools.exists(), "buildah and debootstrap are there: nothing to install"
     # ... and the cpu image calls the same script with the same extra
     assert "cpu) extras=\"test,hear,demo\"" in dockerfile_install_run()
-
-
-def test_ci_installs_the_image_tools_when_missing(tmp_path):
-    repo, _ = ci_repo(tmp_path)
-    bin_dir, tools = tmp_path / "bin", tmp_path / "venv.log"  # one log: the order shows
-    image_tools(bin_dir, tools, ("apt-get",))
-    for name in ("bash", "dirname"):  # PATH is only this folder: no buildah, no debootstrap
-        (bin_dir / name).symlink_to(shutil.which(name))
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
-    result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
-                            env={**env, "PATH": str(bin_dir)}, timeout=30)
-    if os.geteuid() != 0:
-        assert result.returncode == 1 and "root to install them" in result.stderr
-        assert not tools.exists()
-        return
-    assert result.returncode == 0, result.stderr
-    lines = tools.read_text().splitlines()
-    install = lines.index("apt-get install -y -qq buildah debootstrap")
-    slow = next(i for i, line in enumerate(lines) if "-m pytest -m slow" in line)
-    assert lines[install - 1] == "apt-get update -qq" and install < slow
 
 
 def test_dockerignore_keeps_the_context_small_but_complete():

@@ -67,9 +67,11 @@ BACKEND_ENV = "MWMAE_HEAR_BACKEND"
 
 
 def default_backend() -> str:
-    """``$MWMAE_HEAR_BACKEND`` when set (an image's choice, e.g. the cuda image evaluates with
-    PyTorch on the GPU), else JAX where it is installed, else PyTorch."""
-    chosen = os.environ.get(BACKEND_ENV, "")
+    """``$MWMAE_HEAR_BACKEND`` when set; else PyTorch in the cuda image (``MWMAE_TARGET=cuda``:
+    it evaluates with torch's CUDA build on the GPU its training used), JAX where it is
+    installed, PyTorch where it is not."""
+    chosen = os.environ.get(BACKEND_ENV, "") or (
+        "torch" if os.environ.get("MWMAE_TARGET") == "cuda" else "")
     if chosen:
         if chosen not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV}={chosen!r}: expected one of {', '.join(BACKENDS)}")
