@@ -305,13 +305,26 @@ run_check() {  # CHECK CONTAINER
   fi
 }
 
+image_id() {
+  "${buildah[@]}" images --noheading --format '{{.ID}}' "$1" 2>/dev/null | head -n 1 || true
+}
+
 ctr="mwmae-check-$$"
 for target in "${targets[@]}"; do
+  replaced=""
+  if [ "$dry_run" -eq 0 ]; then
+    replaced=$(image_id "$image:$target")
+  fi
   step "build $image:$target" "$work/build-$target.log" build "$target"
   if [ "$step_status" -ne 0 ]; then
     continue
   fi
   if [ "$dry_run" -eq 0 ]; then
+    # The image this build replaced, now nameless: vfs keeps every image whole (gigabytes).
+    # rmi refuses while a container or another name still uses it.
+    if [ -n "$replaced" ] && [ "$replaced" != "$(image_id "$image:$target")" ]; then
+      "${buildah[@]}" rmi "$replaced" >/dev/null 2>&1 || true
+    fi
     size=$("${buildah[@]}" images --format '{{.Size}}' "$image:$target" | head -n 1)
     echo "image $image:$target: $size"
     summary+=("$(printf '%-40s %s' "size $image:$target" "$size")")
