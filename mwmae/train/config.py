@@ -228,8 +228,9 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
     need(c.seed >= 0, "seed", "must be >= 0")
     need(c.batch_size >= 1, "batch_size", "must be >= 1")
     o = c.optimizer
-    need(finite(o.base_learning_rate) and o.base_learning_rate > 0,
-         "optimizer.base_learning_rate", "must be a finite number > 0")
+    # 0 is allowed: a run that only evaluates (or checks the pipeline) keeps its weights.
+    need(finite(o.base_learning_rate) and o.base_learning_rate >= 0,
+         "optimizer.base_learning_rate", "must be a finite number >= 0")
     need(finite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
          "must be a finite number >= 0")
     need(finite(o.warmup_epochs) and o.warmup_epochs >= 0, "optimizer.warmup_epochs",
