@@ -55,6 +55,13 @@ RUN case "$TARGET" in \
       export PIP_EXTRA_INDEX_URL="$torch_index"; \
     fi; \
     PYTHON=python3 scripts/install.sh /opt/venv "${extras}${EXTRAS:+,$EXTRAS}"
+# The cuda image evaluates through PyTorch on the GPU. A CPU torch would build and then fail only
+# on a GPU host: an index or find-links folder holding torch+cpu wins over PyPI's CUDA build,
+# since pip ranks a local version label (+cpu) above the plain version.
+RUN if [ "$TARGET" = cuda ]; then \
+      /opt/venv/bin/python -c 'import sys, torch; sys.exit(torch.version.cuda is None and \
+        f"cuda image: torch {torch.__version__} is a CPU build; drop the index holding it")'; \
+    fi
 
 # ---- runtime: the venv and the source, run as an unprivileged user ----
 FROM base AS runtime

@@ -606,6 +606,33 @@ def test_dockerfile_picks_where_torch_comes_from(tmp_path, target, torch_index, 
     assert (tmp_path / "index.log").read_text() == f"{expected}\n"
 
 
+@pytest.mark.parametrize("target,cuda,fails", [("cuda", None, True), ("cuda", "13.0", False),
+                                               ("cpu", None, False), ("tpu", None, False)])
+def test_dockerfile_refuses_a_cpu_torch_in_the_cuda_image(tmp_path, target, cuda, fails):
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    guard = next(i.removeprefix("RUN ") for i in re.split(r"\n(?=[A-Z]+ )", text)
+                 if i.startswith("RUN ") and "torch.version.cuda" in i)
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    version = "2.13.0+cpu" if cuda is None else "2.13.0"
+    (fake / "__init__.py").write_text(f"import types\n__version__ = {version!r}\n"
+                                      f"version = types.SimpleNamespace(cuda={cuda!r})\n")
+    python = write_exe(tmp_path / "python", f"""
+        #!/usr/bin/env bash
+        PYTHONPATH={fake.parent} exec {sys.executable} "$@"
+        """)
+    assert "/opt/venv/bin/python" in guard
+    result = subprocess.run(["bash", "-o", "pipefail", "-c",
+                             guard.replace("/opt/venv/bin/python", str(python))],
+                            env={**os.environ, "TARGET": target}, capture_output=True, text=True,
+                            timeout=30)
+    if fails:
+        assert result.returncode == 1
+        assert "cuda image: torch 2.13.0+cpu is a CPU build" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+
+
 def test_dockerfile_says_what_each_image_carries():
     header = (REPO / "Dockerfile").read_text().split("\nARG ")[0]
     for target, carries in (("cpu", "HEAR evaluation"), ("tpu", "jax[tpu]"),
