@@ -25,7 +25,7 @@ def gather_rows(ids: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         most = int(np.max(counts))
         pad = lambda a: np.concatenate(  # noqa: E731
             [a, np.zeros((most - a.shape[0], *a.shape[1:]), a.dtype)])
-        gathered = [_allgather_exact(multihost_utils, pad(a)) for a in (ids, *arrays)]
+        gathered = [allgather_exact(multihost_utils, pad(a)) for a in (ids, *arrays)]
         keep = np.concatenate([np.arange(int(n)) + h * most
                                for h, n in enumerate(np.ravel(counts))])
         ids, *arrays = (g.reshape(-1, *g.shape[2:])[keep] for g in gathered)
@@ -35,7 +35,7 @@ def gather_rows(ids: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return (ids[order], *(a[order] for a in arrays))
 
 
-def _allgather_exact(multihost_utils, a: np.ndarray) -> np.ndarray:
+def allgather_exact(multihost_utils, a: np.ndarray) -> np.ndarray:
     """(hosts, *a.shape) of every host's ``a``, bit for bit. JAX without x64 would turn int64
     ids and float64 scores into 32-bit values (colliding ids, rounded scores), so 8-byte
     values travel as pairs of uint32 and are put back together."""
