@@ -29,10 +29,20 @@ def module_and_args(argv: list[str]) -> tuple[str, list[str]]:
     return COMMANDS["train"], argv
 
 
+# Asked for alone, help is a success; absl exits 1 after printing it (the image's default CMD is
+# --helpshort, so a plain `docker run IMAGE` would look like a failure).
+HELP_FLAGS = frozenset({"-?", "--help", "--helpshort", "--helpfull"})
+
+
 def main() -> None:
     module, args = module_and_args(sys.argv[1:])
     sys.argv = [f"python -m {module}", *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        if e.code == 1 and len(args) == 1 and args[0] in HELP_FLAGS:
+            raise SystemExit(0) from None
+        raise
 
 
 if __name__ == "__main__":

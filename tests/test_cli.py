@@ -89,3 +89,14 @@ def test_absl_tools_take_hyphenated_flags():
     assert cli.absl_spelling(argv) == [
         "--num_slices", "2", "--embed_batch=4", "--config.mesh.preset=fsdp", "--topology",
         "v5e:2x2", "--config=configs/my-run.py", "--", "--keep-this"]
+
+
+def test_the_image_entry_point_answers_its_default_command_with_success():
+    """The image's CMD is --helpshort: `docker run IMAGE` must exit 0, not absl's 1."""
+    for flag in ("--helpshort", "--help"):
+        out = subprocess.run([sys.executable, "-m", "mwmae.job", flag], capture_output=True,
+                             text=True, timeout=120, cwd=REPO)
+        assert out.returncode == 0 and "--config" in out.stdout + out.stderr, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "mwmae.job"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode != 0   # no flags at all is still a usage error
