@@ -22,7 +22,8 @@ from train_step import load  # noqa: E402
 
 from mwmae.data.sources import synthetic_source  # noqa: E402
 from mwmae.train import checkpoint as ckpt  # noqa: E402
-from mwmae.train.trainer import Trainer  # noqa: E402
+from mwmae.train.engine import Engine  # noqa: E402
+from mwmae.train.pretraining import Pretraining  # noqa: E402
 from mwmae.workdir import Workdir  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     config.model.scan_unroll = max(config.model.depth, config.model.decoder_depth)
     config.num_train_steps = 1000
     with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(config, tmp, devices=jax.devices()[:1])
+        t = Engine(Pretraining(config), tmp, devices=jax.devices()[:1])
         state = t.initial_state()
         step = t.compile(state)
         clips = synthetic_source(config.batch_size, config.seed, *config.model.img_size)

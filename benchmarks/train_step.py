@@ -23,7 +23,8 @@ import numpy as np
 
 from mwmae.data.sources import synthetic_source
 from mwmae.train import perf
-from mwmae.train.trainer import Trainer
+from mwmae.train.engine import Engine
+from mwmae.train.pretraining import Pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": "tiny.py", "base": "mwmae_base_200_4x16.py", "mae_base": "mae_base_200_4x16.py"}
@@ -43,7 +44,7 @@ def bench(name: str, batch: int, dtype: str, steps: int, attention: str, unroll:
     config.model.dtype = dtype
     config.model.attention_impl = attention
     config.num_train_steps = 10_000
-    t = Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+    t = Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:1])
     state = t.initial_state()
     t0 = time.perf_counter()
     compiled = t.compile(state)

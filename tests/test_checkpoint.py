@@ -10,8 +10,9 @@ from train_helpers import checkpointing_config, nan_at
 
 from mwmae.data.sources import SyntheticSource
 from mwmae.train import checkpoint as ckpt
+from mwmae.train.engine import Engine
 from mwmae.train.loop import train
-from mwmae.train.trainer import Trainer
+from mwmae.train.pretraining import Pretraining
 from mwmae.workdir import Workdir
 
 _config = checkpointing_config
@@ -23,7 +24,7 @@ def _params_equal(a, b):
 
 
 def test_checkpoint_holds_state_input_position_and_counters(tmp_path):
-    train(_config(), tmp_path, print_fn=lambda _: None)
+    train(Pretraining, _config(), tmp_path, print_fn=lambda _: None)
     meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["step"] == 6 and meta["examples_seen"] == 48 and meta["skipped_steps"] == 0
     assert meta["config"]["model"]["decoder_window_sizes"] == [5, 25, 0, 0]
@@ -34,12 +35,12 @@ def test_checkpoint_holds_state_input_position_and_counters(tmp_path):
 
 
 def test_damaged_checkpoint_is_set_aside_with_a_warning(tmp_path, caplog):
-    train(_config(), tmp_path, print_fn=lambda _: None)
+    train(Pretraining, _config(), tmp_path, print_fn=lambda _: None)
     # truncate the newest checkpoint's array data, as a crash during a copy would
     for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and "d" == f.parent.name:
             f.write_bytes(f.read_bytes()[:10])
-    t = Trainer(_config(), tmp_path)
+    t = Engine(Pretraining(_config()), tmp_path)
     wd = Workdir(tmp_path)
     with caplog.at_level("WARNING"):
         state, data, meta = ckpt.restore_latest(wd, ckpt.make_manager(wd, t.config),
@@ -52,7 +53,7 @@ def test_damaged_checkpoint_is_set_aside_with_a_warning(tmp_path, caplog):
 def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):
     config = _config(steps=2)
     config.mesh.preset = "fsdp_tp"
-    t8 = Trainer(config, tmp_path, devices=jax.devices()[:8])
+    t8 = Engine(Pretraining(config), tmp_path, devices=jax.devices()[:8])
     state = t8.initial_state()
     wd = Workdir(tmp_path)
     manager = ckpt.make_manager(wd, config)
@@ -61,7 +62,7 @@ def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):
 
     other = _config(steps=2)
     other.mesh.preset = "dp"
-    t4 = Trainer(other, tmp_path, devices=jax.devices()[:4])
+    t4 = Engine(Pretraining(other), tmp_path, devices=jax.devices()[:4])
     restored, _, _ = ckpt.restore_latest(wd, ckpt.make_manager(wd, other),
                                          t4.abstract_state())
     _params_equal(restored.params, state.params)
@@ -74,7 +75,7 @@ def test_keep_last_and_keep_every(tmp_path):
     config = _config(steps=12, every=2)
     config.checkpoint.keep_last = 2
     config.checkpoint.keep_every_steps = 4
-    train(config, tmp_path, print_fn=lambda _: None)
+    train(Pretraining, config, tmp_path, print_fn=lambda _: None)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [4, 8, 10, 12]
 
@@ -99,7 +100,7 @@ def test_save_and_restore_on_gs_through_the_emulator(tmp_path):
 
     with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
         config = _config(steps=2)
-        t = Trainer(config, "gs://ckpt-bucket/run")
+        t = Engine(Pretraining(config), "gs://ckpt-bucket/run")
         state = t.initial_state()
         wd = Workdir("gs://ckpt-bucket/run")
         manager = ckpt.make_manager(wd, config)
@@ -117,7 +118,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, monkeypatch):
     config = _config(steps=5)
     config.nonfinite_policy = "skip"
     config.log_every_steps = 1
-    metrics = train(config, tmp_path, print_fn=lambda _: None)
+    metrics = train(Pretraining, config, tmp_path, print_fn=lambda _: None)
     assert metrics["skipped_steps"] == 1 and np.isfinite(metrics["loss"])
     meta = json.loads((tmp_path / "checkpoints" / "5" / "meta" / "metadata").read_text())
     assert meta["skipped_steps"] == 1
@@ -129,13 +130,13 @@ def test_nonfinite_step_stops_naming_the_step_and_last_good_checkpoint(tmp_path,
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match=r"at step 3 .*Last verified checkpoint: .*"
                                                  r"checkpoints/2"):
-        train(config, tmp_path, print_fn=lambda _: None)
+        train(Pretraining, config, tmp_path, print_fn=lambda _: None)
 
 
 def test_inspect_cli_lists_checkpoints(tmp_path, capsys):
     from mwmae.checkpoint import main
 
-    train(_config(steps=4), tmp_path, print_fn=lambda _: None)
+    train(Pretraining, _config(steps=4), tmp_path, print_fn=lambda _: None)
     shutil.copytree(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" /
                     "6.orbax-checkpoint-tmp-123")
     assert main(["inspect", str(tmp_path)]) == 0
@@ -159,7 +160,7 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_reports_interrupted(tmp_path, m
     config = _config(steps=50, every=0)
     lines = []
     before = signal.getsignal(signal.SIGINT)  # a background CI job may inherit SIG_IGN
-    result = train(config, tmp_path, print_fn=lines.append)
+    result = train(Pretraining, config, tmp_path, print_fn=lines.append)
     assert result["status"] == "interrupted"
     assert "interrupted: saving step 4 and stopping" in lines
     assert Workdir(tmp_path).steps() == [4]
@@ -172,7 +173,7 @@ def test_checksums_detect_a_flipped_bit_on_gs(tmp_path):
 
     with gcs_emulator.emulated_gcs(("ckpt-bucket",)):
         config = _config(steps=2)
-        t = Trainer(config, "gs://ckpt-bucket/run")
+        t = Engine(Pretraining(config), "gs://ckpt-bucket/run")
         wd = Workdir("gs://ckpt-bucket/run")
         manager = ckpt.make_manager(wd, config)
         for step in (1, 2):

@@ -14,9 +14,10 @@ import mwmae
 from mwmae.model import param_shapes
 from mwmae.train import sharding
 from mwmae.train.config import check_config, model_config_from
+from mwmae.train.engine import Engine, check_batch, schedule_lengths
 from mwmae.train.loop import train
 from mwmae.train.optim import make_optimizer
-from mwmae.train.trainer import Trainer, check_batch, schedule_lengths
+from mwmae.train.pretraining import Pretraining
 from tfrecord_tools import build as build_lib
 from tfrecord_tools import inspect as inspect_lib
 
@@ -89,7 +90,7 @@ def test_mesh_splits_the_batch_on_one_host_of_4_or_8_devices(name):
 def test_base_step_compiles_for_8_devices_with_the_state_replicated():
     config = load_config("fsd50k_mwmae_base")
     config.batch_size = 16  # 2 per device: the compile, not the memory of the real batch
-    trainer = Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+    trainer = Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:8])
     assert dict(trainer.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert trainer.model_config.dtype == "bfloat16"
     compiled = trainer.compile()  # what `python -m mwmae.train.compile_check` does
@@ -161,7 +162,7 @@ def test_fsd50k_tree_to_shards_to_the_configs_training_run(tmp_path):
     config.log_every_steps = 1
     config.trace_batches = True
     lines = []
-    result = train(config, tmp_path / "run", print_fn=lines.append)
+    result = train(Pretraining, config, tmp_path / "run", print_fn=lines.append)
     assert result["status"] == "done" and math.isfinite(result["loss"])
     assert (tmp_path / "run" / "checkpoints" / "3" / "data").exists()
 

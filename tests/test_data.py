@@ -329,7 +329,7 @@ def test_large_records_span_read_chunks(tmp_path):
 
 def test_num_train_examples_defaults_to_the_manifest_sum(tmp_path, dataset, array_records):
     from mwmae.train import config as train_config
-    from mwmae.train.trainer import schedule_lengths
+    from mwmae.train.engine import schedule_lengths
 
     c = train_config.default_config()
     assert c.data.num_train_examples == -1  # the default: count, don't assume AudioSet

@@ -21,6 +21,7 @@ from mwmae.artifact import ArtifactError, load_artifact
 from mwmae.model import encoder_keys, init_params
 from mwmae.train.config import model_config_from
 from mwmae.train.loop import train
+from mwmae.train.pretraining import Pretraining
 from mwmae.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
     config = _tiny(4)
     config.mesh.preset = "fsdp"
     out = tmp_path_factory.mktemp("run")
-    train(config, out, print_fn=lambda s: None)
+    train(Pretraining, config, out, print_fn=lambda s: None)
     return out
 
 
@@ -109,7 +110,8 @@ def test_export_of_a_relative_workdir(workdir, tmp_path, monkeypatch):
 
 def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys):
     """--initial: the run's untrained weights (the baseline), equal to the trainer's step 0."""
-    from mwmae.train.trainer import Trainer
+    from mwmae.train.engine import Engine
+    from mwmae.train.pretraining import Pretraining
 
     assert export.main(["--workdir", str(workdir), "--initial",
                         "--out", str(tmp_path / "init")]) == 0
@@ -117,7 +119,8 @@ def test_export_initial_is_the_trainers_starting_point(workdir, tmp_path, capsys
     assert meta["step"] == 0 and meta["encoder_only"]
     config = _tiny(4)
     config.mesh.preset = "fsdp"
-    start = flatten_dict(jax.device_get(Trainer(config, tmp_path / "t").initial_state().params))
+    engine = Engine(Pretraining(config), tmp_path / "t")
+    start = flatten_dict(jax.device_get(engine.initial_state().params))
     initial = flatten_dict(mwmae.load(tmp_path / "init").params)
     keys = encoder_keys(model_config_from(config))
     assert set(initial) == {k for k in start if k[0] in keys}

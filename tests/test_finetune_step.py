@@ -122,7 +122,7 @@ def test_supervised_steps_learn_and_repeat_exactly(task):
                            jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
         losses = []
         for _ in range(12):
-            state, m = step(state, (audio, labels))
+            state, m = step(state, {"audio": audio, "label": labels})
             losses.append(float(m["loss"]))
         return losses
 

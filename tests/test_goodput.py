@@ -118,7 +118,7 @@ def test_standard_hooks_time_the_checkpoint_and_task_hooks(tmp_path):
     names = [name for name, *_ in hooks.schedule()]
     assert names[0] == "goodput" and ("goodput_log", 2, True, False) in hooks.schedule()
     assert names.index("goodput_log") > names.index("metrics")
-    run.trainer.reconstructions = lambda params, audio, step: time.sleep(0.05) or [[0]]
+    run.engine.task.reconstructions = lambda params, audio, step: time.sleep(0.05) or [[0]]
     hooks(info(3, wait=0.125))   # a step with images, no log point
     assert rec.measured["evaluation"] >= 0.05   # the task's hook, timed
     assert rec.step == 3 and rec.measured["input_wait"] == 0.125
@@ -141,6 +141,7 @@ def test_figures_survive_a_run_that_died_without_its_last_line(tmp_path, monkeyp
     """In-process stand-in for a kill: the recorder's last line is never written and the run
     dies drawing step 5's batch, two steps after its checkpoint at 3."""
     from mwmae.train.loop import train
+    from mwmae.train.pretraining import Pretraining
 
     wd = tmp_path / "wd"
     original = SyntheticSource.next_local
@@ -154,14 +155,14 @@ def test_figures_survive_a_run_that_died_without_its_last_line(tmp_path, monkeyp
         m.setattr(SyntheticSource, "next_local", dies_at_5)
         m.setattr(recorder_lib.Recorder, "close", lambda self: None)
         with pytest.raises(RuntimeError, match="went away"):
-            train(_fast_config(100), wd, print_fn=lambda _: None)
+            train(Pretraining, _fast_config(100), wd, print_fn=lambda _: None)
     before = _summary(wd)
     assert before.segments == 1 and before.unfinished == 1 and before.last_step == 4
     assert before.seconds["recomputed"] == 0
     assert Workdir(wd).steps() == [3]
 
     lines = []
-    train(_fast_config(6), wd, print_fn=lines.append)
+    train(Pretraining, _fast_config(6), wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 3")
     after = _summary(wd)
     assert after.segments == 2 and after.unfinished == 1 and after.last_step == 6

@@ -1,7 +1,9 @@
 """Each of the training loop's hooks on its own, with the parts of a run it touches stood in by
 small recording objects (the loop tests run them together on real runs)."""
 
+import dataclasses
 import json
+import operator
 import types
 
 import numpy as np
@@ -12,7 +14,7 @@ from mwmae.data.sources import SyntheticSource
 from mwmae.lease import LeaseHeld
 from mwmae.train import hooks as hooks_lib
 from mwmae.train.config import model_config_from
-from mwmae.train.trainer import Trainer
+from mwmae.train.pretraining import Pretraining
 from mwmae.workdir import Workdir
 
 
@@ -60,14 +62,13 @@ def make_run(tmp_path, *, manager=None, watch=None, verified=None, **config_over
     config = load_config("tiny")
     for k, v in config_overrides.items():
         setattr(config, k, v)
-    trainer = types.SimpleNamespace(model_config=model_config_from(config), total_steps=10,
-                                    config=config, flops_per_example=lambda: 1e6,
-                                    reconstructions=lambda params, audio, step: np.full(
-                                        (4, 4, 3), step, np.uint8))
-    trainer.task_hooks = lambda run: Trainer.task_hooks(trainer, run)
-    trainer.checkpoint_record = lambda step: {"total_steps": 10}
+    task = Pretraining(config)
+    task.reconstructions = lambda params, audio, step: np.full((4, 4, 3), step, np.uint8)
+    engine = types.SimpleNamespace(model_config=model_config_from(config), total_steps=10,
+                                   config=config, flops_per_example=lambda: 1e6, task=task,
+                                   checkpoint_record=lambda step: {"total_steps": 10})
     printed = []
-    run = hooks_lib.Run(trainer, Workdir(tmp_path), config, Writer(), manager or Manager(),
+    run = hooks_lib.Run(engine, Workdir(tmp_path), config, Writer(), manager or Manager(),
                         SyntheticSource(8, 0, 200, 80), watch or Watch(), printed.append,
                         start_step=0, verified_step=verified, skipped_steps_at_start=0,
                         started=0.0, previous_seconds=0.0)
@@ -109,6 +110,23 @@ def test_hooks_run_in_the_order_added_and_stop_ends_the_sequence():
     assert seen == ["a"] and stopped.value.status == "preempted"
 
 
+def test_hooks_hand_what_they_return_to_the_later_hooks_of_the_step():
+    seen = []
+    hooks = hooks_lib.Hooks(0)
+    hooks.add("evaluate", lambda i: {"evaluation": {"top1": i.step / 10}}, 2)
+    hooks.add("reader", lambda i: seen.append(dict(i.produced)))
+    assert hooks(info(1)) == {} and hooks(info(2)) == {"evaluation": {"top1": 0.2}}
+    assert seen == [{}, {"evaluation": {"top1": 0.2}}]  # nothing carries over between steps
+    hooks.add("writer", lambda i: operator.setitem(i.produced, "x", 1))  # read-only to hooks
+    with pytest.raises(TypeError):
+        hooks(info(3))
+    clash = hooks_lib.Hooks(0)
+    clash.add("a", lambda i: {"metrics": 1})
+    clash.add("b", lambda i: {"metrics": 2})
+    with pytest.raises(ValueError, match="hook 'b' produces 'metrics'"):
+        clash(info(1))
+
+
 def test_batch_trace_writes_loss_bits_and_ids_per_step(tmp_path):
     run, _ = make_run(tmp_path)
     write = hooks_lib.batch_trace(run)
@@ -132,9 +150,10 @@ def test_lease_guard_stops_only_when_the_lease_was_lost(tmp_path):
 def test_divergence_guard_names_the_newest_good_checkpoint(tmp_path):
     manager = Manager()
     run, _ = make_run(tmp_path, manager=manager, verified=2, nonfinite_policy="stop")
-    guard = hooks_lib.divergence_guard(run)
+    checkpointer = hooks_lib.Checkpointer(run)
+    guard = checkpointer.divergence
     guard(info(3))  # nothing dropped: passes
-    run.saved, manager.saved = [4, 6], [4]  # 6 never committed
+    checkpointer.saved, manager.saved = [4, 6], [4]  # 6 never committed
     with pytest.raises(FloatingPointError, match=r"step 5 .*checked at step 7.*checkpoints/4"):
         guard(info(7, st=state(skipped=1, last_skipped=5)))
     assert manager.waited == 1
@@ -148,14 +167,15 @@ def test_metric_logger_averages_the_interval_and_skips_dropped_steps(tmp_path):
     for step, wait, loss in ((1, 0.010, 1.0), (2, 0.030, 2.0), (3, 0.050, np.nan), (4, 0.0, 4.0)):
         logger.accumulate(info(step, wait=wait, loss=loss))
         if step in (1, 4):
-            logger(info(step, loss=loss))
+            produced = logger(info(step, loss=loss))
     first, last = run.writer.scalars[1], run.writer.scalars[4]
     assert first["perf/compile_seconds"] == 12.5 and "perf/compile_seconds" not in last
     assert first["data/input_wait_ms_per_step"] == pytest.approx(10.0)
     assert last["data/input_wait_ms_per_step"] == pytest.approx(80 / 3)  # 3 steps
     assert last["train/loss"] == pytest.approx(3.0)  # (2 + 4) / 2: the NaN step is left out
     assert last["train/param_norm"] == pytest.approx(3.0) and last["data/skipped_records"] == 0
-    assert 0 < last["data/input_wait_fraction"] and run.metrics["loss"] == last["train/loss"]
+    assert 0 < last["data/input_wait_fraction"]
+    assert produced["metrics"]["loss"] == last["train/loss"]
     assert printed[-1].startswith("step     4/10  loss 3.0000") and " ETA 0:00:" in printed[-1]
 
 
@@ -178,7 +198,8 @@ def test_hparams_are_the_flattened_config():
 
 def test_images_use_the_steps_own_mask_index(tmp_path):
     run, _ = make_run(tmp_path)
-    hooks_lib.reconstruction_images(run)(info(5))
+    [images] = run.engine.task.hooks(run)
+    images.fn(info(5))
     assert int(run.writer.images[5]["train/reconstruction"][0, 0, 0]) == 4
 
 
@@ -189,28 +210,31 @@ def test_checkpointer_saves_by_policy_at_the_end_and_on_preemption(tmp_path, mon
                             (step, data, meta["step"], metrics)) or True)
     run, printed = make_run(tmp_path, manager=Manager(policy={2}), watch=Watch(at=3))
     guard_calls = []
-    save = hooks_lib.checkpointer(run, guard_calls.append)
+    checkpointer = hooks_lib.Checkpointer(run)
+    checkpointer.divergence = guard_calls.append
+    save = checkpointer.save
     save(info(1))
     save(info(2))
     with pytest.raises(hooks_lib.Stop) as stop:
         save(info(3))
     assert stop.value.status == "preempted" and printed[-1].startswith("preempted: saving step 3")
-    assert [s[0] for s in saves] == [2, 3] and run.saved == [2, 3]
+    assert [s[0] for s in saves] == [2, 3] and checkpointer.saved == [2, 3]
     assert saves[0][1] == {"position": 0} and len(guard_calls) == 2
     assert saves[0][3] is None
-    run.watch = Watch()
+    checkpointer.run = dataclasses.replace(run, watch=Watch())
     # An evaluated step is saved with its metrics (the best-checkpoint policy ranks by them).
-    run.evaluated[4] = {"mAP": 0.5}
-    save(info(4))
-    assert saves[-1][0] == 4 and saves[-1][3] == {"mAP": 0.5} and not run.evaluated
+    save(dataclasses.replace(info(4), produced={"evaluation": {"mAP": 0.5}}))
+    assert saves[-1][0] == 4 and saves[-1][3] == {"mAP": 0.5}
+    save(info(5))  # the evaluation was that step's alone
+    assert saves[-1][0] == 4
     save(info(10, done=True))
-    assert run.saved[-1] == 10
+    assert checkpointer.saved[-1] == 10
 
 
 def test_a_diverged_state_is_never_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(hooks_lib.ckpt, "save_checkpoint", lambda *a, **k: pytest.fail("saved"))
     run, _ = make_run(tmp_path, manager=Manager(policy={2}), nonfinite_policy="stop")
-    save = hooks_lib.checkpointer(run, hooks_lib.divergence_guard(run))
+    save = hooks_lib.Checkpointer(run).save
     with pytest.raises(FloatingPointError):
         save(info(2, st=state(skipped=1, last_skipped=2)))
 

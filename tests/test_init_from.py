@@ -10,7 +10,8 @@ import mwmae
 from mwmae.export import export_original
 from mwmae.pretrained import InitFromError, pretrained_params
 from mwmae.train.config import default_config
-from mwmae.train.trainer import Trainer
+from mwmae.train.engine import Engine
+from mwmae.train.pretraining import Pretraining
 
 
 def config_like(model, **changes):
@@ -30,7 +31,7 @@ def test_pretraining_starts_from_the_released_weights(reference_model, original_
                                                       fixtures, tmp_path):
     c = config_like(reference_model)
     c.init_from = str(original_checkpoint)
-    t = Trainer(c, tmp_path / "wd")
+    t = Engine(Pretraining(c), tmp_path / "wd")
     state = t.initial_state()
     got, want = flat(state.params), flat(reference_model.params)
     assert got.keys() == want.keys()
@@ -46,9 +47,9 @@ def test_an_encoder_only_artifact_starts_the_encoder_and_leaves_a_fresh_decoder(
         reference_model, original_checkpoint, tmp_path):
     export_original(str(original_checkpoint), str(tmp_path / "art"))
     c = config_like(reference_model)
-    fresh = flat(Trainer(c, tmp_path / "a").initial_state().params)
+    fresh = flat(Engine(Pretraining(c), tmp_path / "a").initial_state().params)
     c.init_from = str(tmp_path / "art")
-    got = flat(Trainer(c, tmp_path / "b").initial_state().params)
+    got = flat(Engine(Pretraining(c), tmp_path / "b").initial_state().params)
     want = flat(reference_model.params)
     for k in got:
         expected = want[k] if k.split("/")[0] in mwmae.model.encoder_keys(
@@ -64,10 +65,10 @@ def test_a_workdir_step_starts_a_run_and_training_goes_on_from_it(tmp_path):
     c = load_config("tiny")
     c.num_train_steps, c.log_every_steps = 4, 2
     c.checkpoint.every_steps = 2
-    train(c, tmp_path / "pre", print_fn=lambda s: None)
+    train(Pretraining, c, tmp_path / "pre", print_fn=lambda s: None)
     c2 = load_config("tiny")
     c2.init_from, c2.init_from_step = str(tmp_path / "pre"), 2
-    params = flat(Trainer(c2, tmp_path / "next").initial_state().params)
+    params = flat(Engine(Pretraining(c2), tmp_path / "next").initial_state().params)
     _, step2, _ = mwmae.workdir.Workdir(tmp_path / "pre").read_params(2, with_decoder=True)
     for k, v in flat(step2).items():
         np.testing.assert_array_equal(params[k], v, err_msg=k)
@@ -107,5 +108,5 @@ def test_a_bad_source_fails_before_the_workdir_is_written_so_a_fixed_rerun_start
     c = load_config("tiny")
     c.init_from = str(tmp_path / "typo")
     with pytest.raises(InitFromError, match="typo: no such file or directory"):
-        train(c, tmp_path / "wd", print_fn=lambda s: None)
+        train(Pretraining, c, tmp_path / "wd", print_fn=lambda s: None)
     assert not (tmp_path / "wd" / "config.json").exists()

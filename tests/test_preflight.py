@@ -18,7 +18,8 @@ from mwmae.kernels import numerics, pallas_tpu
 from mwmae.kernels.plan import Layer
 from mwmae.preflight import attention, run
 from mwmae.train import attention_plan
-from mwmae.train.trainer import Trainer
+from mwmae.train.engine import Engine
+from mwmae.train.pretraining import Pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("devices", "attention", "step", "input", "storage", "verdict")
@@ -154,7 +155,7 @@ def _record(layer: Layer, kind: str, choice: str, jax_version: str = jax.__versi
 def fake_gpu(monkeypatch):
     """The trainer believes it compiles for a GPU; the guard runs on this host's CPU."""
     device = FakeDevice("gpu", "Fake GPU 9000")
-    monkeypatch.setattr(Trainer, "attention_target",
+    monkeypatch.setattr(Engine, "attention_target",
                         lambda self: (device, jax.local_devices()[0]))
     return device
 
@@ -162,7 +163,8 @@ def fake_gpu(monkeypatch):
 def _workdir_with_records(tmp_path, config, kind, choices):
     wd = tmp_path / "wd"
     wd.mkdir()
-    layers = Trainer(config, tmp_path / "probe", devices=jax.devices()[:1]).attention_layers()
+    layers = Engine(Pretraining(config), tmp_path / "probe",
+                    devices=jax.devices()[:1]).attention_layers()
     records = [_record(layer, kind, choices[layer.name]) for layer in layers]
     (wd / "preflight.json").write_text(json.dumps({"attention": {"layers": records}}))
     return wd
@@ -172,7 +174,7 @@ def test_auto_takes_the_recorded_choice(tmp_path, fake_gpu, monkeypatch):
     config = tiny()
     wd = _workdir_with_records(tmp_path, config, fake_gpu.device_kind,
                                {"encoder": "xla", "decoder": "pallas_interpret"})
-    t = Trainer(config, wd, devices=jax.devices()[:1])
+    t = Engine(Pretraining(config), wd, devices=jax.devices()[:1])
     assert t.attention.implementation_of("decoder") == "pallas_interpret"
     assert t.attention.implementation_of("encoder") == "xla"
     decoder = next(d for d in t.attention.decisions if d.layer.name == "decoder")
@@ -189,7 +191,8 @@ def test_auto_takes_the_recorded_choice(tmp_path, fake_gpu, monkeypatch):
 
 def test_a_record_of_another_jax_or_device_is_not_taken(tmp_path, fake_gpu):
     config = tiny()
-    layer = Trainer(config, tmp_path / "probe", devices=jax.devices()[:1]).attention_layers()[1]
+    layer = Engine(Pretraining(config), tmp_path / "probe",
+                    devices=jax.devices()[:1]).attention_layers()[1]
     records = [_record(layer, fake_gpu.device_kind, "pallas_interpret", "0.0.1"),
                _record(layer, "Other GPU", "pallas_interpret")]
     assert attention_plan.find_record(records, fake_gpu.device_kind, jax.__version__,
@@ -206,7 +209,7 @@ def test_the_guard_falls_back_to_xla_when_the_kernel_disagrees(
     wd = _workdir_with_records(tmp_path, config, fake_gpu.device_kind,
                                {"encoder": "pallas_interpret", "decoder": "pallas_interpret"})
     with caplog.at_level(logging.WARNING):
-        t = Trainer(config, wd, devices=jax.devices()[:1])
+        t = Engine(Pretraining(config), wd, devices=jax.devices()[:1])
     assert t.attention.implementation_of("decoder") == "xla"
     assert t.attention.implementation_of("encoder") == "pallas_interpret"  # it agreed
     decoder = next(d for d in t.attention.decisions if d.layer.name == "decoder")
@@ -216,15 +219,15 @@ def test_the_guard_falls_back_to_xla_when_the_kernel_disagrees(
     # "error" stops the run instead; "off" trusts the kernel.
     config.model.attention_guard = "error"
     with pytest.raises(attention_plan.AttentionGuardError, match="decoder"):
-        Trainer(config, wd, devices=jax.devices()[:1])
+        Engine(Pretraining(config), wd, devices=jax.devices()[:1])
     config.model.attention_guard = "off"
-    t = Trainer(config, wd, devices=jax.devices()[:1])
+    t = Engine(Pretraining(config), wd, devices=jax.devices()[:1])
     assert t.attention.implementation_of("decoder") == "pallas_interpret"
 
 
 def test_without_a_record_the_default_rule_applies_and_a_kernel_that_cannot_run_is_dropped(
         tmp_path, fake_gpu):
-    t = Trainer(tiny(), tmp_path / "wd",
+    t = Engine(Pretraining(tiny()), tmp_path / "wd",
                 devices=jax.devices()[:1])
     for d in t.attention.decisions:
         # The GPU rule picks the Triton kernel, which cannot run on this CPU: the guard drops it.
@@ -233,7 +236,7 @@ def test_without_a_record_the_default_rule_applies_and_a_kernel_that_cannot_run_
 
 
 def test_on_cpu_auto_stays_xla_and_says_why(tmp_path):
-    t = Trainer(load_config("tiny"), tmp_path / "wd", devices=jax.devices()[:1])
+    t = Engine(Pretraining(load_config("tiny")), tmp_path / "wd", devices=jax.devices()[:1])
     assert [d.implementation for d in t.attention.decisions] == ["xla", "xla"]
     assert all("no preflight record" in line for line in t.attention.lines())
 
@@ -291,7 +294,7 @@ def test_storage_on_a_gs_workdir_through_the_emulator():
 
     with gcs_emulator.emulated_gcs(("pf-bucket",)):
         wd = Workdir("gs://pf-bucket/run")
-        t = Trainer(tiny(), str(wd), devices=jax.devices()[:1])
+        t = Engine(Pretraining(tiny()), str(wd), devices=jax.devices()[:1])
         section = storage.check_storage(t, wd.preflight_scratch, t.initial_state(), 0.1)
         assert section.verdict in ("ok", "warn"), section.lines
         f = section.figures
@@ -309,7 +312,7 @@ def test_storage_names_a_workdir_it_cannot_write(tmp_path):
 
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    t = Trainer(tiny(), str(tmp_path / "wd"), devices=jax.devices()[:1])
+    t = Engine(Pretraining(tiny()), str(tmp_path / "wd"), devices=jax.devices()[:1])
     section = storage.check_storage(t, epath.Path(blocked) / "preflight-scratch", None, None)
     assert section.verdict == "fail"
     assert any(str(blocked) in text for v, text in section.lines if v == "fail")

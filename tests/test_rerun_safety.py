@@ -18,6 +18,7 @@ from train_helpers import REPO, checkpointing_config
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import train
+from mwmae.train.pretraining import Pretraining
 from mwmae.workdir import ConfigMismatch, DamagedCheckpoint, Workdir
 
 
@@ -34,7 +35,7 @@ def _snapshot(root: pathlib.Path) -> dict[str, str]:
 def trained(tmp_path_factory):
     """A finished 6-step run with checkpoints 2, 4, 6 (copied by tests that change it)."""
     path = tmp_path_factory.mktemp("run") / "wd"
-    train(checkpointing_config(), path, print_fn=_quiet)
+    train(Pretraining, checkpointing_config(), path, print_fn=_quiet)
     return path
 
 
@@ -53,14 +54,14 @@ def test_a_workdir_without_config_json_still_refuses_another_config(trained, tmp
     config.optimizer.base_learning_rate = 0.5
     config.seed = 7
     with pytest.raises(ConfigMismatch) as e:
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
     message = str(e.value)
     assert "checkpoints/6 (the config it was trained with)" in message
     assert "seed: 0 -> 7" in message and "optimizer.base_learning_rate" in message
     assert _snapshot(wd) == before and not (wd / "config.json").exists()
     # The same config as the checkpoints' resumes, and config.json is written again.
     lines = []
-    train(checkpointing_config(steps=8), wd, print_fn=lines.append)
+    train(Pretraining, checkpointing_config(steps=8), wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 6")
     assert json.loads((wd / "config.json").read_text())["seed"] == 0
 
@@ -94,15 +95,15 @@ def test_only_damaged_checkpoints_refuse_a_restart_from_step_0(trained, tmp_path
     config.checkpoint.keep_last = 1
     with pytest.raises(DamagedCheckpoint, match=r"no checkpoint verifies \(set aside: 6.damaged"
                                                 r"\); training would start again from step 0"):
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
     assert (wd / "checkpoints" / "6.damaged").is_dir() and Workdir(wd).steps() == []
     with pytest.raises(DamagedCheckpoint, match="no checkpoint verifies"):  # and again
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
     assert not list((wd / "checkpoints").glob("[0-9]"))
     # Moving the set-aside checkpoint away is the explicit "start over".
     shutil.move(str(wd / "checkpoints" / "6.damaged"), str(tmp_path / "6.damaged"))
     lines = []
-    train(config, wd, print_fn=lines.append)
+    train(Pretraining, config, wd, print_fn=lines.append)
     assert lines[0].startswith("starting at step 0")
 
 
@@ -113,12 +114,12 @@ def test_dropping_keep_every_steps_keeps_the_kept_checkpoints(tmp_path, caplog):
     config = checkpointing_config(steps=8, every=2)
     config.checkpoint.keep_last = 1
     config.checkpoint.keep_every_steps = 4
-    train(config, wd, print_fn=_quiet)
+    train(Pretraining, config, wd, print_fn=_quiet)
     assert Workdir(wd).steps() == [4, 8]
     config = checkpointing_config(steps=12, every=2)
     config.checkpoint.keep_last = 1
     with caplog.at_level(logging.WARNING):
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
     assert Workdir(wd).steps() == [4, 8, 12]
     assert "keeping checkpoints an earlier config of this run promised to keep" in caplog.text
     assert "4 (checkpoint.keep_every_steps=4)" in caplog.text
@@ -126,7 +127,7 @@ def test_dropping_keep_every_steps_keeps_the_kept_checkpoints(tmp_path, caplog):
     config = checkpointing_config(steps=14, every=2)
     config.checkpoint.keep_last = 1
     config.checkpoint.release_kept = True
-    train(config, wd, print_fn=_quiet)
+    train(Pretraining, config, wd, print_fn=_quiet)
     assert Workdir(wd).steps() == [14]
 
 
@@ -169,7 +170,7 @@ def test_an_edited_input_position_or_counter_is_damage(trained, tmp_path, item, 
     path = wd / "checkpoints" / "6" / item / "metadata"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
     lines = []
-    train(checkpointing_config(steps=8), wd, print_fn=lines.append)
+    train(Pretraining, checkpointing_config(steps=8), wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 4")
     assert (wd / "checkpoints" / "6.damaged").is_dir()
 
@@ -196,7 +197,7 @@ def test_export_initial_of_an_init_from_run_is_what_it_started_from(trained, tmp
     config.seed = 3
     config.init_from = str(source)
     run = tmp_path / "run"
-    train(config, run, print_fn=_quiet)
+    train(Pretraining, config, run, print_fn=_quiet)
     assert Workdir(run).read_meta(2)["initial"]["init_from"] == str(source)
     export.export_initial(run, str(tmp_path / "initial"))
     initial = api.load(str(tmp_path / "initial")).params
@@ -216,7 +217,7 @@ def test_export_initial_of_an_init_from_run_is_what_it_started_from(trained, tmp
 def test_a_longer_run_says_how_its_schedule_moves(trained, tmp_path):
     wd = _copy(trained, tmp_path / "wd")
     lines = []
-    train(checkpointing_config(steps=10), wd, print_fn=lines.append)
+    train(Pretraining, checkpointing_config(steps=10), wd, print_fn=lines.append)
     notice = [line for line in lines if line.startswith("run length")]
     assert notice and notice[0].startswith("run length 6 -> 10 steps: the learning-rate "
                                            "schedule is recomputed over 10 steps; the rate "
@@ -227,7 +228,7 @@ def test_a_shorter_run_than_the_workdir_trains_nothing_and_writes_nothing(traine
     wd = _copy(trained, tmp_path / "wd")
     before = _snapshot(wd)
     lines = []
-    result = train(checkpointing_config(steps=4), wd, print_fn=lines.append)
+    result = train(Pretraining, checkpointing_config(steps=4), wd, print_fn=lines.append)
     assert result["status"] == "done"
     assert any("step 6 is already at or past this config's 4 steps: nothing to train" in line
                for line in lines)
@@ -244,7 +245,7 @@ def test_shards_matching_nothing_write_nothing(tmp_path):
     config.data.train_shards = str(tmp_path / "nowhere" / "*.tfrecord")
     config.data.num_train_examples = 64
     with pytest.raises(Exception, match="nowhere"):
-        train(config, tmp_path / "wd", print_fn=_quiet)
+        train(Pretraining, config, tmp_path / "wd", print_fn=_quiet)
     left = sorted(p.name for p in (tmp_path / "wd").glob("*")) if (tmp_path / "wd").exists() \
         else []
     assert not {"config.json", "checkpoints", "tensorboard"} & set(left), left
@@ -280,11 +281,11 @@ def test_a_workdir_that_is_an_artifact_or_a_file_is_refused(trained, tmp_path):
     export.export_workdir(trained, str(art))
     before = _snapshot(art)
     with pytest.raises(WorkdirError, match="an exported artifact, not a training workdir"):
-        train(checkpointing_config(), art, print_fn=_quiet)
+        train(Pretraining, checkpointing_config(), art, print_fn=_quiet)
     assert _snapshot(art) == before and not (art / "checkpoints").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(WorkdirError, match="a file, not a folder"):
-        train(checkpointing_config(), tmp_path / "file", print_fn=_quiet)
+        train(Pretraining, checkpointing_config(), tmp_path / "file", print_fn=_quiet)
 
 
 def test_a_workdir_inside_an_artifact_or_a_workdir_is_refused(trained, tmp_path):
@@ -294,10 +295,10 @@ def test_a_workdir_inside_an_artifact_or_a_workdir_is_refused(trained, tmp_path)
     art = tmp_path / "art"
     export.export_workdir(trained, str(art))
     with pytest.raises(WorkdirError, match="inside the exported artifact"):
-        train(checkpointing_config(), art / "run", print_fn=_quiet)
+        train(Pretraining, checkpointing_config(), art / "run", print_fn=_quiet)
     wd = _copy(trained, tmp_path / "wd")
     with pytest.raises(WorkdirError, match="inside the training workdir"):
-        train(checkpointing_config(), wd / "checkpoints" / "run", print_fn=_quiet)
+        train(Pretraining, checkpointing_config(), wd / "checkpoints" / "run", print_fn=_quiet)
     assert not (art / "run").exists() and not (wd / "checkpoints" / "run").exists()
 
 
@@ -342,7 +343,7 @@ def test_export_initial_of_a_tagger_is_the_encoder_it_started_from(tmp_path):
 
     from mwmae import api, export
     from mwmae.artifact import save_artifact
-    from mwmae.finetune.trainer import Tagger
+    from mwmae.finetune.tagging import Tagging
     from mwmae.model import encoder_keys, init_params
     from mwmae.train.config import model_config_from
 
@@ -354,7 +355,7 @@ def test_export_initial_of_a_tagger_is_the_encoder_it_started_from(tmp_path):
     save_artifact(str(source), model, jax.device_get(init_params(model, jax.random.key(11))),
                   source="test")
     config.init_from = str(source)
-    train(config, tmp_path / "wd", print_fn=_quiet, task=Tagger)
+    train(Tagging, config, tmp_path / "wd", print_fn=_quiet)
     export.export_initial(tmp_path / "wd", str(tmp_path / "initial"))
     initial, taken = api.load(str(tmp_path / "initial")), api.load(str(source))
     for key in encoder_keys(model):

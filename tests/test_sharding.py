@@ -10,7 +10,8 @@ import pytest
 from train_helpers import load_config, run_steps
 
 from mwmae.train import sharding
-from mwmae.train.trainer import Trainer
+from mwmae.train.engine import Engine
+from mwmae.train.pretraining import Pretraining
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -34,7 +35,7 @@ def test_preset_matches_single_device(preset, single_device_losses):
 def test_partition_specs_match_golden(preset):
     config = load_config("tiny")
     config.mesh.preset = preset
-    t = Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+    t = Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:8])
     got = sharding.describe(t.state_sharding.params)
     path = GOLDEN / f"partition_specs_tiny_{preset}.json"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -45,7 +46,7 @@ def test_partition_specs_match_golden(preset):
 def test_fsdp_shards_params_and_optimizer_state():
     config = load_config("tiny")
     config.mesh.preset = "fsdp_tp"
-    t = Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+    t = Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:8])
     state = t.initial_state()
     fc1 = state.params["encoder"]["layers"]["block_0"]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -70,7 +71,7 @@ def test_config_errors_fail_before_compiling(change, message):
             node = node[p]
         node[leaf] = v
     with pytest.raises(ValueError, match=message):
-        Trainer(config, "/tmp/unused", devices=jax.devices()[:8])
+        Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:8])
 
 
 def test_unknown_config_key_is_rejected():
@@ -81,7 +82,7 @@ def test_unknown_config_key_is_rejected():
     want = ("unknown config key 'optimizer.learning_rte'; nearest valid: "
             "optimizer.base_learning_rate")
     with pytest.raises(ValueError, match=want):
-        Trainer(config, "/tmp/unused", devices=jax.devices()[:1])
+        Engine(Pretraining(config), "/tmp/unused", devices=jax.devices()[:1])
 
 
 def test_attention_shard_map_axes_come_from_the_rules(monkeypatch):

@@ -2,7 +2,6 @@
 checkpoint named as Orbax keeps it, damaged side files and odd numbers. Each refusal is one line
 naming the file or key, before the workdir holds anything."""
 
-import collections
 import json
 import os
 import shutil
@@ -14,9 +13,10 @@ import pytest
 from tag_helpers import tiny_tag_config, write_split
 
 from mwmae.data import records
-from mwmae.finetune.trainer import Tagger
+from mwmae.finetune.tagging import Tagging
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.config import ConfigError
+from mwmae.train.engine import Engine
 from mwmae.train.loop import train
 from mwmae.workdir import Workdir, WorkdirError
 
@@ -46,22 +46,22 @@ def test_an_evaluation_split_without_its_labels_csv_is_refused_before_anything_i
     c = tiny_tag_config(splits["train"], unlabelled)
     with pytest.raises(ConfigError, match=r"unlabelled/eval-labels.csv: missing; "
                                           r"tagger.eval_shards .* rebuild"):
-        train(c, tmp_path / "wd", print_fn=lambda s: None, task=Tagger)
+        train(Tagging, c, tmp_path / "wd", print_fn=lambda s: None)
     assert not (tmp_path / "wd").exists()
     # A glob or a bare shard has no labels CSV to prove its classes with.
     c.tagger.eval_shards = str(tmp_path / "unlabelled" / "eval-*.tfrecord")
     with pytest.raises(ConfigError, match=r"tagger.eval_shards='.*eval-\*.tfrecord': .*"
                                           r"PREFIX-manifest.csv"):
-        Tagger(c, tmp_path / "wd")
+        Engine(Tagging(c), tmp_path / "wd")
     # Nor can the run compare when its own classes come from no labels CSV.
     train_only = _copy_split(splits["train"], tmp_path / "trainonly", labels=False)
     c = tiny_tag_config(train_only, splits["eval"])
     c.tagger.num_classes = 3
     with pytest.raises(ConfigError, match=r"trainonly/train-labels.csv: missing; .*"
                                           r"tagger.labels_csv"):
-        Tagger(c, tmp_path / "wd")
+        Engine(Tagging(c), tmp_path / "wd")
     # With both labels CSVs present and equal, the same split is accepted.
-    Tagger(tiny_tag_config(splits["train"], splits["eval"]), tmp_path / "ok")
+    Engine(Tagging(tiny_tag_config(splits["train"], splits["eval"])), tmp_path / "ok")
 
 
 class _Writer:
@@ -70,20 +70,20 @@ class _Writer:
 
 
 def _hook_run(wd: Workdir, start_step: int, printed: list):
-    return types.SimpleNamespace(workdir=wd, start_step=start_step, evaluated={},
-                                 writer=_Writer(), print_fn=printed.append)
+    return types.SimpleNamespace(workdir=wd, start_step=start_step, writer=_Writer(),
+                                 print_fn=printed.append,
+                                 engine=types.SimpleNamespace(total_steps=10))
 
 
 def _evaluating_tagger(scores: dict[int, float], split: str = "split-a"):
-    """The parts of a Tagger that its evaluation hook uses, with a scripted evaluation of a
-    split whose content hashes to ``split``."""
-    t = Tagger.__new__(Tagger)
-    t.main_metric, t.total_steps = "top1", 10
+    """The parts of the tagging task that its evaluation hook uses, with a scripted evaluation
+    (``t.scripted``) of a split whose content hashes to ``split``."""
+    t = Tagging.__new__(Tagging)
+    t.main_metric = "top1"
     t.config = tiny_tag_config("unused", "eval-manifest.csv")
-    t.mesh = types.SimpleNamespace(shape=collections.defaultdict(lambda: 1))
     t._eval_split = types.SimpleNamespace(fingerprint=split)
     step = {"now": 0}
-    t.evaluate = lambda params: {"top1": scores[step["now"]], "clips": 9}
+    t.scripted = lambda params: {"top1": scores[step["now"]], "clips": 9}
     return t, step
 
 
@@ -96,14 +96,15 @@ def test_the_console_names_the_checkpoint_orbax_keeps_when_evaluations_tie(tmp_p
     def run_steps(steps, start_step):
         t, now = _evaluating_tagger(scores)
         run = _hook_run(wd, start_step, printed)
-        hook = Tagger._evaluation_hook(t, run)
+        hook = Tagging._evaluation_hook(t, run, t.scripted)
         manager = ckpt.make_manager(wd, config, best_metric="top1")
         for step in steps:
             now["now"] = step
-            hook(types.SimpleNamespace(step=step, state=types.SimpleNamespace(params=None)))
+            produced = hook(types.SimpleNamespace(step=step,
+                                                  state=types.SimpleNamespace(params=None)))
             state = {"x": jax.numpy.full((2,), float(step))}
             ckpt.save_checkpoint(wd, manager, step, state, {"position": step}, {"step": step},
-                                 force=True, metrics=run.evaluated.pop(step))
+                                 force=True, metrics=produced["evaluation"])
             manager.wait_until_finished()
         manager.close()
 
@@ -127,7 +128,7 @@ def test_a_missing_empty_or_damaged_evaluation_split_is_refused_naming_the_file(
 
     def refused(manifest, match):
         with pytest.raises(ConfigError, match=match):
-            Tagger(tiny_tag_config(splits["train"], str(manifest)), tmp_path / "wd")
+            Tagging(tiny_tag_config(splits["train"], str(manifest)))
         assert not (tmp_path / "wd").exists()
 
     labels = (splits["dir"] / "eval-labels.csv").read_text()
@@ -165,9 +166,9 @@ def test_a_class_count_other_than_the_labels_csv_is_refused(splits, tmp_path):
         c.tagger.num_classes = wrong
         with pytest.raises(ConfigError, match=rf"tagger.num_classes={wrong}: .*train-labels.csv "
                                               r"lists 3 classes"):
-            Tagger(c, tmp_path / "wd")
+            Engine(Tagging(c), tmp_path / "wd")
     c.tagger.num_classes = 3
-    assert Tagger(c, tmp_path / "wd").num_classes == 3
+    assert Tagging(c).num_classes == 3
 
 
 def test_an_evaluation_batch_the_mesh_cannot_split_is_refused_before_the_first_step(
@@ -177,7 +178,7 @@ def test_an_evaluation_batch_the_mesh_cannot_split_is_refused_before_the_first_s
     c.tagger.eval_batch_size = shards + 1
     with pytest.raises(ConfigError, match=rf"tagger.eval_batch_size={shards + 1}: not divisible "
                                           rf"by the {shards} batch shards"):
-        train(c, tmp_path / "wd", print_fn=lambda s: None, task=Tagger)
+        train(Tagging, c, tmp_path / "wd", print_fn=lambda s: None)
     assert Workdir(tmp_path / "wd").steps() == []
 
 
@@ -193,10 +194,10 @@ def test_a_resumed_run_never_ranks_evaluations_of_another_split_with_its_own(tmp
     with pytest.raises(ConfigError, match=r"tagger.eval_shards=eval-manifest.csv: not the split "
                                           r"this workdir's evaluations .* split split-a, this one "
                                           r"is split-b\); resume with that split"):
-        Tagger._evaluation_hook(t, _hook_run(wd, 4, []))
+        Tagging._evaluation_hook(t, _hook_run(wd, 4, []), t.scripted)
     # The same content (wherever it lies now) resumes.
     t, _ = _evaluating_tagger({}, split="split-a")
-    Tagger._evaluation_hook(t, _hook_run(wd, 4, []))
+    Tagging._evaluation_hook(t, _hook_run(wd, 4, []), t.scripted)
 
 
 def test_evaluations_after_the_restored_step_are_dropped_and_printed(tmp_path):
@@ -205,7 +206,7 @@ def test_evaluations_after_the_restored_step_are_dropped_and_printed(tmp_path):
                      for s, v in ((4, 0.5), (8, 0.6), (12, 0.95))])
     printed = []
     t, now = _evaluating_tagger({12: 0.7}, split="split-a")
-    hook = Tagger._evaluation_hook(t, _hook_run(wd, 8, printed))
+    hook = Tagging._evaluation_hook(t, _hook_run(wd, 8, printed), t.scripted)
     # Step 12's checkpoint never committed: its 0.95 is neither on disk nor the best.
     assert [r["step"] for r in wd.read_evaluations()] == [4, 8]
     assert "step 12 top1 0.95" in printed[0], printed
@@ -222,10 +223,10 @@ def test_a_damaged_evaluations_file_is_refused_saying_what_to_do(tmp_path):
     t, _ = _evaluating_tagger({})
     with pytest.raises(WorkdirError, match=r"evaluations.jsonl: line 2 .*; the run ranks its "
                                            r"best checkpoint by this file: repair or delete"):
-        Tagger._evaluation_hook(t, _hook_run(wd, 8, []))
+        Tagging._evaluation_hook(t, _hook_run(wd, 8, []), t.scripted)
     wd.evaluations_path.write_text('{"step": 4, "mAP": 0.5}\n')
     with pytest.raises(WorkdirError, match=r"evaluation of step 4 has no top1"):
-        Tagger._evaluation_hook(t, _hook_run(wd, 8, []))
+        Tagging._evaluation_hook(t, _hook_run(wd, 8, []), t.scripted)
 
 
 def test_the_split_fingerprint_is_its_content_not_its_path(splits, tmp_path):

@@ -5,6 +5,7 @@ import pathlib
 from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
 from mwmae.train.loop import train
+from mwmae.train.pretraining import Pretraining
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,7 +24,7 @@ def _tiny(steps: int):
 
 def test_tiny_pretraining_learns_checkpoints_and_resumes(tmp_path):
     lines = []
-    train(_tiny(20), tmp_path, print_fn=lines.append)
+    train(Pretraining, _tiny(20), tmp_path, print_fn=lines.append)
     losses = [float(line.split("loss")[1].split()[0]) for line in lines if line.startswith("step")]
     assert len(losses) == 20
     assert losses[-1] < 0.75 * losses[0], losses
@@ -31,7 +32,7 @@ def test_tiny_pretraining_learns_checkpoints_and_resumes(tmp_path):
     assert any(line.startswith("checkpoint: ") and line.endswith("20") for line in lines)
 
     more = []
-    train(_tiny(25), tmp_path, print_fn=more.append)
+    train(Pretraining, _tiny(25), tmp_path, print_fn=more.append)
     assert more[0] == f"resumed from step 20 in {tmp_path.resolve() / 'checkpoints'}"
     steps = [int(line.split()[1].split("/")[0]) for line in more if line.startswith("step")]
     assert steps[0] == 21 and steps[-1] == 25

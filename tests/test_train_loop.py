@@ -5,7 +5,9 @@ from multihost_helpers import write_id_shards
 from tensorboard.backend.event_processing import event_accumulator
 from train_helpers import load_config
 
+from mwmae.train import pretraining
 from mwmae.train.loop import train
+from mwmae.train.pretraining import Pretraining
 
 
 @pytest.mark.slow  # ~85 s: 200 steps; the demo test covers learning in the default suite
@@ -17,7 +19,7 @@ def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
     config.image_every_steps = 100
     config.checkpoint.every_steps = 200
     lines = []
-    train(config, tmp_path, print_fn=lines.append)
+    train(Pretraining, config, tmp_path, print_fn=lines.append)
     losses = [float(line.split("loss")[1].split()[0]) for line in lines if line.startswith("step")]
     assert losses[-1] <= 0.7 * losses[0], losses     # at least a 30% drop
 
@@ -36,14 +38,18 @@ def test_200_steps_cut_the_loss_and_write_scalars_and_images(tmp_path):
     assert any("reconstruction" in t for t in images), images
 
 
-def test_tensorboard_tag_set_hparams_and_eta(tmp_path):
+def test_tensorboard_tag_set_hparams_and_eta(tmp_path, monkeypatch):
     config = load_config("tiny")
     config.num_train_steps = 4
     config.log_every_steps = 2
     config.image_every_steps = 4
     config.checkpoint.every_steps = 4
-    lines = []
-    train(config, tmp_path, print_fn=lines.append)
+    lines, checks = [], []
+    check = pretraining.check_config
+    monkeypatch.setattr(pretraining, "check_config", lambda *a: checks.append(1) or check(*a))
+    result = train(Pretraining, config, tmp_path, print_fn=lines.append)
+    assert len(checks) == 1  # the config is checked once per run
+    assert result["status"] == "done" and result["loss"] > 0  # the last logged metrics
     acc = event_accumulator.EventAccumulator(
         str(tmp_path / "tensorboard"), size_guidance={event_accumulator.IMAGES: 0,
                                                       event_accumulator.TENSORS: 0})
@@ -75,11 +81,11 @@ def test_training_reads_shards_and_resumes_their_position(tmp_path):
     config.checkpoint.every_steps = 3
     config.image_every_steps = 0
     lines = []
-    train(config, tmp_path / "run", print_fn=lines.append)
+    train(Pretraining, config, tmp_path / "run", print_fn=lines.append)
     assert (tmp_path / "run" / "checkpoints" / "6" / "data").exists()
     config.num_train_steps = 8
     more = []
-    train(config, tmp_path / "run", print_fn=more.append)
+    train(Pretraining, config, tmp_path / "run", print_fn=more.append)
     assert more[0].startswith("resumed from step 6")
 
 
@@ -100,7 +106,7 @@ def test_skipped_records_are_counted_in_the_metrics_and_checkpoints(tmp_path):
     config.checkpoint.every_steps = 4
     config.image_every_steps = 0
     config.checkpoint.asynchronous = False
-    metrics = train(config, tmp_path / "run", print_fn=lambda _: None)
+    metrics = train(Pretraining, config, tmp_path / "run", print_fn=lambda _: None)
     assert metrics["skipped_records"] >= 1
     meta = Workdir(tmp_path / "run").read_meta(4)
     assert meta["skipped_records"] >= 1   # saved with the checkpoint, so a resume goes on counting

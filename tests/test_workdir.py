@@ -14,8 +14,9 @@ from mwmae import checksum
 from mwmae.data.sources import SyntheticSource
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.config import ConfigError, check_config
+from mwmae.train.engine import Engine
 from mwmae.train.loop import train
-from mwmae.train.trainer import Trainer
+from mwmae.train.pretraining import Pretraining
 from mwmae.workdir import ConfigMismatch, Workdir
 
 _config = checkpointing_config
@@ -35,7 +36,7 @@ def _snapshot(root: pathlib.Path) -> dict[str, str]:
 def trained(tmp_path_factory):
     """A finished 6-step run with checkpoints 2, 4, 6 (copied by tests that change it)."""
     path = tmp_path_factory.mktemp("run") / "wd"
-    train(_config(), path, print_fn=_quiet)
+    train(Pretraining, _config(), path, print_fn=_quiet)
     return path
 
 
@@ -55,7 +56,7 @@ def test_changed_architecture_is_refused_and_the_workdir_left_byte_identical(tra
     config.model.embed_dim = 128
     config.optimizer.weight_decay = 0.1
     with pytest.raises(ConfigMismatch) as e:
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
     message = str(e.value)
     assert "model.embed_dim: 64 -> 128" in message and "optimizer.weight_decay" in message
     assert "new --workdir" in message and "Nothing was written" in message
@@ -70,7 +71,7 @@ def test_settings_that_may_change_on_resume_are_accepted(trained, tmp_path):
     config.checkpoint.keep_last = 5
     config.mesh.preset = "fsdp"
     lines = []
-    train(config, wd, print_fn=lines.append)
+    train(Pretraining, config, wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 6")
     assert json.loads((wd / "config.json").read_text())["num_train_steps"] == 8
     assert Workdir(wd).steps() == [2, 4, 6, 8]
@@ -82,7 +83,7 @@ def test_a_checkpoint_of_another_shape_is_a_mismatch_not_damage(trained, tmp_pat
     (wd / "config.json").unlink()
     config = _config()
     config.model.embed_dim = 128
-    t = Trainer(config, wd)
+    t = Engine(Pretraining(config), wd)
     w = Workdir(wd)
     with pytest.raises(ConfigMismatch, match=r"checkpoints/6: the checkpoint holds another"):
         ckpt.restore_latest(w, ckpt.make_manager(w, config), t.abstract_state())
@@ -113,7 +114,7 @@ def test_bad_values_are_rejected_before_anything_is_built(key, value, expect, tm
         node = node[p]
     node[leaf] = value
     with pytest.raises(ConfigError) as e:
-        train(config, tmp_path / "wd", print_fn=_quiet)
+        train(Pretraining, config, tmp_path / "wd", print_fn=_quiet)
     assert expect in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "wd").exists()
 
@@ -172,7 +173,7 @@ def test_a_flipped_bit_is_caught_set_aside_and_the_run_resumes_from_the_previous
     _flip_a_byte_in_arrays(wd / "checkpoints" / "6")
     lines = []
     config = _config(steps=8)
-    train(config, wd, print_fn=lines.append)
+    train(Pretraining, config, wd, print_fn=lines.append)
     assert lines[0].startswith("resumed from step 4")
     assert (wd / "checkpoints" / "6.damaged").is_dir()
     assert Workdir(wd).steps() == [4, 6, 8]   # 6 rewritten by the resumed run; keep_last 3
@@ -207,7 +208,7 @@ def test_divergence_guard_names_the_newest_verified_checkpoint(trained, tmp_path
     config = _config(steps=10)
     config.log_every_steps = 1
     with pytest.raises(FloatingPointError, match=r"Last verified checkpoint: .*checkpoints/4\."):
-        train(config, wd, print_fn=_quiet)
+        train(Pretraining, config, wd, print_fn=_quiet)
 
 
 # ---- one owner of the layout ---------------------------------------------------------------------

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 from mwmae.data.sources import SyntheticSource, synthetic_source
-from mwmae.train.trainer import Trainer
+from mwmae.train.engine import Engine
+from mwmae.train.pretraining import Pretraining
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,12 +27,13 @@ def config_module(name: str):
 
 def run_steps(config, devices: list[jax.Device], steps: int = 5) -> list[float]:
     """Losses of the first ``steps`` steps on synthetic data (no checkpoints, no logs)."""
-    t = Trainer(config, "/tmp/unused", devices=devices)
+    t = Engine(Pretraining(config), "/tmp/unused", devices=devices)
     state = t.initial_state()
     source = synthetic_source(config.batch_size, config.seed, *config.model.img_size)
+    step = t.compile(state)  # the executable the loop runs
     losses = []
     for _ in range(steps):
-        state, m = t.step(state, t.global_batch(next(source)))
+        state, m = step(state, t.global_batch(next(source)))
         losses.append(float(m["loss"]))
     return losses
 

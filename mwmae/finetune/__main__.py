@@ -9,9 +9,9 @@ from mwmae.train import __main__ as trainer_cli
 
 
 def run() -> None:
-    from mwmae.finetune.trainer import Tagger
+    from mwmae.finetune.tagging import Tagging
 
-    trainer_cli.run(Tagger)
+    trainer_cli.run(Tagging)
 
 
 if __name__ == "__main__":

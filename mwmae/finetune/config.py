@@ -165,8 +165,46 @@ def check_tag_config(config: ml_collections.ConfigDict) -> None:
     if config.data.source != "shards":
         problems.append(f"data.source={config.data.source!r}: a tagger trains on labelled "
                         "shards ('shards')")
-    if config.grad_accum_steps != 1:
-        problems.append(f"grad_accum_steps={config.grad_accum_steps}: the tagger's step takes "
-                        "whole batches (1)")
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
+
+
+def check_vocabularies(config: ml_collections.ConfigDict) -> None:
+    """The evaluation split must be listed whole and prove it uses the training split's labels
+    (same names, same ids): class ids are bare integers in the records, so a split built with
+    another vocabulary would be scored as if its ids were the run's, silently."""
+    spec = config.tagger.eval_shards
+    if not spec:
+        return
+    if not (isinstance(spec, str) and spec.endswith("-manifest.csv")):
+        raise ConfigError(f"tagger.eval_shards={spec!r}: give the evaluation split as the "
+                          "builder's PREFIX-manifest.csv, whose PREFIX-labels.csv proves its "
+                          "classes are the training split's (a glob or a shard has none)")
+    from mwmae.finetune.evaluate import list_split
+
+    list_split(spec)  # a missing manifest or shard is named before anything is written
+    eval_csv = spec[: -len("-manifest.csv")] + "-labels.csv"
+    train_csv = labels_csv(config)
+    if train_csv is None:
+        raise ConfigError("tagger.eval_shards needs the training split's labels to check the "
+                          "evaluation split's against, and data.train_shards is not a "
+                          "PREFIX-manifest.csv: set tagger.labels_csv to its index,label CSV")
+    from mwmae.data import storage
+
+    if not storage.exists(train_csv):
+        raise ConfigError(f"{train_csv}: missing; tagger.eval_shards is checked against the "
+                          "training split's labels CSV: set tagger.labels_csv to it, or rebuild "
+                          "data.train_shards with its labels")
+    if not storage.exists(eval_csv):
+        raise ConfigError(f"{eval_csv}: missing; tagger.eval_shards ({spec}) must prove its "
+                          f"classes are the training split's ({train_csv}): rebuild it with its "
+                          "labels (tfrecord_tools.build with the training split's --vocabulary)")
+    ours, theirs = read_vocabulary(train_csv), read_vocabulary(eval_csv)
+    if ours != theirs:
+        diff = next(i for i, (a, b) in enumerate(zip(ours + [None] * len(theirs),
+                                                     theirs + [None] * len(ours))) if a != b)
+        raise ConfigError(f"{eval_csv}: the evaluation split's labels are not the training "
+                          f"split's ({train_csv}): index {diff} is "
+                          f"{theirs[diff] if diff < len(theirs) else 'missing'!r} there, "
+                          f"{ours[diff] if diff < len(ours) else 'missing'!r} here; build both "
+                          "with one --vocabulary")

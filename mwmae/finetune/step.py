@@ -1,4 +1,5 @@
-"""One supervised step: augment, classify, loss, AdamW update. Read it top to bottom.
+"""One supervised step: augment, classify, loss; the engine's step averages the gradient over
+microbatches and applies the AdamW update. Read it top to bottom.
 
 Targets: multi-hot float (B, C) for multilabel tasks (sigmoid binary cross-entropy), one-hot
 float (B, C) for multiclass tasks (softmax cross-entropy with label smoothing). Labels arrive from
@@ -7,6 +8,8 @@ the shards as class indices padded with -1 (:func:`targets_from_labels`).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -15,7 +18,7 @@ import optax
 
 from mwmae.finetune.augment import AugmentConfig, augment
 from mwmae.finetune.model import Classifier
-from mwmae.train.step import TrainState, guarded_update, step_metrics
+from mwmae.train.step import make_step
 
 TASKS = ("multilabel", "multiclass")
 
@@ -37,32 +40,45 @@ def classification_loss(logits: jax.Array, targets: jax.Array, task: str,
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+@dataclasses.dataclass(frozen=True)
+class SupervisedObjective:
+    """The supervised step's two halves, as the engine's step takes them (see
+    :func:`mwmae.train.step.make_step`): ``prepare`` augments the whole batch (mixup pairs and
+    masks do not depend on how it is split into microbatches), ``loss`` classifies a
+    (micro)batch with dropout."""
+
+    model: Classifier
+    task: str
+    seed: int
+    augmentation: AugmentConfig = AugmentConfig()
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}: expected one of {TASKS}")
+
+    def prepare(self, batch: Mapping[str, jax.Array], step: jax.Array
+                ) -> tuple[dict[str, jax.Array], jax.Array]:
+        # Augmentation and dropout depend only on (seed, step): a resume repeats them exactly.
+        key = jax.random.fold_in(jax.random.key(self.seed), step)
+        k_augment, k_dropout = jax.random.split(key)
+        targets = targets_from_labels(batch["label"], self.model.head_config.num_classes,
+                                      self.task)
+        audio, targets = augment(k_augment, batch["audio"], targets, self.augmentation)
+        return {"audio": audio, "targets": targets}, k_dropout
+
+    def loss(self, params: Any, examples: Mapping[str, jax.Array], key: jax.Array
+             ) -> jax.Array:
+        logits = self.model.apply({"params": params}, examples["audio"], train=True,
+                                  rngs={"dropout": key})
+        return classification_loss(logits, examples["targets"], self.task, self.label_smoothing)
+
+
 def make_supervised_step(model: Classifier, tx: optax.GradientTransformation,
                          schedule: optax.Schedule, *, task: str, seed: int,
                          augmentation: AugmentConfig | None = None,
-                         label_smoothing: float = 0.0):
-    """Returns ``step(state, (audio, labels)) -> (state, metrics)`` (not yet jitted)."""
-    if task not in TASKS:
-        raise ValueError(f"task {task!r}: expected one of {TASKS}")
-    num_classes = model.head_config.num_classes
-    augmentation = augmentation or AugmentConfig()
-
-    def step(state: TrainState, batch: tuple[jax.Array, jax.Array]
-             ) -> tuple[TrainState, dict[str, Any]]:
-        audio, labels = batch
-        # Augmentation and dropout depend only on (seed, step): a resume repeats them exactly.
-        key = jax.random.fold_in(jax.random.key(seed), state.step)
-        k_augment, k_dropout = jax.random.split(key)
-        targets = targets_from_labels(labels, num_classes, task)
-        audio, targets = augment(k_augment, audio, targets, augmentation)
-
-        def loss_fn(params):
-            logits = model.apply({"params": params}, audio, train=True,
-                                 rngs={"dropout": k_dropout})
-            return classification_loss(logits, targets, task, label_smoothing)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        new_state, grad_norm = guarded_update(state, loss, grads, tx)
-        return new_state, step_metrics(loss, schedule(state.step), grad_norm, new_state)
-
-    return step
+                         label_smoothing: float = 0.0, grad_accum_steps: int = 1):
+    """Returns ``step(state, {"audio", "label"}) -> (state, metrics)`` (not yet jitted)."""
+    objective = SupervisedObjective(model, task, seed, augmentation or AugmentConfig(),
+                                    label_smoothing)
+    return make_step(objective, tx, schedule, grad_accum_steps)

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
         _usage(f"unexpected arguments {argv[1:]}; flags only (see --help)")
     if _CONFIG.value is None:
         _usage("missing --config (e.g. --config configs/mwmae_base_200_4x16.py)")
-    from mwmae.preflight.run import run, task_for
+    from mwmae.preflight.run import run
     from mwmae.train import hosts
     from mwmae.train.refusals import refusals
 
@@ -47,7 +47,6 @@ def main(argv: list[str]) -> None:
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                      _MULTIHOST.value)
     try:
-        task_for(_CONFIG.value).check(_CONFIG.value)
         report = run(_CONFIG.value, _WORKDIR.value, _OUT.value)
     except refusals() as e:
         _usage(str(e))

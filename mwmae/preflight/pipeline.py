@@ -56,7 +56,7 @@ def _measure(trainer: Any, local_batch: int, batches: int, budget_s: float
              ) -> tuple[float, float, str | None]:
     """(clips/s after the first batch, seconds to the first batch, the error if any)."""
     try:
-        source = trainer.make_source()
+        source = trainer.task.make_source()
     except Exception as e:  # noqa: BLE001 - a missing shard or bad manifest is the finding
         return 0.0, 0.0, f"the input pipeline does not start: {type(e).__name__}: {e}"
     try:

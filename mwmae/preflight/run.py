@@ -23,14 +23,14 @@ from mwmae.workdir import Workdir, WorkdirError
 
 
 def task_for(config: ml_collections.ConfigDict) -> type:
-    """The trainer task the config is for: the tagger for fine-tuning configs."""
+    """The training task the config is for: the tagger's for fine-tuning configs."""
     if "tagger" in config:
-        from mwmae.finetune.trainer import Tagger
+        from mwmae.finetune.tagging import Tagging
 
-        return Tagger
-    from mwmae.train.trainer import Trainer
+        return Tagging
+    from mwmae.train.pretraining import Pretraining
 
-    return Trainer
+    return Pretraining
 
 
 def _measured_plan(trainer: Any, choices: dict[str, str]) -> AttentionPlan:
@@ -52,8 +52,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
     ``preflight.json``, which the trainer reads) and remembers the attention choices in the
     user's cache. Returns the report."""
     printer = Printer(print_fn)
-    task = task_for(config)
-    task.check(config)
+    # The guard is this preflight's own numerics check; the trainer must not run it first.
+    guarded_off = config.copy_and_resolve_references()
+    guarded_off.model.attention_guard = "off"
+    task = task_for(config)(guarded_off)  # checks the config
     check_out(out, workdir)
     report: dict[str, Any] = {
         "meta": {"started": attention_plan.measured_now(), "host": socket.gethostname(),
@@ -69,11 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
     devices = finish(hardware.check_devices(config))
     trainer = None
     if "mesh" in devices.figures:
-        # The guard is this preflight's own numerics check; the trainer must not run it first.
-        guarded_off = config.copy_and_resolve_references()
-        guarded_off.model.attention_guard = "off"
+        from mwmae.train.engine import Engine
+
         try:
-            trainer = task(guarded_off, workdir or tempfile.gettempdir())
+            trainer = Engine(task, workdir or tempfile.gettempdir())
         except ValueError as e:  # e.g. a batch the mesh cannot split
             devices.line(FAIL, f"the config cannot run on these devices: {e}")
             printer.show(devices, len(devices.lines) - 1)

@@ -31,7 +31,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# The task this entry point trains: None is pretraining; mwmae.finetune sets its tagger.
+# The task this entry point trains: None is pretraining; mwmae.finetune sets the tagger's.
 _TASK = None
 
 
@@ -39,14 +39,14 @@ def main(argv: list[str]) -> None:
     del argv
     from mwmae.train import hosts
     from mwmae.train.loop import train
-    from mwmae.train.trainer import Trainer
+    from mwmae.train.pretraining import Pretraining
 
     # Orbax and JAX log every save at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                      _MULTIHOST.value)
     try:
-        result = train(_CONFIG.value, _WORKDIR.value, task=_TASK or Trainer)
+        result = train(_TASK or Pretraining, _CONFIG.value, _WORKDIR.value)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
         if isinstance(e, refusals()):
             _exit_with(f"error: {e}", 1 if isinstance(e, FloatingPointError) else 2)
@@ -67,7 +67,8 @@ def _exit_with(message: str, code: int) -> None:
 
 
 def run(task=None) -> None:
-    """The command line of ``task`` (a Trainer subclass; pretraining when None)."""
+    """The command line of ``task`` (a :class:`mwmae.train.task.Task` class; pretraining when
+    None)."""
     global _TASK
     _TASK = task
     message = missing_config_file(sys.argv) or unknown_override(

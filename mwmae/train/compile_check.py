@@ -104,9 +104,10 @@ def _timed_compile(lower) -> tuple[object, dict]:
 
 def compile_report(config, devices) -> dict:
     """Compile the train step for ``devices`` (the config's mesh over them) and describe it."""
-    from mwmae.train.trainer import Trainer
+    from mwmae.train.engine import Engine
+    from mwmae.train.pretraining import Pretraining
 
-    t = Trainer(config, "/tmp/unused", devices=devices)
+    t = Engine(Pretraining(config), "/tmp/unused", devices=devices)
     compiled, times = _timed_compile(t.lower)
     mc = t.model_config
     return {

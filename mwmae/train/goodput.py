@@ -47,16 +47,16 @@ class Recorder:
         self.measured["startup"] = max(0.0, time.perf_counter() - self.began
                                        - self.measured["compile"])
 
-    def timed(self, part: str, hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    def timed(self, part: str, hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``hook``, with the time it holds the loop counted as ``part`` (also when it ends
-        the run by raising)."""
+        the run by raising); what it returns is passed on."""
         if part not in self.measured:
             raise KeyError(f"{part!r} is not a measured part: {sorted(self.measured)}")
 
-        def run(info: Any) -> None:
+        def run(info: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                hook(info)
+                return hook(info)
             finally:
                 self.measured[part] += time.perf_counter() - t0
         return run

@@ -1,9 +1,14 @@
 """The training loop's periodic work, as hooks with a cadence.
 
 The loop only draws a batch, runs the step and hands a :class:`StepInfo` to :class:`Hooks`;
-everything else - metrics, images, trace, progress, profile, checkpoints, preemption, divergence,
-the writer lease, the goodput ledger - is one small hook below, registered by
-:func:`standard_hooks`. A hook that ends the run raises :class:`Stop` with the run's status.
+everything else - metrics, trace, progress, profile, checkpoints, preemption, divergence, the
+writer lease, the goodput ledger, and the task's own work (images, evaluations) - is one small
+hook, registered by :func:`standard_hooks`. A hook that ends the run raises :class:`Stop` with
+the run's status.
+
+Hooks share nothing mutable: what a hook produces for the others it returns (a mapping), and
+the hooks after it in the same step read it from ``info.produced`` (the metric logger's
+``"metrics"``, an evaluation's ``"evaluation"``, which the checkpoint hook saves with its step).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import dataclasses
 import datetime
 import json
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -25,11 +31,11 @@ from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
 from mwmae.train import perf
+from mwmae.train.engine import Engine
 from mwmae.train.goodput import Recorder
-from mwmae.train.trainer import Trainer
 from mwmae.workdir import Workdir
 
-Hook = Callable[["StepInfo"], None]
+Hook = Callable[["StepInfo"], "Mapping[str, Any] | None"]
 
 
 @dataclasses.dataclass
@@ -43,6 +49,9 @@ class StepInfo:
     ids: np.ndarray  # its clips' ids (labels for shards, global indices for synthetic clips)
     input_wait_s: float  # time the loop waited for this batch
     done: bool  # the run's last step
+    # What the hooks that ran before, in this step, returned (read-only).
+    produced: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
 
 class Stop(Exception):  # noqa: N818 - a signal to the loop, not an error
@@ -51,6 +60,7 @@ class Stop(Exception):  # noqa: N818 - a signal to the loop, not an error
     def __init__(self, status: str):
         super().__init__(status)
         self.status = status
+        self.produced: dict[str, Any] = {}  # what the step's earlier hooks produced
 
 
 @dataclasses.dataclass
@@ -79,18 +89,34 @@ class Hooks:
         """(name, every, first, last) of each hook, in the order they run."""
         return [(e.name, e.every, e.first, e.last) for e in self._entries]
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: StepInfo) -> dict[str, Any]:
+        """Run the hooks due after ``info.step``; returns what they produced."""
+        produced: dict[str, Any] = {}
+        info = dataclasses.replace(info, produced=types.MappingProxyType(produced))
         for e in self._entries:
             if ((e.every > 0 and info.step % e.every == 0) or (e.last and info.done)
                     or (e.first and info.step == self.start_step + 1)):
-                e.fn(info)
+                try:
+                    out = e.fn(info)
+                except Stop as stop:
+                    stop.produced = dict(produced)  # the loop still reports this step's
+                    raise
+                if out is not None and not isinstance(out, Mapping):
+                    raise TypeError(f"hook {e.name!r} returned {type(out).__name__}: a hook "
+                                    "returns None or a mapping of what it produces")
+                for key in out or {}:
+                    if key in produced:
+                        raise ValueError(f"hook {e.name!r} produces {key!r}, which an earlier "
+                                         "hook of this step produced too")
+                produced.update(out or {})
+        return produced
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """The parts of one run that hooks share."""
+    """The parts of one run that hooks use (none of them is changed by a hook)."""
 
-    trainer: Trainer
+    engine: Engine
     workdir: Workdir
     config: ml_collections.ConfigDict
     writer: Any  # clu MetricWriter
@@ -103,12 +129,6 @@ class Run:
     skipped_steps_at_start: int
     started: float  # wall time this process started training
     previous_seconds: float  # training time of earlier processes of this run
-    saved: list[int] = dataclasses.field(default_factory=list)
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the last logged
-    # Evaluations of this process not yet saved with their step: step -> metrics. A task's
-    # evaluation hook fills it; the checkpoint hook saves that step with them (what Orbax's
-    # best-checkpoint policy ranks by).
-    evaluated: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def global_sum(value: int) -> int:
@@ -145,30 +165,9 @@ def batch_trace(run: Run) -> Hook:
 
 def clu_action(action: periodic_actions.PeriodicAction) -> Hook:
     """A CLU periodic action (it keeps its own cadence)."""
-    return lambda info: action(info.step)
-
-
-def divergence_guard(run: Run) -> Hook:
-    """With ``nonfinite_policy="stop"``: a dropped (non-finite) update ends the run naming the
-    newest checkpoint known good. Reading the counter waits for the step, so this runs at log
-    points and before saves, not every step."""
-    def check(info: StepInfo) -> None:
-        state = info.state
-        if (run.config.nonfinite_policy != "stop"
-                or int(state.skipped_steps) <= run.skipped_steps_at_start):
-            return
-        run.manager.wait_until_finished()
-        # Saves of this run were checksummed from the state in memory; the restored one was
-        # verified on restore.
-        good = max([s for s in run.saved if s in run.manager.all_steps()]
-                   + ([run.verified_step] if run.verified_step is not None else []),
-                   default=None)
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {int(state.last_skipped_step)} (its update "
-            f"was dropped; checked at step {info.step}). Last verified checkpoint: "
-            f"{run.workdir.checkpoint_path(good) if good is not None else 'none'}. "
-            "Set nonfinite_policy='skip' to drop such steps and continue.")
-    return check
+    def act(info: StepInfo) -> None:
+        action(info.step)
+    return act
 
 
 class MetricLogger:
@@ -177,7 +176,7 @@ class MetricLogger:
 
     def __init__(self, run: Run, compile_seconds: float, bar: Any = None):
         self.run, self.bar = run, bar
-        t, c = run.trainer, run.config
+        t, c = run.engine, run.config
         self.flops = t.flops_per_example() * c.batch_size / jax.device_count()
         self.peak = perf.device_peak_flops(dtype=t.model_config.dtype)
         self.compile_seconds = compile_seconds
@@ -190,7 +189,7 @@ class MetricLogger:
         self.interval.add(info.metrics)
         self.input_wait += info.input_wait_s
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: StepInfo) -> dict[str, Any]:
         run, c = self.run, self.run.config
         metrics = self.interval.flush()
         now = time.perf_counter()
@@ -207,49 +206,71 @@ class MetricLogger:
         if info.step == run.start_step + 1:
             metrics["compile_seconds"] = self.compile_seconds
         self.last_time, self.last_step, self.input_wait = now, info.step, 0.0
-        run.metrics = metrics
         run.writer.write_scalars(info.step, metrics_lib.tagged(metrics))
-        eta = datetime.timedelta(seconds=round((run.trainer.total_steps - info.step) * dt))
-        run.print_fn(f"step {info.step:5d}/{run.trainer.total_steps}  loss {metrics['loss']:.4f}  "
+        eta = datetime.timedelta(seconds=round((run.engine.total_steps - info.step) * dt))
+        run.print_fn(f"step {info.step:5d}/{run.engine.total_steps}  loss {metrics['loss']:.4f}  "
                      f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
                      f"{metrics['examples_per_sec']:.1f} ex/s  "
                      f"input wait {metrics['input_wait_ms_per_step']:.1f} ms/step  ETA {eta}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                                  ex_s=f"{metrics['examples_per_sec']:.0f}")
+        return {"metrics": metrics}
 
 
 def progress_bar(bar: Any) -> Hook:
-    return lambda info: bar.update(1)
+    def advance(info: StepInfo) -> None:
+        bar.update(1)
+    return advance
 
 
-def reconstruction_images(run: Run) -> Hook:
-    def write(info: StepInfo) -> None:
-        grid = run.trainer.reconstructions(info.state.params, info.audio, info.step - 1)
-        run.writer.write_images(info.step, {metrics_lib.IMAGE_TAG: grid})
-    return write
-
-
-def checkpointer(run: Run, guard: Hook) -> Hook:
+class Checkpointer:
     """Saves when the policies say, at the run's last step, at an evaluated step (with its
-    metrics) and at the step a preemption or Ctrl-C was noticed (then ends the run). A diverged
-    state is never saved."""
-    def save(info: StepInfo) -> None:
+    metrics, what the best-checkpoint policy ranks by) and at the step a preemption or Ctrl-C
+    was noticed (then ends the run). It owns the list of steps this process saved, which the
+    divergence guard reads: a diverged state is never saved."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.saved: list[int] = []
+
+    def divergence(self, info: StepInfo) -> None:
+        """With ``nonfinite_policy="stop"``: a dropped (non-finite) update ends the run naming
+        the newest checkpoint known good. Reading the counter waits for the step, so this runs
+        at log points and before saves, not every step."""
+        run, state = self.run, info.state
+        if (run.config.nonfinite_policy != "stop"
+                or int(state.skipped_steps) <= run.skipped_steps_at_start):
+            return
+        run.manager.wait_until_finished()
+        # Saves of this run were checksummed from the state in memory; the restored one was
+        # verified on restore.
+        good = max([s for s in self.saved if s in run.manager.all_steps()]
+                   + ([run.verified_step] if run.verified_step is not None else []),
+                   default=None)
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {int(state.last_skipped_step)} (its update "
+            f"was dropped; checked at step {info.step}). Last verified checkpoint: "
+            f"{run.workdir.checkpoint_path(good) if good is not None else 'none'}. "
+            "Set nonfinite_policy='skip' to drop such steps and continue.")
+
+    def save(self, info: StepInfo) -> None:
+        run = self.run
         preempted = run.watch.reached(info.step, run.manager)
-        evaluation = run.evaluated.pop(info.step, None)
+        evaluation = info.produced.get("evaluation")
         if not (preempted or info.done or evaluation is not None
                 or run.manager.should_save(info.step)):
             return
-        guard(info)
+        self.divergence(info)
         c = run.config
         meta = ckpt.counters(info.step, info.step * c.batch_size, run.started,
                              run.previous_seconds, int(info.state.skipped_steps), c,
                              global_sum(run.source.skipped_records()))
-        meta.update(run.trainer.checkpoint_record(info.step))
+        meta.update(run.engine.checkpoint_record(info.step))
         t0 = time.perf_counter()
         if ckpt.save_checkpoint(run.workdir, run.manager, info.step, info.state,
                                 run.source.get_state(), meta, force=True, metrics=evaluation):
-            run.saved.append(info.step)
+            self.saved.append(info.step)
             # The time the loop was held (the device-to-host copy when saves are async).
             run.writer.write_scalars(info.step, metrics_lib.tagged(
                 {"save_seconds": time.perf_counter() - t0}))
@@ -261,7 +282,6 @@ def checkpointer(run: Run, guard: Hook) -> Hook:
             status = "interrupted" if run.watch.interrupted else "preempted"
             run.print_fn(f"{status}: saving step {info.step} and stopping")
             raise Stop(status)
-    return save
 
 
 def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
@@ -282,21 +302,21 @@ def standard_hooks(run: Run, *, lease: Lease | None, compile_seconds: float,
         hooks.add("trace", batch_trace(run))
     # ETA to the log; steps/s is the metric logger's (one steps_per_sec on the dashboard).
     hooks.add("progress", clu_action(periodic_actions.ReportProgress(
-        num_train_steps=run.trainer.total_steps, every_steps=c.log_every_steps)))
+        num_train_steps=run.engine.total_steps, every_steps=c.log_every_steps)))
     if c.profile_steps > 0 and jax.process_index() == 0:
         hooks.add("profile", clu_action(periodic_actions.Profile(
             num_profile_steps=c.profile_steps, first_profile=run.start_step + 10,
             logdir=str(run.workdir.tensorboard))))
     logger = MetricLogger(run, compile_seconds, bar)
     hooks.add("interval", logger.accumulate)
-    guard = divergence_guard(run)
-    hooks.add("divergence", guard, c.log_every_steps, first=True, last=True)
+    checkpointer = Checkpointer(run)
+    hooks.add("divergence", checkpointer.divergence, c.log_every_steps, first=True, last=True)
     hooks.add("metrics", logger, c.log_every_steps, first=True, last=True)
     if goodput is not None:
         hooks.add("goodput_log", goodput.at_log_point, c.log_every_steps, first=True)
     if bar is not None:
         hooks.add("progress_bar", progress_bar(bar))
-    for name, fn, every, last in run.trainer.task_hooks(run):
+    for name, fn, every, last in run.engine.task.hooks(run):
         hooks.add(name, timed("evaluation", fn), every, last=last)
-    hooks.add("checkpoint", timed("checkpoint", checkpointer(run, guard)))
+    hooks.add("checkpoint", timed("checkpoint", checkpointer.save))
     return hooks

@@ -19,9 +19,10 @@ from mwmae import workdir as workdir_lib
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
+from mwmae.train.engine import Engine
 from mwmae.train.goodput import Recorder
 from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
-from mwmae.train.trainer import Trainer
+from mwmae.train.task import Task
 
 
 def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) -> Lease | None:
@@ -47,29 +48,27 @@ def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) 
     return lease
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          print_fn: Callable[[str], None] = print, task: type[Trainer] = Trainer
+def train(task: Callable[[ml_collections.ConfigDict], Task], config: ml_collections.ConfigDict,
+          workdir: str | os.PathLike, print_fn: Callable[[str], None] = print
           ) -> dict[str, Any]:
-    """Train ``task`` (pretraining by default) until ``num_train_steps``, resuming from the
-    newest verified checkpoint.
-
-    Before anything is written the config is validated and compared with the workdir's
-    (``task.may_change``), and the workdir's writer lease is taken.
+    """Train ``task`` (e.g. :class:`mwmae.train.pretraining.Pretraining`) for the config's
+    length, resuming from the newest verified checkpoint. Before anything is written the config
+    is checked (once: by the task's constructor) and compared with the workdir's, and the
+    writer lease is taken.
 
     Returns the last logged metrics plus ``status``: "done", "preempted" (SIGTERM or a
-    multi-host preemption notice; a checkpoint of the current step was committed) or
-    "interrupted" (Ctrl-C; saved likewise).
+    multi-host notice; the current step was saved) or "interrupted" (Ctrl-C; saved likewise).
     """
     began = time.perf_counter()  # the goodput ledger's start-up counts from here
-    task.check(config)
+    the_task = task(config)
     wd = workdir_lib.Workdir(workdir)
-    wd.check_resume(json.loads(config.to_json_best_effort()), task.may_change)
-    t = task(config, workdir)
+    wd.check_resume(json.loads(config.to_json_best_effort()), the_task.may_change)
+    t = Engine(the_task, workdir)
     if not wd.steps():
         t.pretrained()  # a bad init_from fails here, before the workdir holds this config
     # Shards that are missing or a glob that matches nothing fail here, before the workdir
     # holds anything of this run.
-    source = t.make_source()
+    source = the_task.make_source()
     closers: list[Callable[[], None]] = [source.close]
     lease = None
     try:
@@ -78,28 +77,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                              began)
         if run is None:
             return {"status": "done"}
-        status = "done"
+        status, logged = "done", {}
         for step in range(run.start_step + 1, t.total_steps + 1):
             wait_start = time.perf_counter()
             audio, ids = run.source.next_local()
             input_wait = time.perf_counter() - wait_start
             state, metrics = compiled(state, t.global_batch(audio, ids))
             try:
-                hooks(StepInfo(step, state, metrics, audio, ids, input_wait,
-                               done=step == t.total_steps))
+                produced = hooks(StepInfo(step, state, metrics, audio, ids, input_wait,
+                                          done=step == t.total_steps))
             except Stop as stop:
-                status = stop.status
+                status, produced = stop.status, stop.produced
+            logged = produced.get("metrics", logged)  # the last line the metric hook logged
+            if status != "done":
                 break
         run.manager.wait_until_finished()
         latest = run.manager.latest_step()
         if latest is not None:
             run.print_fn(f"checkpoint: {wd.checkpoint_path(latest)}")
-        return {**run.metrics, "status": status}
+        return {**logged, "status": status}
     finally:
         _close(closers, lease)
 
 
-def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
+def _start(t: Engine, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
            print_fn: Callable[[str], None], lease: Lease | None, source: Any,
            closers: list[Callable[[], None]], began: float
            ) -> tuple[Run | None, Any, Any, Hooks | None]:
@@ -164,7 +165,7 @@ def _start(t: Trainer, wd: workdir_lib.Workdir, config: ml_collections.ConfigDic
     return run, state, compiled, hooks
 
 
-def length_notice(t: Trainer, meta: dict, step: int) -> list[str]:
+def length_notice(t: Engine, meta: dict, step: int) -> list[str]:
     """What a resume with another run length does to the run: nothing left to train, or a
     learning-rate schedule recomputed over the new length (and the rate it moves to)."""
     before = meta.get("total_steps")

@@ -17,7 +17,8 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mwmae.train import sharding  # noqa: E402
-from mwmae.train.trainer import Trainer  # noqa: E402
+from mwmae.train.engine import Engine  # noqa: E402
+from mwmae.train.pretraining import Pretraining  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 flags.DEFINE_integer("num_devices", 0, "Fake this many CPU devices (0: the real ones).")
@@ -25,7 +26,7 @@ flags.DEFINE_integer("num_devices", 0, "Fake this many CPU devices (0: the real 
 
 def main(argv: list[str]) -> None:
     del argv
-    t = Trainer(_CONFIG.value, "/tmp/unused")
+    t = Engine(Pretraining(_CONFIG.value), "/tmp/unused")
     print(f"mesh {dict(t.mesh.shape)}")
     specs = sharding.describe(t.state_sharding.params)
     width = max(map(len, specs))

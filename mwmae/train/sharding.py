@@ -164,7 +164,13 @@ def mesh_axes(logical: str, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
     raise KeyError(f"no logical-axis rule for {logical!r}")
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the mesh splits a batch (the product of its batch axes)."""
+    return math.prod(mesh.shape[a] for a in mesh_axes("act_batch"))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """An array of ``ndim`` dimensions split over the batch axes on its first."""
     return NamedSharding(mesh, PartitionSpec(mesh_axes("act_batch"), *([None] * (ndim - 1))))
 
 

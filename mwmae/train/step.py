@@ -1,4 +1,6 @@
-"""One pretraining step: mask, reconstruct, AdamW update. Read it top to bottom."""
+"""One training step of any task: the task prepares the batch, the gradient of its loss is
+averaged over microbatches, and the AdamW update is applied unless it is not finite. Read it top
+to bottom."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mwmae.model import MaskedAutoencoder, ModelConfig, init_params
 from mwmae.train.optim import global_norm
 
 
@@ -23,53 +24,50 @@ class TrainState:
     last_skipped_step: jax.Array   # the latest such step (-1: none)
 
 
-def init_state(model_config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
-               *, boxed: bool = False) -> TrainState:
-    """Fresh state. ``boxed`` keeps logical-axis metadata on params and optimizer moments."""
-    params = init_params(model_config, rng, boxed=True)
+def init_state(params: Any, tx: optax.GradientTransformation, *, boxed: bool = False
+               ) -> TrainState:
+    """Fresh state around ``params`` (boxed with their logical axes, which the optimizer's
+    moments then carry too); ``boxed=False`` strips that metadata."""
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        skipped_steps=jnp.zeros((), jnp.int32),
                        last_skipped_step=jnp.full((), -1, jnp.int32))
     return state if boxed else nn.meta.unbox(state)
 
 
-def make_train_step(model_config: ModelConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, mask_seed: int, grad_accum_steps: int = 1):
-    """Returns ``train_step(state, audio) -> (state, metrics)`` (not yet jitted).
+def make_step(task: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+              grad_accum_steps: int = 1):
+    """Returns ``step(state, batch) -> (state, metrics)`` for ``task`` (a
+    :class:`mwmae.train.task.Task`), not yet jitted."""
 
-    ``audio`` is the global batch (B, frames, mels, 1). With ``grad_accum_steps = k`` it is
-    processed as k microbatches of B / k and the gradients averaged; every clip has the same
-    number of masked patches, so this equals the gradient of the whole batch.
-    """
-    model = MaskedAutoencoder(model_config)
-
-    def loss_and_grad(params, audio, noise):
-        loss_fn = lambda p: model.apply({"params": p}, audio, noise).loss
-        return jax.value_and_grad(loss_fn)(params)
-
-    def train_step(state: TrainState, audio: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        # The mask depends only on (seed, step), drawn for the global batch: the same on any
-        # mesh and any number of hosts, and the same again after a resume.
-        rng = jax.random.fold_in(jax.random.key(mask_seed), state.step)
-        noise = jax.random.uniform(rng, (audio.shape[0], model_config.num_patches))
-
-        if grad_accum_steps == 1:
-            loss, grads = loss_and_grad(state.params, audio, noise)
-        else:
-            micro = lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:])
-
-            def accumulate(carry, batch):
-                loss, grads = loss_and_grad(state.params, *batch)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(audio), micro(noise)))
-            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
-
+    def step(state: TrainState, batch: dict[str, jax.Array]
+             ) -> tuple[TrainState, dict[str, Any]]:
+        examples, key = task.prepare(batch, state.step)
+        loss, grads = accumulated_gradient(task.loss, state.params, examples, key,
+                                           grad_accum_steps)
         new_state, grad_norm = guarded_update(state, loss, grads, tx)
         return new_state, step_metrics(loss, schedule(state.step), grad_norm, new_state)
 
-    return train_step
+    return step
+
+
+def accumulated_gradient(loss_fn: Any, params: Any, examples: dict[str, jax.Array],
+                         key: jax.Array, k: int) -> tuple[jax.Array, Any]:
+    """Loss and gradient of ``loss_fn(params, examples, key)``, the batch taken as ``k``
+    microbatches of equal size whose losses and gradients are averaged: the mean loss of the
+    whole batch, at the memory of one microbatch. Microbatch i's key is ``fold_in(key, i)``
+    (``key`` itself when k = 1)."""
+    if k == 1:
+        return jax.value_and_grad(loss_fn)(params, examples, key)
+    micro = jax.tree.map(lambda x: x.reshape(k, -1, *x.shape[1:]), examples)
+
+    def accumulate(carry, inputs):
+        i, part = inputs
+        loss, grads = jax.value_and_grad(loss_fn)(params, part, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    return jax.tree.map(lambda x: x / k, (loss, grads))
 
 
 def guarded_update(state: TrainState, loss: jax.Array, grads: Any,
