@@ -86,8 +86,7 @@ def _mwmae_batches(manifest: str, workers: int, code_root: str):
               max_labels=4)
     if workers >= 0:
         kw["num_workers"] = workers
-    it = make_input_iterator(manifest, PipelineConfig(**kw), process_index=0, process_count=1,
-                             as_numpy=True)
+    it = make_input_iterator(manifest, PipelineConfig(**kw), process_index=0, process_count=1)
     return lambda: next(it)["audio"], it.close
 
 
@@ -189,7 +188,7 @@ def _measure_read(manifest: str, clips: int, record_bytes: float, threads: int) 
     batch = 32
     cfg = PipelineConfig(global_batch_size=batch, seed=0, shuffle_buffer=256,
                          cycle_length=threads, prefetch_batches=2, num_workers=0)
-    it = make_input_iterator(manifest, cfg, process_index=0, process_count=1, as_numpy=True)
+    it = make_input_iterator(manifest, cfg, process_index=0, process_count=1)
     next(it)  # open files, start threads (and fill the 256-clip shuffle window)
     steps = max(1, 2 * clips // batch)  # two passes: the pre-filled window is a small part
     start = time.perf_counter()

@@ -14,6 +14,7 @@ the last three kept; TensorBoard scalars and reconstruction images under WORKDIR
 A rerun resumes from the newest checkpoint.
 """
 
+from mwmae.data.shard_set import ShardSet
 from mwmae.train.config import TINY_MODEL, default_config
 
 CORPUS_CLIPS = 1200  # scripts/demo.sh's default corpus size: one epoch = CORPUS_CLIPS / batch
@@ -29,7 +30,7 @@ def get_config():
     c.optimizer.base_learning_rate = 1e-3 * 256 / c.batch_size
     c.optimizer.warmup_epochs = 1
     c.data.source = "shards"
-    c.data.train_shards = "runs/demo/shards/data-manifest.csv"
+    c.data.train_shards = ShardSet("runs/demo/shards", "data").manifest
     c.data.shuffle_buffer = 512
     # Parse in process: the model needs only ~130 clips/s and both cores for its step; a worker
     # would cost a process start (~3 s) and take CPU from the step.

@@ -52,6 +52,7 @@ then flattens, as in the AudioSet run; HEAR scores below the paper's AudioSet-pr
 most tasks, since FSD50K holds ~1/70 of AudioSet's audio.
 """
 
+from mwmae.data.shard_set import ShardSet
 from mwmae.train.config import paper_base_config
 
 FSD50K_DEV_CLIPS = 40_966   # FSD50K.ground_truth/dev.csv: train 36,796 + val 4,170
@@ -65,7 +66,7 @@ def get_config():
     c.mesh.preset = "dp"
 
     c.data.source = "shards"
-    c.data.train_shards = "gs://YOUR_BUCKET/fsd50k/dev/data-manifest.csv"   # override this
+    c.data.train_shards = ShardSet("gs://YOUR_BUCKET/fsd50k/dev", "data").manifest   # override this
     c.data.num_train_examples = FSD50K_DEV_CLIPS
     c.data.cycle_length = 4        # shards read at once per worker process
     c.data.num_workers = -1        # one per core less one: thread-parsing caps near one core

@@ -31,6 +31,7 @@ the warmup; checkpoints at steps 1000 and 2000 under WORKDIR/checkpoints; a reru
 from it only show that evaluation works.
 """
 
+from mwmae.data.shard_set import ShardSet
 from mwmae.train.config import paper_base_config
 
 
@@ -42,7 +43,7 @@ def get_config():
     c.mesh.preset = "dp"
 
     c.data.source = "shards"
-    c.data.train_shards = "gs://YOUR_BUCKET/fsd50k/val/data-manifest.csv"   # override this
+    c.data.train_shards = ShardSet("gs://YOUR_BUCKET/fsd50k/val", "data").manifest   # override this
     c.data.num_train_examples = 40_966   # the dev split: sets the epoch length of the schedule
     c.data.cycle_length = 4        # shards read at once per worker process; with one worker
                                    # per core (num_workers=-1) 128 / 36 ms = ~3,500 clips/s

@@ -36,6 +36,7 @@ These hyperparameters follow the MAE / AudioMAE fine-tuning recipes (scaled to 2
 inputs); they have not been tuned for MW-MAE here.
 """
 
+from mwmae.data.shard_set import ShardSet
 from mwmae.finetune.config import tag_config
 from mwmae.train.config import TINY_MODEL, paper_base_config
 
@@ -91,8 +92,8 @@ def get_config(variant: str = "audioset20k"):
         t.eval_every_steps, t.eval_batch_size = 0, 32
         # Where scripts/demo.sh puts them (it passes its own WORKDIR's paths).
         c.init_from = "runs/demo/export"
-        c.data.train_shards = "runs/demo/digits/train-manifest.csv"
-        t.eval_shards = "runs/demo/digits/test-manifest.csv"
+        c.data.train_shards = ShardSet("runs/demo/digits", "train").manifest
+        t.eval_shards = ShardSet("runs/demo/digits", "test").manifest
         c.data.shuffle_buffer, c.data.num_workers = 512, 0
         c.mesh.preset = "dp"
         c.log_every_steps = 100

@@ -45,6 +45,9 @@ stage() {  # stage NAME COMMAND...: run it, time it, record it in WORKDIR/timing
   fi
 }
 
+# The files of a shard set (FOLDER PREFIX -> FOLDER/PREFIX-manifest.csv): named by mwmae.data.
+manifest() { "$PYTHON" -m mwmae.data.shard_set manifest "$1" "$2"; }
+
 # 1. An unlabelled audio corpus: spoken words (eSpeak NG), melodies, glides, chords, noise.
 stage corpus "$PYTHON" -m mwmae.demo.corpus "$work/corpus" --clips "$clips"
 
@@ -53,7 +56,7 @@ stage corpus "$PYTHON" -m mwmae.demo.corpus "$work/corpus" --clips "$clips"
 build_shards() {
   "$PYTHON" -m tfrecord_tools.build folder "$work/corpus" --out "$work/shards" \
     --shard-size 100 --workers 2 --labels-from-subfolder || return
-  "$PYTHON" -m tfrecord_tools.inspect "$work/shards/data-manifest.csv" \
+  "$PYTHON" -m tfrecord_tools.inspect "$(manifest "$work/shards" data)" \
     >"$work/shards/inspect.json" || return
   echo "inspect: every record parses ($work/shards/inspect.json)"
 }
@@ -62,7 +65,7 @@ stage shards build_shards
 # 3. Pretrain with the real trainer: mesh over the CPU devices, Orbax checkpoints, TensorBoard
 #    (tensorboard --logdir $work/train/tensorboard). Resumes from the newest checkpoint.
 stage train "$PYTHON" -m mwmae.train --config configs/demo.py --workdir "$work/train" \
-  --config.data.train_shards="$work/shards/data-manifest.csv" \
+  --config.data.train_shards="$(manifest "$work/shards" data)" \
   --config.num_train_steps="$steps"
 
 # 4. Export the encoder as an artifact, and the same network's untrained initial weights as
@@ -128,8 +131,8 @@ finetune_all() {
         --config.tagger.freeze_encoder="$([[ $mode == probe ]] && echo True || echo False)" \
         --config.optimizer.base_learning_rate="$([[ $mode == probe ]] && echo 0.04 || echo 0.008)" \
         --config.seed="$seed" --config.num_train_steps="$tag_steps" \
-        --config.data.train_shards="$work/digits/train-manifest.csv" \
-        --config.tagger.eval_shards="$work/digits/test-manifest.csv" || return
+        --config.data.train_shards="$(manifest "$work/digits" train)" \
+        --config.tagger.eval_shards="$(manifest "$work/digits" test)" || return
     done
   done
 }

@@ -60,7 +60,7 @@ def config(**kw):
 
 
 def iterator(source, cfg, **kw):
-    return make_input_iterator(source, cfg, process_index=0, process_count=1, as_numpy=True, **kw)
+    return make_input_iterator(source, cfg, process_index=0, process_count=1, **kw)
 
 
 def take(it, n):
@@ -227,7 +227,7 @@ def test_missing_shard_and_too_few_shards(tmp_path):
     manifest = write_dataset(tmp_path, num_shards=2, per_shard=3)
     with pytest.raises(ValueError, match="2 shard.* for 3 hosts"):
         make_input_iterator(manifest, config(global_batch_size=3), process_index=0,
-                            process_count=3, as_numpy=True)
+                            process_count=3)
     gone = shards.resolve(manifest)[1].path
     os.remove(gone)
     with pytest.raises(FileNotFoundError, match=f"shard missing: {gone}"):
@@ -292,20 +292,35 @@ def test_a_short_shard_leaves_one_marker_after_its_last_clip(tmp_path):
         next(shard_iterator({"record": 3, "done": 1}))
 
 
-def test_global_batch_is_sharded_over_the_batch_axes(dataset):
+def test_global_batch_is_sharded_over_the_batch_axes(dataset, monkeypatch):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mwmae.data import to_global
+    from mwmae.data.global_batch import check_rows_per_process
+
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
     mesh = jax.sharding.Mesh(devices, ("data", "model"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    it = make_input_iterator(dataset, config(global_batch_size=8), mesh=mesh, batch_axes="data")
-    batch = next(it)
+    shardings = {"audio": NamedSharding(mesh, PartitionSpec("data", None, None, None)),
+                 "label": NamedSharding(mesh, PartitionSpec("data", None))}
+    local = next(iterator(dataset, config(global_batch_size=8)))
+    batch = to_global(local, shardings, 8)
     assert batch["audio"].shape == (8, 200, 80, 1)
-    assert batch["audio"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert batch["audio"].sharding == shardings["audio"]
     shard_rows = {s.device: s.index[0] for s in batch["audio"].addressable_shards}
     assert {(r.start, r.stop) for r in shard_rows.values()} == {(0, 2), (2, 4), (4, 6), (6, 8)}
-    local = next(iterator(dataset, config(global_batch_size=8)))
     np.testing.assert_array_equal(np.asarray(batch["label"]), local["label"])
-    with pytest.raises(ValueError, match="not divisible by the 4 devices"):
-        make_input_iterator(dataset, config(global_batch_size=6), mesh=mesh, batch_axes="data")
+    with pytest.raises(ValueError, match="batch array 'audio': this host has 8 rows .* expected "
+                                         "6 = 6 / 1 hosts"):
+        to_global(local, shardings, 6)
+    with pytest.raises(KeyError, match="batch array 'ids' has no sharding"):
+        to_global({"ids": local["label"]}, shardings, 8)
+    # Were there two hosts, this process would hold every row of a layout whose batch axes stay
+    # on it: the other host's rows would have nowhere to go.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="gives process 0 8 of 8 rows, not 4: the batch axes "
+                                         "must span all 2 processes"):
+        check_rows_per_process.__wrapped__(shardings["label"], 8)
 
 
 def test_large_records_span_read_chunks(tmp_path):

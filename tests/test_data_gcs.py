@@ -47,7 +47,7 @@ def _cfg(**kw):
 
 
 def _batches(source, cfg, n=None):
-    it = make_input_iterator(source, cfg, process_index=0, process_count=1, as_numpy=True)
+    it = make_input_iterator(source, cfg, process_index=0, process_count=1)
     return list(it) if n is None else [next(it) for _ in range(n)]
 
 
@@ -81,13 +81,11 @@ def test_resume_from_saved_state_over_gcs(gcs, audio_dir):
     summary = build_lib.build(listing, build_lib.BuildOptions(
         output=f"{BUCKET}/resume", shard_size=2, workers=1, progress=False))
     full = _batches(summary["manifest"], _cfg(), 9)
-    it = make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1,
-                             as_numpy=True)
+    it = make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1)
     [next(it) for _ in range(4)]
     state = it.get_state()
     it.close()
-    it = make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1,
-                             as_numpy=True)
+    it = make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1)
     it.set_state(state)
     for want in full[4:]:
         np.testing.assert_array_equal(next(it)["audio"], want["audio"])
@@ -108,22 +106,21 @@ def test_missing_truncated_and_vanished_shards_name_the_object(gcs, audio_dir, t
         _batches(summary["manifest"], _cfg(train=False, global_batch_size=1))
     it = make_input_iterator(summary["manifest"], _cfg(train=False, global_batch_size=1,
                                                        on_error="skip"),
-                             process_index=0, process_count=1, as_numpy=True)
+                             process_index=0, process_count=1)
     assert 0 < len(list(it)) < 10 and it.errors.entries[0][0] == paths[1]
     # Deleted after the iterator was made: the read fails naming the object, no hang.
     fs.pipe_file(paths[1], data)
     it = make_input_iterator(summary["manifest"], _cfg(train=False, global_batch_size=1),
-                             process_index=0, process_count=1, as_numpy=True)
+                             process_index=0, process_count=1)
     fs.rm(paths[2])
     with pytest.raises((FileNotFoundError, RecordError), match=paths[2].split("://")[1]):
         list(it)
     # Missing before start: refused up front.
     with pytest.raises(FileNotFoundError, match=f"shard missing: {paths[2]}"):
-        make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1,
-                            as_numpy=True)
+        make_input_iterator(summary["manifest"], _cfg(), process_index=0, process_count=1)
     with pytest.raises(FileNotFoundError, match="no shard matches"):
         make_input_iterator(f"{BUCKET}/nothing-here/*.tfrecord", _cfg(), process_index=0,
-                            process_count=1, as_numpy=True)
+                            process_count=1)
 
 
 def test_audio_folder_in_a_bucket(gcs, audio_dir):

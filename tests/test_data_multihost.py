@@ -24,33 +24,44 @@ def _worker(port: int, process_id: int, train_manifest: str, eval_manifest: str,
                                process_id=process_id, initialization_timeout=60)
     import numpy as np
     from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    from mwmae.data import PipelineConfig, make_input_iterator
+    from mwmae.data import PipelineConfig, make_input_iterator, to_global
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     report: dict = {"devices": jax.device_count(), "local_devices": jax.local_device_count()}
     cfg = PipelineConfig(global_batch_size=8, seed=7, shuffle_buffer=4, cycle_length=2,
                          max_labels=1)
-    it = make_input_iterator(train_manifest, cfg, mesh=mesh, batch_axes="data")
+    it = make_input_iterator(train_manifest, cfg)
+    shardings = {"audio": NamedSharding(mesh, PartitionSpec("data", None, None, None)),
+                 "label": NamedSharding(mesh, PartitionSpec("data", None))}
     labels, rows = [], []
     for _ in range(3):  # 24 clips / 8 = one epoch
-        batch = next(it)
+        batch = to_global(next(it), shardings, 8)
         labels.append(multihost_utils.process_allgather(batch["label"], tiled=True)[:, 0]
                       .tolist())
         rows.append(sorted((s.index[0].start, s.index[0].stop)
                            for s in batch["audio"].addressable_shards))
         report["shape"] = list(batch["audio"].shape)
-        report["spec_is_data"] = batch["audio"].sharding.spec == jax.sharding.PartitionSpec(
-            "data")
+        report["spec_is_data"] = batch["audio"].sharding.spec == shardings["audio"].spec
         audio = multihost_utils.process_allgather(batch["audio"], tiled=True)
         report["finite"] = bool(np.isfinite(audio).all())
     report["epoch_labels"], report["rows"] = labels, rows
+    # Batch axes that stay inside each host: both hosts would have to supply the same rows.
+    per_host = jax.make_mesh((2, 4), ("hosts", "data"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    try:
+        to_global({"label": np.zeros((4, 1), np.int32)},
+                  {"label": NamedSharding(per_host, PartitionSpec("data", None))}, 8)
+        report["refused"] = ""
+    except ValueError as e:
+        report["refused"] = str(e)
     report["state"] = it.get_state()
 
     # 5 shards over 2 hosts: 12 and 8 clips, so both stop after min(12, 8) // 4 = 2 batches.
     ev = make_input_iterator(eval_manifest, PipelineConfig(global_batch_size=8, train=False,
                                                            max_labels=1),
-                             mesh=mesh, batch_axes="data")
+                             )
     report["eval_steps"] = sum(1 for _ in ev)
     multihost_utils.sync_global_devices("done")
     with open(out_path, "w") as f:
@@ -101,6 +112,7 @@ def test_epoch_covers_every_clip_once_across_hosts(results):
 def test_global_batch_sharding(results):
     a, b = results
     assert a["shape"] == [8, 200, 80, 1] and a["spec_is_data"]
+    assert "rows, not 4: the batch axes must span all 2 processes" in a["refused"]
     assert a["finite"]
     # Each process holds its own 4 rows, one per local device.
     assert a["rows"][0] == [[0, 1], [1, 2], [2, 3], [3, 4]]

@@ -65,6 +65,7 @@ from collections.abc import Iterator, Sequence
 from mwmae import audio as audio_lib
 from mwmae import cli
 from mwmae.data import records, storage
+from mwmae.data.shard_set import ShardSet
 from mwmae.data.shards import ARRAY_RECORD, FORMATS, TFRECORD
 from tfrecord_tools import sources
 from tfrecord_tools.decode import DecodeError, file_to_logmel
@@ -74,7 +75,8 @@ DEFAULT_ARRAY_RECORD_OPTIONS = "group_size:1"
 # The shortest cut that still leaves a clip one analysis window (more samples than n_fft // 2).
 MIN_SECONDS = (audio_lib.N_FFT // 2 + 1) / audio_lib.SAMPLE_RATE
 MAX_WORKERS_PER_CORE = 4  # beyond this, more processes only queue for the same cores
-_SIDE_FILES = ("manifest.csv", "rejects.csv", "labels.csv", "clip-labels.csv")
+# The set's files a build writes after its shards (build_record is written first).
+_SIDE_KINDS = ("manifest", "rejects", "labels", "clip_labels")
 
 
 class BuildRefused(ValueError):
@@ -293,10 +295,11 @@ def _check_existing(options: BuildOptions, info: dict, identities: dict[str, dic
     """What of this prefix is already in the output, checked against this build: the done
     markers of shards that may be reused, and whether build.json is there. Refuses (raising)
     when anything there belongs to another build or cannot show whose it is."""
-    build_json = f"{options.prefix}-build.json"
+    files = ShardSet(options.output, options.prefix)
+    build_json = files.name("build_record")
     recorded = None
-    if storage.exists(storage.join(options.output, build_json)):
-        recorded = _read_json_file(storage.join(options.output, build_json))
+    if storage.exists(files.build_record):
+        recorded = _read_json_file(files.build_record)
         if recorded is None:
             raise _refuse_mixing(options, f"{build_json} is damaged (not a JSON object)")
         if recorded != info:
@@ -326,8 +329,7 @@ def _check_existing(options: BuildOptions, info: dict, identities: dict[str, dic
             # Written before markers carried fingerprints: only a matching build.json vouches.
             if recorded is None:
                 raise _refuse_mixing(options, f"{marker} has no fingerprint and there is no "
-                                              f"{options.prefix}-build.json to prove it is this "
-                                              "build's")
+                                              f"{build_json} to prove it is this build's")
         elif done["fingerprint"] != expected["fingerprint"]:
             if done.get("settings") != expected["settings"]:
                 theirs, ours = done.get("settings") or {}, expected["settings"]
@@ -353,19 +355,18 @@ def _check_existing(options: BuildOptions, info: dict, identities: dict[str, dic
                                           f"{len(identities)} shard(s) of {options.format})")
         if recorded is None and name not in proven:
             raise _refuse_mixing(options, f"{name} has no done marker and there is no "
-                                          f"{options.prefix}-build.json to say whose it is")
+                                          f"{build_json} to say whose it is")
     if recorded is None and not proven:
-        side = [f"{options.prefix}-{s}" for s in _SIDE_FILES
-                if storage.exists(storage.join(options.output, f"{options.prefix}-{s}"))]
+        side = [files.name(kind) for kind in _SIDE_KINDS if storage.exists(files.path(kind))]
         if side:
-            raise _refuse_mixing(options, f"{side[0]} is there without {options.prefix}-build.json"
-                                          " (another build's results)")
+            raise _refuse_mixing(options, f"{side[0]} is there without {build_json} (another "
+                                          "build's results)")
     return reusable, recorded is not None
 
 
 def _output_paths(options: BuildOptions, num_shards: int) -> list[str]:
     names = [shard_name(options.prefix, i, num_shards, options.format) for i in range(num_shards)]
-    names += [f"{options.prefix}-{s}" for s in (*_SIDE_FILES, "build.json")]
+    names += list(ShardSet(options.output, options.prefix).names().values())
     return [storage.join(options.output, n) for n in names]
 
 
@@ -467,9 +468,9 @@ def _clean_stale_temporaries(options: BuildOptions) -> None:
     input that merely looks like one (``--out`` is the audio folder) is never removed."""
     if storage.is_remote(options.output) or not os.path.isdir(options.output):
         return
-    side = "|".join(re.escape(s) for s in (*_SIDE_FILES, "build.json"))
+    side = "|".join(re.escape(n) for n in ShardSet(options.output, options.prefix).names().values())
     shard = _shard_pattern(options.prefix).pattern
-    ours = re.compile(rf"({shard}|{re.escape(options.prefix)}-({side}))\.tmp-\d+")
+    ours = re.compile(rf"({shard}|{side})\.tmp-\d+")
     marker = re.compile(_shard_pattern(options.prefix).pattern + r"\.json\.tmp-\d+")
     for folder, pattern in ((options.output, ours),
                             (os.path.join(options.output, "_build"), marker)):
@@ -533,7 +534,7 @@ def _build_locked(listing: sources.Listing, options: BuildOptions, num_shards: i
                   for name, chunk in zip(names, chunks, strict=True)}
     reusable, recorded = _check_existing(options, info, identities)
     if not recorded:
-        storage.write_text(storage.join(options.output, f"{options.prefix}-build.json"),
+        storage.write_text(ShardSet(options.output, options.prefix).build_record,
                            json.dumps(info, indent=1))
     _clean_stale_temporaries(options)
 
@@ -570,16 +571,16 @@ def _build_locked(listing: sources.Listing, options: BuildOptions, num_shards: i
     manifest = [(d["shard"], d["num_records"]) for d in ordered if d["num_records"] > 0]
     rejects = [tuple(r) for d in ordered for r in d["rejects"]]
     rejects += [(entry, reason) for entry, reason in listing.missing]
-    prefix = storage.join(options.output, options.prefix)
-    storage.write_text(f"{prefix}-manifest.csv", _csv_text(("shard", "num_records"), manifest))
-    storage.write_text(f"{prefix}-rejects.csv", _csv_text(("path", "reason"), rejects))
+    files = ShardSet(options.output, options.prefix)
+    storage.write_text(files.manifest, _csv_text(("shard", "num_records"), manifest))
+    storage.write_text(files.rejects, _csv_text(("path", "reason"), rejects))
     if listing.vocabulary is not None:
-        storage.write_text(f"{prefix}-labels.csv",
+        storage.write_text(files.labels,
                            _csv_text(("index", "label"), list(enumerate(listing.vocabulary))))
     # Every record's labels without reading the shards: what class-balanced sampling weighs
     # clips by (shards marked done by an older version lack them: no table then).
     if any(item.labels for item in listing.items) and all("labels" in d for d in ordered):
-        storage.write_text(f"{prefix}-clip-labels.csv", _csv_text(
+        storage.write_text(files.clip_labels, _csv_text(
             ("shard", "record", "labels"),
             [(d["shard"], r, ";".join(map(str, ids)))
              for d in ordered for r, ids in enumerate(d["labels"])]))
@@ -588,14 +589,14 @@ def _build_locked(listing: sources.Listing, options: BuildOptions, num_shards: i
     clips_built = sum(d["num_records"] for d in built)
     return {
         "output": options.output,
-        "manifest": f"{prefix}-manifest.csv",
+        "manifest": files.manifest,
         "format": options.format,
         "shards": num_shards,
         "shards_built": len(todo),
         "shards_resumed": num_shards - len(todo),
         "records": sum(d["num_records"] for d in ordered),
         "rejected": len(rejects),
-        "rejects_csv": f"{prefix}-rejects.csv",
+        "rejects_csv": files.rejects,
         "seconds": round(seconds, 3),
         "clips_per_second": round(clips_built / seconds, 2) if seconds > 0 else None,
         "workers": workers,

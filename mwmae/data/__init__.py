@@ -1,14 +1,14 @@
 """Log-mel shards in, globally sharded training batches out (local disk or gs://)."""
 
+from mwmae.data.global_batch import to_global
 from mwmae.data.pipeline import (
     InputIterator,
     PipelineConfig,
-    batch_sharding,
     host_dataset,
     make_input_iterator,
-    to_global,
 )
 from mwmae.data.records import RecordError, decode_example, encode_example
+from mwmae.data.shard_set import ShardSet
 from mwmae.data.shards import Shard, for_host, read_manifest, resolve
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "PipelineConfig",
     "RecordError",
     "Shard",
-    "batch_sharding",
+    "ShardSet",
     "decode_example",
     "encode_example",
     "for_host",

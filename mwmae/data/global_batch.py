@@ -22,12 +22,12 @@ def to_global(local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedShar
         if name not in shardings:
             raise KeyError(f"batch array {name!r} has no sharding (shardings for "
                            f"{sorted(shardings)})")
-        sharding = shardings[name]
-        check_rows_per_process(sharding, global_batch_size)
         if value.shape[0] != rows:
             raise ValueError(f"batch array {name!r}: this host has {value.shape[0]} rows "
                              f"(shape {value.shape}), expected {rows} = {global_batch_size} / "
                              f"{jax.process_count()} hosts")
+        sharding = shardings[name]
+        check_rows_per_process(sharding, global_batch_size)
         out[name] = jax.make_array_from_process_local_data(
             sharding, value, (global_batch_size, *value.shape[1:]))
     return out

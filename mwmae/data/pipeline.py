@@ -170,7 +170,8 @@ def _json_safe(state: Any) -> Any:
 
 
 class InputIterator:
-    """Global batches ``{"audio": (B, crop, mels, 1) float32, "label": ...}`` as jax Arrays.
+    """This host's rows of each global batch, ``{"audio": (B / hosts, crop, mels, 1) float32,
+    "label": ...}`` as numpy (:func:`mwmae.data.to_global` makes the global arrays).
 
     ``label`` is int32 ``(B, max_labels)`` padded with -1, or multi-hot float32
     ``(B, num_classes)`` when ``config.num_classes`` is set. Use :func:`make_input_iterator`.
@@ -183,7 +184,6 @@ class InputIterator:
         *,
         process_index: int,
         process_count: int,
-        sharding: Any = None,
         max_batches: int | None = None,
     ):
         if config.global_batch_size % process_count:
@@ -197,7 +197,6 @@ class InputIterator:
         self.shards = list(all_shards)
         keyed = list(enumerate(self.shards))
         self.host_shards = [s for _, s in shards.for_host(keyed, process_index, process_count)]
-        self._sharding = sharding
         self.max_batches = max_batches
         self._batches = 0
         # Prefetched here rather than in host_dataset: once the stream has ended, the
@@ -250,11 +249,8 @@ class InputIterator:
         self._batches += 1
         return batch
 
-    def __next__(self) -> dict[str, Any]:
-        local = self.next_local()
-        if self._sharding is None:
-            return local
-        return to_global(local, self._sharding, self.config.global_batch_size)
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.next_local()
 
     def get_state(self) -> dict[str, Any]:
         """The position, JSON-serialisable; restore it with :meth:`set_state`."""
@@ -300,99 +296,26 @@ def _close_quietly(it: Any) -> None:
         log.debug("closing the input iterator failed", exc_info=True)
 
 
-def batch_sharding(sharding: Any = None, *, mesh: Any = None,
-                   batch_axes: str | Sequence[str] | None = None) -> Any:
-    """A NamedSharding that splits dim 0 over ``batch_axes`` of ``mesh`` (or the given one)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    if sharding is not None:
-        return sharding
-    if mesh is None or batch_axes is None:
-        raise ValueError("pass a NamedSharding, or a mesh and its batch axis name(s)")
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    return NamedSharding(mesh, PartitionSpec(axes))
-
-
-def to_global(local: dict[str, np.ndarray], sharding: Any, global_batch_size: int) -> dict:
-    """Assembles each host's rows into global arrays split over the batch dimension."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    batch_spec = PartitionSpec(sharding.spec[0] if len(sharding.spec) else None)
-    row_sharding = NamedSharding(sharding.mesh, batch_spec)
-    out = {}
-    for name, value in local.items():
-        shape = (global_batch_size,) + value.shape[1:]
-        out[name] = jax.make_array_from_process_local_data(row_sharding, value, shape)
-    return out
-
-
-def _check_rows_per_process(sharding: Any, global_batch_size: int, process_count: int) -> None:
-    # Each host supplies global/process_count distinct rows; a sharding that gives two hosts
-    # the same rows (batch axes not spanning the hosts) would need the same data on both.
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    rows_only = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
-    local_rows: set[tuple[int, int]] = set()
-    for index in rows_only.addressable_devices_indices_map((global_batch_size,)).values():
-        rows = index[0]
-        local_rows.add((rows.start or 0, global_batch_size if rows.stop is None else rows.stop))
-    covered = sum(stop - start for start, stop in local_rows)
-    expected = global_batch_size // process_count
-    if covered != expected:
-        raise ValueError(
-            f"the batch sharding gives process {jax.process_index()} {covered} of "
-            f"{global_batch_size} rows, not {expected}: the batch axes must span all "
-            f"{process_count} processes evenly"
-        )
-
-
 def make_input_iterator(
     source: str | Sequence[str],
     config: PipelineConfig,
     *,
-    sharding: Any = None,
-    mesh: Any = None,
-    batch_axes: str | Sequence[str] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    as_numpy: bool = False,
 ) -> InputIterator:
-    """The trainer's iterator over shards named by a manifest CSV, glob(s) or path(s).
-
-    ``sharding`` (a NamedSharding whose spec's first entry names the batch axes) or ``mesh`` +
-    ``batch_axes`` say how the global batch is laid out; ``as_numpy=True`` yields this host's
-    numpy part instead (no jax arrays). Process index and count default to jax's.
-    """
+    """The trainer's iterator over shards named by a manifest CSV, glob(s) or path(s): this
+    host's numpy rows of each batch. Process index and count default to jax's."""
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     all_shards = shards.resolve(source)
-    target = None
-    if not as_numpy:
-        target = batch_sharding(sharding, mesh=mesh, batch_axes=batch_axes)
-        batch_devices = int(np.prod([target.mesh.shape[a] for a in _axes(target.spec)]))
-        if config.global_batch_size % batch_devices:
-            raise ValueError(
-                f"global_batch_size {config.global_batch_size} is not divisible by the "
-                f"{batch_devices} devices of the batch axes"
-            )
-        _check_rows_per_process(target, config.global_batch_size, process_count)
     max_batches = None
     if config.epochs is not None and process_count > 1:
         max_batches = _common_batches(all_shards, config, process_count)
     return InputIterator(all_shards, config, process_index=process_index,
-                         process_count=process_count, sharding=target, max_batches=max_batches)
-
-
-def _axes(spec: Any) -> tuple[str, ...]:
-    first = spec[0] if len(spec) else None
-    if first is None:
-        return ()
-    return (first,) if isinstance(first, str) else tuple(first)
+                         process_count=process_count, max_batches=max_batches)
 
 
 def _common_batches(all_shards: list[shards.Shard], config: PipelineConfig,

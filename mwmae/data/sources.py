@@ -74,7 +74,7 @@ class ShardSource:
         if not spec:
             raise ValueError("data.source is 'shards' but data.train_shards is empty; give a "
                              "manifest CSV, a glob or a path of shards (local or gs://)")
-        self._it = make_input_iterator(spec, config, as_numpy=True)
+        self._it = make_input_iterator(spec, config)
 
     def next_local(self) -> tuple[np.ndarray, np.ndarray]:
         """(this host's audio, its clips' labels: -1 padded ids)."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from mwmae import cli
 from mwmae.artifact import CONFIG_FILE as ARTIFACT_CONFIG
+from mwmae.data.shard_set import ShardSet
 from mwmae.workdir import Workdir
 
 STAGES = ("corpus", "shards", "train", "export", "validate", "tasks", "evaluate", "finetune",
@@ -202,7 +203,7 @@ def report(workdir: str | pathlib.Path) -> dict[str, Any]:
     timings = read_timings(workdir)
     corpus = {kind.name: len(list(kind.glob("*.wav")))
               for kind in sorted((workdir / "corpus").iterdir()) if kind.is_dir()}
-    shard_info = shard_summary(workdir / "shards" / "data-manifest.csv")
+    shard_info = shard_summary(pathlib.Path(ShardSet(str(workdir / "shards"), "data").manifest))
     train_dir = Workdir(workdir / "train")
     steps, losses = loss_curve(pathlib.Path(str(train_dir.tensorboard)))
     checkpoints = train_dir.steps()

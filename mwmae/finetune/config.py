@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mwmae.data import storage
+from mwmae.data.shard_set import ShardSet
 from mwmae.finetune.model import HEADS, POOLINGS
 from mwmae.finetune.step import TASKS
 from mwmae.train.config import MAY_CHANGE_ON_RESUME, ConfigError, check_config, default_config
@@ -70,18 +71,16 @@ def labels_csv(config: ml_collections.ConfigDict) -> str | None:
     if config.tagger.labels_csv:
         return config.tagger.labels_csv
     train = config.data.train_shards
-    if isinstance(train, str) and train.endswith("-manifest.csv"):
-        return train[: -len("-manifest.csv")] + "-labels.csv"
-    return None
+    return ShardSet.from_manifest(train).labels if ShardSet.is_manifest(train) else None
 
 
 def clip_labels_csv(config: ml_collections.ConfigDict) -> str:
     """The clip-labels table beside the train manifest, for class-balanced sampling."""
     train = config.data.train_shards
-    if not (isinstance(train, str) and train.endswith("-manifest.csv")):
+    if not ShardSet.is_manifest(train):
         raise ConfigError("data.balanced_sampling needs data.train_shards to be the builder's "
                           "PREFIX-manifest.csv (its PREFIX-clip-labels.csv gives the weights)")
-    path = train[: -len("-manifest.csv")] + "-clip-labels.csv"
+    path = ShardSet.from_manifest(train).clip_labels
     if not storage.exists(path):
         raise ConfigError(f"{path}: missing; data.balanced_sampling weighs clips by this table, "
                           "which tfrecord_tools.build writes for labelled sources (rebuild)")
@@ -176,21 +175,19 @@ def check_vocabularies(config: ml_collections.ConfigDict) -> None:
     spec = config.tagger.eval_shards
     if not spec:
         return
-    if not (isinstance(spec, str) and spec.endswith("-manifest.csv")):
+    if not ShardSet.is_manifest(spec):
         raise ConfigError(f"tagger.eval_shards={spec!r}: give the evaluation split as the "
                           "builder's PREFIX-manifest.csv, whose PREFIX-labels.csv proves its "
                           "classes are the training split's (a glob or a shard has none)")
     from mwmae.finetune.evaluate import list_split
 
     list_split(spec)  # a missing manifest or shard is named before anything is written
-    eval_csv = spec[: -len("-manifest.csv")] + "-labels.csv"
+    eval_csv = ShardSet.from_manifest(spec).labels
     train_csv = labels_csv(config)
     if train_csv is None:
         raise ConfigError("tagger.eval_shards needs the training split's labels to check the "
                           "evaluation split's against, and data.train_shards is not a "
                           "PREFIX-manifest.csv: set tagger.labels_csv to its index,label CSV")
-    from mwmae.data import storage
-
     if not storage.exists(train_csv):
         raise ConfigError(f"{train_csv}: missing; tagger.eval_shards is checked against the "
                           "training split's labels CSV: set tagger.labels_csv to it, or rebuild "

@@ -8,7 +8,7 @@ typed in from a publication::
     {"source": "Author et al., Title, Venue Year, Table N",
      "models": {"MODEL": {"TASK_FOLDER": {"mean": 0.961, "ci95": 0.004}, ...}, ...}}
 
-with TASK_FOLDER a HEAR task folder name (as in ``evaluate.PRESETS``), scores on the scale the
+with TASK_FOLDER a HEAR task folder name (as in ``presets.PRESETS``), scores on the scale the
 predictor reports (0-1, not percent) and ``ci95`` optional.
 
 The overall score of model m over the tasks T that every compared model has is the min-max
@@ -241,10 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for path in a.results for m in load(path)]
         if len(models) < 2:
             raise ComparisonError(f"{a.results[0]}: one model; give at least two to compare")
-        from mwmae.hear.evaluate import PRESETS
+        from mwmae.hear.presets import task_labels
 
-        labels = {t: n for preset in PRESETS.values() for t, n in preset.items()}
-        text = table(models[0], models[1:], labels)
+        text = table(models[0], models[1:], task_labels())
     except ComparisonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -61,6 +61,7 @@ from typing import Any
 
 from mwmae import cli
 from mwmae.hear import compare as compare_lib
+from mwmae.hear.presets import PRESETS, task_labels
 
 GRIDS = ("default", "fast", "faster")
 FINGERPRINT = "fingerprint.json"
@@ -703,22 +704,6 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
     return score
 
 
-# HEAR 2021's tasks as the paper's table names them, by their HEAR task folder names.
-# "demo": the one task of the demo (scripts/demo.sh).
-PRESETS: dict[str, dict[str, str]] = {"demo": {"mwmae_digits": "Spoken digits"}, "hear2021": {
-    "beijing_opera-v1.0-hear2021-full": "Beijing Opera",
-    "tfds_crema_d-1.0.0-full": "CREMA-D",
-    "esc50-v2.0.0-full": "ESC-50",
-    "libricount-v1.0.0-hear2021-full": "LibriCount",
-    "mridangam_stroke-v1.5-full": "Mridangam Stroke",
-    "mridangam_tonic-v1.5-full": "Mridangam Tonic",
-    "nsynth_pitch-v2.2.3-5h": "NSynth Pitch 5h",
-    "speech_commands-v0.0.2-5h": "Speech Commands 5h",
-    "fsd50k-v1.0-full": "FSD50K",
-    "vox_lingua_top10-hear2021-full": "VoxLingua107 top 10",
-}}
-
-
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> float:
     """Half-width of the Student-t confidence interval of the mean of ``values``:
     ``t((1 + confidence) / 2, n - 1) * s / sqrt(n)`` with the sample std ``s``; NaN for n < 2."""
@@ -754,7 +739,7 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
 
 
 def _labels() -> dict[str, str]:
-    return {t: label for preset in PRESETS.values() for t, label in preset.items()}
+    return task_labels()
 
 
 def _check_model(artifact: str, module: str, backend: str | None = None) -> None:
