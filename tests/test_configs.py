@@ -1,5 +1,6 @@
-"""Every config in configs/ loads, passes its trainer's check and is in the README's table with
-the parameter count its model really has (the tagger's: its default variant's encoder)."""
+"""Every config in configs/ loads, passes its trainer's check and is in the training guide's
+table with the parameter count its model really has (the tagger's: its default variant's
+encoder)."""
 
 import math
 import pathlib
@@ -17,13 +18,13 @@ CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 
 def readme_table() -> dict[str, int]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "guides" / "training.md").read_text()
     section = text[text.index("## Configs"):text.index("## Training")]
     return {m.group(1): int(m.group(2).replace(",", ""))
             for m in re.finditer(r"^\| `(\w+)\.py` \|.*\| ([\d,]+) \|$", section, re.M)}
 
 
-def test_readme_lists_every_config():
+def test_the_training_guide_lists_every_config():
     assert set(readme_table()) == set(CONFIGS)
 
 

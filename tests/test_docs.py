@@ -1,0 +1,304 @@
+"""The manual stays true to the code: every flag the docs give a command exists, every config
+key they override is in its schema, every module is on the architecture page (and every module
+named there exists), the reference pages list every config key and metric tag, and the site
+builds strictly (no broken link or anchor). Each check takes the docs' text as input, so the
+tests below also show it failing on a deliberately broken page."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PACKAGES = ("mwmae", "tfrecord_tools", "hear_mwmae")
+
+
+def doc_pages() -> list[pathlib.Path]:
+    return [REPO / "README.md", *sorted(p for p in DOCS.rglob("*.md") if "results" not in p.parts)]
+
+
+# ------------------------------------------------------------------- commands and their flags
+
+def _flags_in_source(path: pathlib.Path) -> set[str]:
+    """Every flag a module's parsers define: argparse ``add_argument("--x")`` and absl
+    ``DEFINE_*("x")``, spelled with hyphens (both tools accept either spelling)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        args = [a.value for a in node.args if isinstance(a, ast.Constant)
+                and isinstance(a.value, str)]
+        if node.func.attr == "add_argument":
+            names |= {a[2:] for a in args if a.startswith("--")}
+        elif node.func.attr.startswith("DEFINE") and args:
+            names.add(args[0])
+            if node.func.attr == "DEFINE_bool":
+                names.add("no" + args[0])
+    return {n.replace("_", "-") for n in names}
+
+
+# Modules whose command line is another's: the tagger's is the trainer's, the image's entry
+# point passes its flags to the trainer.
+_SAME_FLAGS = {"mwmae.finetune": "mwmae.train", "mwmae.job": "mwmae.train"}
+# absl's own flags, accepted by every absl command.
+_ABSL = {"help", "helpshort", "helpfull", "flagfile", "undefok", "logtostderr", "v"}
+
+
+@functools.cache
+def command_flags() -> dict[str, set[str]]:
+    """{command: the flags it accepts} for every ``python -m`` module, script and console
+    script of the project."""
+    out = {}
+    for path in [*REPO.glob("mwmae/**/*.py"), *REPO.glob("tfrecord_tools/*.py")]:
+        parts = path.relative_to(REPO).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] in ("__main__", "__init__") else parts)
+        source = path.read_text()
+        if "ArgumentParser" in source or "DEFINE_" in source or path.name == "__main__.py":
+            out[module] = out.get(module, set()) | _flags_in_source(path)
+    for path in [*REPO.glob("benchmarks/*.py"), REPO / "xm_launcher.py"]:
+        out[str(path.relative_to(REPO))] = _flags_in_source(path)
+    for alias, module in _SAME_FLAGS.items():
+        out[alias] = out[module]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for script, target in scripts.items():
+        module = target.split(":")[0].removesuffix(".__main__")
+        out[script] = out.get(module, set())
+    absl = {m for m, f in out.items() if "config" in f}
+    return {m: f | (_ABSL if m in absl else set()) | {"help"} for m, f in out.items()}
+
+
+@functools.cache
+def config_keys() -> dict[str, set[str]]:
+    """{absl command: the dotted keys its configs may hold}."""
+    from mwmae.finetune.config import tag_config
+    from mwmae.train.config import default_config
+
+    def keys(c, prefix=""):
+        found = set()
+        for k, v in c.items():
+            found.add(prefix + k)
+            if hasattr(v, "items"):
+                found |= keys(v, prefix + k + ".")
+        return found
+
+    train, tag = keys(default_config()), keys(tag_config())
+    return {"mwmae.train": train, "mwmae.finetune": tag, "mwmae.preflight": train | tag,
+            "mwmae.job": train | tag}
+
+
+# Generic spellings in prose ("--config.x=y"), not keys.
+PLACEHOLDER_KEYS = {"x", "key", "KEY", "x.y"}
+_COMMAND = re.compile(r"(?:python3?\s+-m\s+([\w.]+)|python3?\s+((?:benchmarks/)?[\w]+\.py)"
+                      r"|(?<![\w/.-])(mwmae-[a-z-]+))")
+
+
+def commands_in(text: str) -> list[tuple[int, str, list[str]]]:
+    """(line, command, its arguments) of every project command in the fenced code blocks of a
+    markdown text; continued lines (``\\``) are joined, and ``&&``, ``|``, ``;`` end one."""
+    found = []
+    in_block, pending, start = False, "", 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_block, pending = not in_block, ""
+            continue
+        if not in_block:
+            continue
+        if not pending:
+            start = number
+        code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+        if code.rstrip().endswith("\\"):
+            pending += code.rstrip()[:-1] + " "
+            continue
+        whole, pending = pending + code, ""
+        for part in re.split(r"&&|\|\||[|;]", whole):
+            match = _COMMAND.search(part)
+            if not match:
+                continue
+            command = next(g for g in match.groups() if g)
+            try:
+                args = shlex.split(part[match.end():], comments=False)
+            except ValueError:
+                args = part[match.end():].split()
+            found.append((start, command, args))
+    return found
+
+
+def flag_problems(name: str, text: str) -> list[str]:
+    """What in ``text`` (a markdown page called ``name``) names a flag or config key that its
+    command does not have."""
+    known, keys = command_flags(), config_keys()
+    problems = []
+    for line, command, args in commands_in(text):
+        if command not in known:
+            if command.startswith("mwmae") or command.endswith(".py"):
+                problems.append(f"{name}:{line}: {command}: not a command of the project")
+            continue
+        if command == "mwmae.job" and args and not args[0].startswith("-"):
+            continue  # `mwmae.job TOOL ...`: that tool's flags
+        for arg in args:
+            if not arg.startswith("--") or arg == "--":
+                continue
+            flag = arg[2:].split("=", 1)[0]
+            if flag.startswith("config."):
+                key = flag[len("config."):]
+                schema = keys.get(command, keys["mwmae.train"])
+                if key not in PLACEHOLDER_KEYS and key not in schema:
+                    problems.append(f"{name}:{line}: {command} --config.{key}: no such config "
+                                    "key")
+            elif not re.fullmatch(r"[A-Za-z][\w-]*", flag) or flag.isupper():
+                continue  # a placeholder such as --FLAG or a shell expansion
+            elif flag.replace("_", "-") not in known[command]:
+                problems.append(f"{name}:{line}: {command} --{flag}: no such flag")
+    return problems
+
+
+def test_every_flag_the_docs_name_exists():
+    pages = doc_pages()
+    assert len(pages) > 10
+    problems = [p for page in pages
+                for p in flag_problems(str(page.relative_to(REPO)), page.read_text())]
+    assert problems == []
+
+
+def test_the_flag_check_fails_on_a_broken_page():
+    page = "\n".join([
+        "```bash",
+        "python -m mwmae.train --config configs/tiny.py --workdir w \\",
+        "    --config.no_such_key=3 --config.model.depth=2",
+        "python -m mwmae.export --workdir w --out a --no-such-flag && mwmae-evaluate --bogus",
+        "python -m mwmae.hear.evaluate --artifact a --tasks-dir t --out o  # --not-this",
+        "python -m mwmae.nonexistent --x",
+        "```",
+        "python -m mwmae.export --outside-a-code-block",
+    ])
+    assert flag_problems("broken.md", page) == [
+        "broken.md:2: mwmae.train --config.no_such_key: no such config key",
+        "broken.md:4: mwmae.export --no-such-flag: no such flag",
+        "broken.md:4: mwmae-evaluate --bogus: no such flag",
+        "broken.md:6: mwmae.nonexistent: not a command of the project",
+    ]
+
+
+# ------------------------------------------------------------------- the architecture page
+
+def modules() -> set[str]:
+    """Every module file of the packages, as a repository path."""
+    return {str(p.relative_to(REPO)) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")
+            if p.name not in ("__init__.py", "__main__.py") or p.stat().st_size > 200}
+
+
+def listed_paths(text: str) -> set[str]:
+    """The paths the first column of the architecture page's table names. A cell names paths
+    in backticks; a bare file name is in the folder of the path before it; a path ending in
+    ``/`` is a whole package."""
+    paths = set()
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        folder = ""
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if "/" in token.rstrip("/"):
+                folder = token if token.endswith("/") else token.rsplit("/", 1)[0] + "/"
+                paths.add(token)
+            elif token.endswith((".py", "/")):
+                paths.add(folder + token)
+    return paths
+
+
+def listing_problems(text: str) -> list[str]:
+    listed = listed_paths(text)
+    packages = tuple(p for p in listed if p.endswith("/"))
+    problems = [f"docs/architecture.md: {m} is not listed" for m in sorted(modules())
+                if m not in listed and not m.startswith(packages)]
+    problems += [f"docs/architecture.md names {p}, which does not exist" for p in sorted(listed)
+                 if p.startswith(PACKAGES) and not (REPO / p).exists()]
+    return problems
+
+
+def test_the_architecture_page_lists_every_module():
+    text = (DOCS / "architecture.md").read_text()
+    assert len(listed_paths(text)) > 60
+    assert listing_problems(text) == []
+
+
+def test_the_module_listing_fails_on_a_broken_page():
+    text = (DOCS / "architecture.md").read_text()
+    broken = text.replace("| `mwmae/data/shard_set.py` |", "| dropped |").replace(
+        "| `mwmae/checksum.py` |", "| `mwmae/checksum.py`, `gone.py` |")
+    assert listing_problems(broken) == [
+        "docs/architecture.md: mwmae/data/shard_set.py is not listed",
+        "docs/architecture.md names mwmae/gone.py, which does not exist"]
+
+
+# ------------------------------------------------------------------- reference pages
+
+def test_the_config_reference_lists_every_key():
+    text = (DOCS / "reference" / "config.md").read_text()
+    named = set(re.findall(r"`([a-z_][\w.]*)`", text))
+    keys = config_keys()
+    every = keys["mwmae.train"] | keys["mwmae.finetune"]
+    leaves = {k for k in every if not any(o.startswith(k + ".") for o in every)}
+    assert len(leaves) > 70
+    missing = sorted(leaves - named)
+    assert missing == []
+
+
+def test_the_metric_reference_lists_every_tag():
+    from mwmae.train import metrics
+
+    text = (DOCS / "reference" / "metrics.md").read_text()
+    tags = {f"{g}/{n}" for g, names in metrics.GROUPS.items() for n in names}
+    assert sorted(t for t in tags | {metrics.IMAGE_TAG} if f"`{t}`" not in text) == []
+
+
+def test_the_command_reference_names_every_command():
+    text = (DOCS / "reference" / "cli.md").read_text()
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(s for s in scripts if f"`{s}`" not in text) == []
+
+
+# ------------------------------------------------------------------- the site
+
+def _mkdocs() -> list[str]:
+    exe = pathlib.Path(sys.executable).with_name("mkdocs")
+    return [str(exe)] if exe.exists() else []
+
+
+def build(root: pathlib.Path, site: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*_mkdocs(), "build", "--strict", "--site-dir", str(site)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+
+
+needs_mkdocs = pytest.mark.skipif(not _mkdocs(), reason="mkdocs is not installed (the docs "
+                                  "extra); scripts/docs.sh installs it and CI runs it")
+
+
+@needs_mkdocs
+def test_the_site_builds_strictly(tmp_path):
+    result = build(REPO, tmp_path / "site")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "site" / "guides" / "training" / "index.html").exists()
+
+
+@needs_mkdocs
+def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
+    site = tmp_path / "tree"
+    (site / "docs").mkdir(parents=True)
+    shutil.copy(REPO / "mkdocs.yml", site / "mkdocs.yml")
+    config = (site / "mkdocs.yml").read_text()
+    (site / "mkdocs.yml").write_text(config.split("\nnav:")[0] + "\nnav:\n  - a.md\n  - b.md\n")
+    (site / "docs" / "b.md").write_text("# B\n\n## Part\n")
+    for link, ok in (("b.md#part", True), ("b.md#no-such-part", False), ("c.md", False)):
+        (site / "docs" / "a.md").write_text(f"# A\n\nSee [b]({link}).\n")
+        result = build(site, tmp_path / "out")
+        assert (result.returncode == 0) is ok, (link, result.stderr[-2000:])
