@@ -61,6 +61,9 @@ RULES: dict[str, set[str]] = {
     # The closed loop of a sweep runs the tools as processes; it reads only their results.
     "mwmae.sweep": {"mwmae.hear"},
     "mwmae.job": set(),  # the image's entry point: runs the tools by module name
+    # Experiments run the tools as processes and read their results; the shard set's names
+    # come from their owner.
+    "mwmae.experiments": {"mwmae.data"},
     # The preflight builds the run's trainer (pretraining or the tagger), times its step, its
     # input and its workdir's storage, and checks the kernels against the reference.
     "mwmae.preflight": {"mwmae.train", "mwmae.finetune", "mwmae.kernels", "mwmae.data",

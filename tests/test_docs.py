@@ -99,7 +99,7 @@ def config_keys() -> dict[str, set[str]]:
 # Generic spellings in prose ("--config.x=y"), not keys.
 PLACEHOLDER_KEYS = {"x", "key", "KEY", "x.y"}
 _COMMAND = re.compile(r"(?:python3?\s+-m\s+([\w.]+)|python3?\s+((?:benchmarks/)?[\w]+\.py)"
-                      r"|(?<![\w/.-])(mwmae-[a-z-]+))")
+                      r"|(?<![\w/.:-])(mwmae-[a-z-]+)(?![\w.-]))")
 
 
 def commands_in(text: str) -> list[tuple[int, str, list[str]]]:
