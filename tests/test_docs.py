@@ -47,6 +47,21 @@ def _flags_in_source(path: pathlib.Path) -> set[str]:
     return {n.replace("_", "-") for n in names}
 
 
+def _flags_in_script(path: pathlib.Path) -> set[str]:
+    """The flags a shell script's ``case`` arms accept (``--name)`` or ``-h|--help)``)."""
+    flags = set()
+    for arm in re.findall(r"^\s*([-\w|]+)\)", path.read_text(), re.M):
+        flags |= {f[2:] for f in arm.split("|") if f.startswith("--") and len(f) > 2}
+    return flags
+
+
+# Scripts whose arguments go on to a command: after ``--`` (the launchers hand the trainer its
+# flags), or all of them (the HEAR launcher adds its own three paths to the evaluation's).
+_AFTER_DASHES = {"launch/tpu_vm.sh": "mwmae.train", "launch/gpu_docker.sh": "mwmae.train"}
+_FORWARDS = {"launch/hear_eval.sh": "mwmae.hear.evaluate"}
+# Scripts that pass their arguments to pytest: those are pytest's to check.
+_UNCHECKED = {"scripts/test.sh", "scripts/test_tpu.sh"}
+
 # Modules whose command line is another's: the tagger's is the trainer's, the image's entry
 # point passes its flags to the trainer.
 _SAME_FLAGS = {"mwmae.finetune": "mwmae.train", "mwmae.job": "mwmae.train"}
@@ -69,11 +84,14 @@ def command_flags() -> dict[str, set[str]]:
         out[str(path.relative_to(REPO))] = _flags_in_source(path)
     for alias, module in _SAME_FLAGS.items():
         out[alias] = out[module]
+    for path in [*REPO.glob("scripts/*.sh"), *REPO.glob("launch/*.sh")]:
+        name = str(path.relative_to(REPO))
+        out[name] = _flags_in_script(path) | out.get(_FORWARDS.get(name, ""), set())
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for script, target in scripts.items():
         module = target.split(":")[0].removesuffix(".__main__")
         out[script] = out.get(module, set())
-    absl = {m for m, f in out.items() if "config" in f}
+    absl = {m for m, f in out.items() if "config" in f and not m.endswith(".sh")}
     return {m: f | (_ABSL if m in absl else set()) | {"help"} for m, f in out.items()}
 
 
@@ -99,7 +117,8 @@ def config_keys() -> dict[str, set[str]]:
 # Generic spellings in prose ("--config.x=y"), not keys.
 PLACEHOLDER_KEYS = {"x", "key", "KEY", "x.y"}
 _COMMAND = re.compile(r"(?:python3?\s+-m\s+([\w.]+)|python3?\s+((?:benchmarks/)?[\w]+\.py)"
-                      r"|(?<![\w/.:-])(mwmae-[a-z-]+)(?![\w.-]))")
+                      r"|(?<![\w/.:-])(mwmae-[a-z-]+)(?![\w.-])"
+                      r"|(?<![\w/.-])((?:scripts|launch)/\w+\.sh))")
 
 
 def commands_in(text: str) -> list[tuple[int, str, list[str]]]:
@@ -139,17 +158,25 @@ def flag_problems(name: str, text: str) -> list[str]:
     known, keys = command_flags(), config_keys()
     problems = []
     for line, command, args in commands_in(text):
+        if command in _UNCHECKED:
+            continue
         if command not in known:
-            if command.startswith("mwmae") or command.endswith(".py"):
+            if command.startswith("mwmae") or command.endswith((".py", ".sh")):
                 problems.append(f"{name}:{line}: {command}: not a command of the project")
             continue
         if command == "mwmae.job" and args and not args[0].startswith("-"):
             continue  # `mwmae.job TOOL ...`: that tool's flags
         for arg in args:
+            if arg == "--" and command in _AFTER_DASHES:
+                command = _AFTER_DASHES[command]
+                continue
             if not arg.startswith("--") or arg == "--":
                 continue
             flag = arg[2:].split("=", 1)[0]
-            if flag.startswith("config."):
+            if flag.startswith("config.") and command.endswith(".sh"):
+                problems.append(f"{name}:{line}: {command} --{flag}: no such flag (the "
+                                "trainer's flags go after --)")
+            elif flag.startswith("config."):
                 key = flag[len("config."):]
                 schema = keys.get(command, keys["mwmae.train"])
                 if key not in PLACEHOLDER_KEYS and key not in schema:
@@ -178,6 +205,9 @@ def test_the_flag_check_fails_on_a_broken_page():
         "python -m mwmae.export --workdir w --out a --no-such-flag && mwmae-evaluate --bogus",
         "python -m mwmae.hear.evaluate --artifact a --tasks-dir t --out o  # --not-this",
         "python -m mwmae.nonexistent --x",
+        "launch/tpu_vm.sh up --zone z --no-such-zone --config.x=1 -- --config.no_such_key=1 -v",
+        "launch/hear_eval.sh A T O --seeds 3 --bogus-seeds 3; scripts/demo.sh --fast",
+        "scripts/no_such.sh",
         "```",
         "python -m mwmae.export --outside-a-code-block",
     ])
@@ -186,6 +216,13 @@ def test_the_flag_check_fails_on_a_broken_page():
         "broken.md:4: mwmae.export --no-such-flag: no such flag",
         "broken.md:4: mwmae-evaluate --bogus: no such flag",
         "broken.md:6: mwmae.nonexistent: not a command of the project",
+        "broken.md:7: launch/tpu_vm.sh --no-such-zone: no such flag",
+        "broken.md:7: launch/tpu_vm.sh --config.x: no such flag (the trainer's flags go after "
+        "--)",
+        "broken.md:7: mwmae.train --config.no_such_key: no such config key",
+        "broken.md:8: launch/hear_eval.sh --bogus-seeds: no such flag",
+        "broken.md:8: scripts/demo.sh --fast: no such flag",
+        "broken.md:9: scripts/no_such.sh: not a command of the project",
     ]
 
 
@@ -302,3 +339,36 @@ def test_a_broken_link_or_anchor_fails_the_build(tmp_path):
         (site / "docs" / "a.md").write_text(f"# A\n\nSee [b]({link}).\n")
         result = build(site, tmp_path / "out")
         assert (result.returncode == 0) is ok, (link, result.stderr[-2000:])
+
+
+# ------------------------------------------------------------------- the README
+
+def readme_link_problems(text: str, root: pathlib.Path = REPO) -> list[str]:
+    """The README's relative links whose file does not exist (the site's build checks the
+    docs' links; the README is not part of the site)."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            path = target.split("#", 1)[0]
+            if path and "://" not in path and not (root / path).exists():
+                problems.append(f"README.md:{number}: {target}: no such file")
+    return problems
+
+
+def test_the_readme_links_exist_and_a_broken_one_is_reported():
+    text = (REPO / "README.md").read_text()
+    assert len(re.findall(r"\]\(docs/", text)) > 10
+    assert readme_link_problems(text) == []
+    broken = text + "\nSee [gone](docs/guides/gone.md#x) and [site](https://example.org).\n"
+    assert readme_link_problems(broken) == [
+        f"README.md:{len(broken.splitlines())}: docs/guides/gone.md#x: no such file"]
+
+
+def test_the_readme_states_the_test_command_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^scripts/test\.sh\b", readme, re.M)
+    assert re.search(r"^scripts/test\.sh$", ci, re.M)
+    # The site's build follows the tests in CI.
+    assert ci.index("scripts/test.sh") < ci.index("scripts/docs.sh")
+    assert len(readme.splitlines()) <= 250
