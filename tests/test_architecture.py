@@ -173,3 +173,50 @@ def test_a_stale_allowance_is_reported(tmp_path):
     files = [(probe, "mwmae.export.probe")]
     rules = {"mwmae.export": {"mwmae.data", "mwmae.train"}}
     assert stale_allowances(files, rules) == ["mwmae.export -> mwmae.train"]
+
+
+def doc_rules(text: str) -> dict[str, set[str]]:
+    """The rules as the "Dependency rules" block of docs/architecture.md states them:
+    ``unit -> a, b (why)`` lines, a line without ``->`` listing units that import nothing.
+    Targets are written short (``model`` for mwmae.model, ``mwmae.load`` for the package's lazy
+    name); parentheses are comments."""
+    block = text.split("## Dependency rules", 1)[1].split("```", 2)[1]
+    lines: list[str] = []
+    for line in block.splitlines():
+        if line[:1].isspace() and lines:
+            lines[-1] += " " + line.strip()
+        elif line.strip():
+            lines.append(line.strip())
+    rules: dict[str, set[str]] = {}
+    for line in lines:
+        while "(" in line:
+            start = line.rindex("(")
+            end = line.find(")", start)
+            line = line[:start] + line[end + 1:] if end >= 0 else line[:start]
+        for statement in line.split(";"):
+            unit, arrow, targets = statement.partition("->")
+            names = [n.strip() for n in (targets if arrow else unit).split(",") if n.strip()]
+            if not arrow:
+                rules.update({n: set() for n in names})
+                continue
+            allowed = set()
+            for name in names:
+                if name.startswith("nothing"):
+                    continue
+                full = name if name.split(".")[0] in FIRST_PARTY else f"mwmae.{name}"
+                allowed.add("mwmae" if full == "mwmae.load" else unit_of(full))
+            rules[unit.strip()] = allowed
+    return rules
+
+
+def test_the_documented_rules_are_the_enforced_ones():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    assert doc_rules(text) == RULES
+
+
+def test_a_documented_rule_out_of_step_is_seen():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    broken = text.replace("mwmae.model       -> kernels", "mwmae.model       -> kernels, train")
+    assert broken != text
+    rules = doc_rules(broken)
+    assert rules["mwmae.model"] == {"mwmae.kernels", "mwmae.train"} != RULES["mwmae.model"]
