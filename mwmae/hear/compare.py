@@ -9,7 +9,9 @@ typed in from a publication::
      "models": {"MODEL": {"TASK_FOLDER": {"mean": 0.961, "ci95": 0.004}, ...}, ...}}
 
 with TASK_FOLDER a HEAR task folder name (as in ``presets.PRESETS``), scores on the scale the
-predictor reports (0-1, not percent) and ``ci95`` optional.
+predictor reports (0-1, not percent) and ``ci95`` optional. Tables shipped with the package
+(``mwmae/hear/published/``) are named ``published:KEY``, e.g. ``published:mwmae-b-4x16-4l``: the
+original repository's published scores of MW-MAE-B-4x16-4l.
 
 The overall score of model m over the tasks T that every compared model has is the min-max
 normalised mean
@@ -68,9 +70,34 @@ def _score(path: str, where: str, entry: Any) -> Score:
     return Score(mean, ci)
 
 
+PUBLISHED = "published:"
+
+
+def published_tables() -> dict[str, pathlib.Path]:
+    """{key: file} of the published tables shipped with the package (``mwmae/hear/published``),
+    named on the command line as ``published:KEY``."""
+    folder = pathlib.Path(__file__).with_name("published")
+    return {p.stem: p for p in sorted(folder.glob("*.json"))}
+
+
+def resolve(spec: str | pathlib.Path) -> str:
+    """A results file's path: ``published:KEY`` names a shipped table, anything else is a
+    path."""
+    spec = str(spec)
+    if not spec.startswith(PUBLISHED):
+        return spec
+    tables = published_tables()
+    key = spec[len(PUBLISHED):]
+    if key not in tables:
+        raise ComparisonError(f"{spec}: no such published table; known: "
+                              + ", ".join(PUBLISHED + k for k in tables))
+    return str(tables[key])
+
+
 def load(path: str | pathlib.Path) -> list[Model]:
-    """The models of a results file (an evaluation's ``results.json`` or a published table)."""
-    path = str(path)
+    """The models of a results file (an evaluation's ``results.json`` or a published table;
+    ``published:KEY`` names one shipped with the package)."""
+    path = resolve(path)
     try:
         data = json.loads(pathlib.Path(path).read_text())
     except FileNotFoundError as e:
@@ -210,7 +237,7 @@ def check_out(out: str, results: Sequence[str]) -> None:
     if path.is_dir():
         raise ComparisonError(f"{where}: is a folder; give the table's file name (e.g. "
                               "comparison.md). Nothing was written.")
-    if any(os.path.realpath(out) == os.path.realpath(r) for r in results):
+    if any(os.path.realpath(out) == os.path.realpath(resolve(r)) for r in results):
         raise ComparisonError(f"{where}: is one of the results files this table reads; write "
                               "the table to another file. Nothing was written.")
     if path.is_file():
@@ -232,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mwmae.hear.compare",
                                 description="HEAR results side by side with the overall score")
     p.add_argument("results", nargs="+", metavar="RESULTS.json",
-                   help="the first file's (first) model is compared with all the others'")
+                   help="the first file's (first) model is compared with all the others'; "
+                        "published:KEY names a table shipped with mwmae")
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = cli.parse_args(p, argv)
     try:

@@ -392,6 +392,8 @@ def check_out(out_dir: pathlib.Path, inputs: Sequence[tuple[str, str]],
         if _inside(theirs, mine):
             raise refuse(f": the {flag} {path} lies inside it; write the evaluation elsewhere")
     for path in compare:
+        if path.startswith(compare_lib.PUBLISHED):
+            continue
         if os.path.realpath(path) == os.path.join(mine, RESULTS[0]):
             raise refuse(f": --compare {path} is this run's own output; compare with another "
                          "run's results")
@@ -937,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="this model's name in the tables (default: the artifact's folder name)")
     p.add_argument("--compare", action="append", default=[], metavar="RESULTS.json",
                    help="results file to put beside this run (another run's results.json or "
-                        "a table of published numbers; see mwmae.hear.compare); repeatable")
+                        "a table of published numbers; see mwmae.hear.compare), or "
+                        "published:KEY for a table shipped with mwmae (published:"
+                        "mwmae-b-4x16-4l: the paper's MW-MAE-B-4x16-4l); repeatable")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --out holds from another artifact, other settings or an "
                         "earlier version of a task (without it such an --out is refused)")

@@ -23,6 +23,10 @@ Kinds (scene, multiclass, top-1 accuracy unless noted):
 * ``digits`` - spoken digits "zero" to "nine" (needs eSpeak NG: the ``demo`` extra), each at a
   random time in noise; the speakers of the valid and test splits (voice variants) never occur
   in train, so the task measures what generalises across speakers, like Speech Commands.
+* ``notes`` - the pitch of an instrument's note, NSynth-Pitch-like: the 12 semitones C4..B4
+  (261.6-493.9 Hz, each detuned by up to 20 cents) played by synthetic instruments whose
+  timbres differ between the splits (train: organ, bowed string, plucked string; valid: FM;
+  test: reed, sung vowel), so only the pitch, not the timbre, carries over.
 
 Every clip has random level, timbre and background noise; a seed makes the task reproducible.
 """
@@ -56,7 +60,11 @@ SCENE_KINDS = {
     "chords": ("major", "minor", "diminished", "augmented"),
     "order": ("rising", "falling"),
     "digits": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    "notes": ("C4", "C#4", "D4", "D#4", "E4", "F4", "F#4", "G4", "G#4", "A4", "A#4", "B4"),
 }
+# Which synthetic instruments play in which split of the ``notes`` task (disjoint timbres).
+_SPLIT_TIMBRES = {"train": ("organ", "string", "pluck"), "valid": ("fm",),
+                  "test": ("reed", "voice")}
 # Which eSpeak voice variants speak in which split of the ``digits`` task (disjoint speakers).
 _SPLIT_VARIANTS = {"train": ("m1", "m2", "m3", "m4", "f1", "f2", "klatt"),
                    "valid": ("m5", "f3", "croak"), "test": ("m6", "m7", "f4", "f5")}
@@ -146,7 +154,54 @@ def _scene_clip(kind: str, label: str, rng: np.random.Generator, n: int,
         return _finish(rng, x)
     if kind == "digits":
         return spoken_clip(label, rng, n, _SPLIT_VARIANTS[split])
+    if kind == "notes":
+        semitone = SCENE_KINDS["notes"].index(label)
+        f0 = 261.63 * 2 ** ((semitone + rng.uniform(-0.2, 0.2)) / 12)
+        timbres = _SPLIT_TIMBRES[split]
+        x = _instrument(timbres[int(rng.integers(0, len(timbres)))], rng, f0, n)
+        return _finish(rng, x, noise_level=rng.uniform(0.01, 0.1))
     raise ValueError(f"unknown scene task kind {kind!r}; known: {sorted(SCENE_KINDS)}")
+
+
+def _instrument(timbre: str, rng: np.random.Generator, f0: float, n: int) -> np.ndarray:
+    """One note of ``f0`` Hz by a synthetic instrument, within ``n`` samples."""
+    t = np.arange(n) / SAMPLE_RATE
+    length = int(n * rng.uniform(0.5, 0.9))
+    start = int(rng.integers(0, n - length + 1))
+    note = np.zeros(n)
+    tn = t[:length]
+    if timbre == "pluck":  # Karplus-Strong: a noise burst in a damped delay line
+        period = max(2, int(round(SAMPLE_RATE / f0)))
+        buf = rng.uniform(-1, 1, period)
+        out = np.empty(length)
+        decay = rng.uniform(0.990, 0.998)
+        for i in range(length):
+            out[i] = buf[i % period]
+            buf[i % period] = decay * 0.5 * (buf[i % period] + buf[(i + 1) % period])
+        note[start:start + length] = out
+        return note
+    if timbre == "fm":  # a harmonic carrier:modulator ratio, the index decaying
+        index = rng.uniform(1, 4) * np.exp(-tn * rng.uniform(1, 4))
+        wave = np.sin(2 * np.pi * f0 * tn + index * np.sin(2 * np.pi * f0 * tn))
+    elif timbre == "voice":  # a glottal pulse train through two vowel formants
+        pulses = np.sign(np.sin(2 * np.pi * f0 * tn)) * 0.5 + _harmonic(rng, f0, length, 12)
+        spec = np.fft.rfft(pulses)
+        freqs = np.fft.rfftfreq(length, 1 / SAMPLE_RATE)
+        gain = sum(np.exp(-((freqs - fc) / bw) ** 2)
+                   for fc, bw in ((rng.uniform(500, 900), 120), (rng.uniform(1000, 2200), 200)))
+        wave = np.fft.irfft(spec * (0.05 + gain), length)
+    else:
+        weights = {"organ": lambda h: 1.0 if h <= 6 else 0.0,
+                   "string": lambda h: 1.0 / h,
+                   "reed": lambda h: 1.0 / h if h % 2 else 0.05 / h}[timbre]
+        vibrato = 1 + 0.004 * np.sin(2 * np.pi * rng.uniform(4, 6) * tn) * (timbre == "string")
+        phase = 2 * np.pi * f0 * np.cumsum(vibrato) / SAMPLE_RATE
+        wave = sum(weights(h) * np.sin(h * phase + rng.uniform(0, 2 * np.pi))
+                   for h in range(1, 16) if h * f0 < SAMPLE_RATE / 2 - 500)
+    attack = max(1, int(rng.uniform(0.01, 0.08) * SAMPLE_RATE))
+    env = np.minimum(1.0, np.arange(length) / attack) * np.exp(-tn * rng.uniform(0.3, 2.0))
+    note[start:start + length] = wave * env
+    return note
 
 
 def _event_clip(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[dict]]:

@@ -1,0 +1,52 @@
+"""The decoder-attention experiment: its statistics, and its smoke mode end to end (corpus,
+shards, both tasks, both arms pretrained, exported, evaluated and analysed, then the table)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from mwmae.experiments import decoder_attention as da
+
+
+def test_intervals_are_over_the_seed_means():
+    # mean 2, stdev 1, n 3: half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732
+    assert da.t_interval([1.0, 2.0, 3.0]) == pytest.approx(2.4841, abs=1e-3)
+    assert math.isnan(da.t_interval([1.0]))
+    test = da.welch([0.70, 0.71, 0.69], [0.60, 0.61, 0.59])
+    assert test["difference"] == pytest.approx(0.10)
+    assert test["df"] == pytest.approx(4.0)
+    assert test["ci95"] == pytest.approx(2.7764 * math.sqrt(2 * 0.0001 / 3), rel=1e-3)
+    assert test["p_value"] < 0.001
+    assert da.welch([0.7, 0.6, 0.65], [0.6, 0.7, 0.65])["p_value"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # ~3 min on 2 CPU cores: two pretraining runs, two evaluations, analyses
+def test_the_smoke_run_makes_the_table_with_both_arms_and_tasks(tmp_path):
+    cmd = [sys.executable, "-m", "mwmae.experiments.decoder_attention", "--out",
+           str(tmp_path), "--smoke"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["tasks"]) == {"digits", "notes"}
+    for task in results["tasks"].values():
+        assert set(task["arms"]) == {"mwmae", "mae"}
+        for arm in task["arms"].values():
+            assert len(arm["seeds"]) == 1 and 0 <= arm["mean"] <= 1
+    windows = {arm: [h["window"] for h in heads] for arm, heads in results["attention"].items()}
+    assert windows["mwmae"][:4] == [5, 25, 0, 0] and set(windows["mae"]) == {0}
+    table = (tmp_path / "results.md").read_text()
+    assert "| digits |" in table and "| notes |" in table and "MW-MAE - MAE" in table
+    assert (tmp_path / "analysis" / "mwmae" / "distance.png").exists()
+    # A rerun reuses every finished stage and rewrites the same table.
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "pretrain mae seed 1 (30 steps) - done" in again.stdout
+    assert "train-" not in again.stdout
+    assert (tmp_path / "results.md").read_text() == table
+    # Other settings in the same folder are refused, in one line naming the file.
+    other = subprocess.run([*cmd[:-1], "--steps", "7"], capture_output=True, text=True)
+    assert other.returncode == 1
+    assert other.stderr.strip().startswith(f"error: {tmp_path / 'settings.json'}: ")
