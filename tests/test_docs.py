@@ -372,3 +372,50 @@ def test_the_readme_states_the_test_command_ci_runs():
     # The site's build follows the tests in CI.
     assert ci.index("scripts/test.sh") < ci.index("scripts/docs.sh")
     assert len(readme.splitlines()) <= 250
+
+
+def runnable_modules() -> set[str]:
+    """Every module that runs as ``python -m``: a ``__main__.py`` or a ``__main__`` guard."""
+    found = set()
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            if path.name == "__main__.py":
+                found.add(".".join(parts[:-1]))
+            elif 'if __name__ == "__main__"' in path.read_text():
+                found.add(".".join(parts))
+    return found
+
+
+def reference_problems(text: str) -> list[str]:
+    """What the command reference (``text``) gets wrong: a runnable module it leaves out, or a
+    row whose flags are not exactly its command's (absl's own flags and negations aside)."""
+    known = command_flags()
+    problems = [f"reference/cli.md: {m} is not listed" for m in sorted(runnable_modules())
+                if f"`{m}`" not in text]
+    for line in text.splitlines():
+        cells = line.split("|")
+        named = [m for m in re.findall(r"`([\w.]+)`", line) if m in known and "." in m
+                 and not m.endswith(".py")]
+        if not line.startswith("| `") or not named:
+            continue
+        module = named[0]
+        listed = set(re.findall(r"`--([\w-]+)`", cells[-2]))
+        real = {f for f in known[module] - _ABSL - {"help"}
+                if not (f.startswith("no") and f[2:] in known[module])}
+        for flag in sorted(listed - real):
+            problems.append(f"reference/cli.md: {module} --{flag}: no such flag")
+        for flag in sorted(real - listed):
+            problems.append(f"reference/cli.md: {module} --{flag}: not listed")
+    return problems
+
+
+def test_the_command_reference_is_complete_and_a_gap_is_reported():
+    text = (DOCS / "reference" / "cli.md").read_text()
+    assert reference_problems(text) == []
+    broken = text.replace("`mwmae.data.shard_set`", "`shard set`").replace(
+        "`--seeds`, `--smoke`", "`--smoke`, `--no-such`")
+    assert reference_problems(broken) == [
+        "reference/cli.md: mwmae.data.shard_set is not listed",
+        "reference/cli.md: mwmae.experiments.decoder_attention --no-such: no such flag",
+        "reference/cli.md: mwmae.experiments.decoder_attention --seeds: not listed"]
