@@ -48,7 +48,10 @@ WARMUP_BATCHES = 5
 
 
 def build_demo_shards(folder: str) -> str:
-    manifest = os.path.join(folder, "shards", "data-manifest.csv")
+    sys.path.insert(0, REPO)
+    from mwmae.data import ShardSet
+
+    manifest = ShardSet(os.path.join(folder, "shards"), "data").manifest
     if os.path.exists(manifest):
         return manifest
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -158,7 +161,7 @@ def _write_record_shards(folder: str, clips: int, frames: int, per_shard: int):
     """Shards of random log-mels; returns (manifest path, bytes of serialized records)."""
     import numpy as np
 
-    from mwmae.data import records
+    from mwmae.data import ShardSet, records
 
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -176,7 +179,7 @@ def _write_record_shards(folder: str, clips: int, frames: int, per_shard: int):
                 writer.write(record)
             writer.close()
         rows.append(f"{name},{n}")
-    manifest = os.path.join(folder, "bench-manifest.csv")
+    manifest = ShardSet(folder, "bench").manifest
     with open(manifest, "w") as f:
         f.write("\n".join(rows) + "\n")
     return manifest, total
@@ -241,14 +244,14 @@ def read_and_build(folder: str, *, gcs: bool, clips: int = 512, build_clips: int
         sys.path.insert(0, os.path.join(REPO, "tests"))
         import gcs_emulator
 
-        from mwmae.data import storage
+        from mwmae.data import ShardSet, storage
 
         with gcs_emulator.emulated_gcs():
             bucket = "gs://test-bucket/bench"
             for name in os.listdir(os.path.join(folder, "records")):
                 storage.put_file(os.path.join(folder, "records", name), f"{bucket}/{name}")
             out["read_gcs_emulator"] = [
-                _measure_read(f"{bucket}/bench-manifest.csv", clips, record_bytes, t)
+                _measure_read(ShardSet(bucket, "bench").manifest, clips, record_bytes, t)
                 for t in (1, 2)]
     out["build"] = [_measure_build(folder, build_clips, seconds, w) for w in sorted({1, cores})]
     out["load_average_after"] = os.getloadavg()

@@ -95,7 +95,8 @@ def test_the_check_finds_names_built_by_hand():
 def test_no_module_or_script_spells_the_sets_file_names():
     owner = REPO / "mwmae" / "data" / "shard_set.py"
     files = [*REPO.glob("mwmae/**/*.py"), *REPO.glob("tfrecord_tools/**/*.py"),
-             *REPO.glob("scripts/*.sh"), *REPO.glob("launch/*.sh"), *REPO.glob("configs/*.py")]
+             *REPO.glob("scripts/*.sh"), *REPO.glob("launch/*.sh"), *REPO.glob("configs/*.py"),
+             *REPO.glob("benchmarks/*.py"), *REPO.glob("*.py")]
     offenders = {str(f.relative_to(REPO)): spelled for f in files
                  if f != owner and (spelled := spelled_names(f.read_text()))}
     assert offenders == {}
