@@ -649,11 +649,12 @@ def ci_repo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci" / "run", repo / ".ci" / "run")
     (repo / "scripts").mkdir()
-    for script in ("test.sh", "test_tpu.sh"):
+    for script in ("test.sh", "docs.sh", "test_tpu.sh"):
         shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
     log = tmp_path / "install.log"
     stub_install(repo, log)
-    for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv-tpu", "python")):
+    for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv", "mkdocs"),
+                       (".venv-tpu", "python")):
         write_exe(repo / venv / "bin" / name, f"""
             #!/usr/bin/env bash
             echo "{venv} {name} CI=$CI $*" >> {tmp_path / 'venv.log'}
@@ -669,8 +670,12 @@ def test_ci_runs_the_same_install_script(tmp_path):
                             env=env, timeout=30)
     assert result.returncode == 0, result.stderr
     # The default suite, then the TPU compile checks in their own environment (libtpu).
-    assert log.read_text() == "PYTHON= .venv test,hear,demo\nPYTHON= .venv-tpu test,tpu\n"
+    assert log.read_text() == ("PYTHON= .venv test,hear,demo,docs\n"
+                               "PYTHON= .venv-tpu test,tpu\n")
     ran = (tmp_path / "venv.log").read_text()
+    # The manual as a site, strictly, after the default suite and before the slow group.
+    assert re.search(r"^\.venv mkdocs CI= build --strict --site-dir \S+$", ran, re.M)
+    assert ran.index("-m pytest -m not slow") < ran.index("mkdocs") < ran.index("-m slow")
     # The slow group without the image build (buildah as root, 10-15 min: run on purpose).
     assert ".venv python CI= -m pytest -m slow and not images" in ran
     assert re.search(r"^\.venv-tpu python CI=\S* -m pytest tests_tpu", ran, re.M)
