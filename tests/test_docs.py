@@ -30,10 +30,13 @@ def doc_pages() -> list[pathlib.Path]:
 # ------------------------------------------------------------------- commands and their flags
 
 def _flags_in_source(path: pathlib.Path) -> set[str]:
-    """Every flag a module's parsers define: argparse ``add_argument("--x")`` and absl
-    ``DEFINE_*("x")``, spelled with hyphens (both tools accept either spelling)."""
+    """Every flag a module's parsers define (argparse ``add_argument("--x")``, absl
+    ``DEFINE_*("x")``), in each spelling the command accepts: tools parsing through
+    ``mwmae.cli`` (``parse_args``, or ``run_config_tool`` for absl) take hyphens and underscores
+    alike; plain absl apps and argparse scripts take their flags only as defined."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    source = path.read_text()
+    for node in ast.walk(ast.parse(source)):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
             continue
         args = [a.value for a in node.args if isinstance(a, ast.Constant)
@@ -44,7 +47,9 @@ def _flags_in_source(path: pathlib.Path) -> set[str]:
             names.add(args[0])
             if node.func.attr == "DEFINE_bool":
                 names.add("no" + args[0])
-    return {n.replace("_", "-") for n in names}
+    if "cli.parse_args" in source or "run_config_tool" in source:
+        names |= {n.replace("_", "-") for n in names} | {n.replace("-", "_") for n in names}
+    return names
 
 
 def _flags_in_script(path: pathlib.Path) -> set[str]:
@@ -184,7 +189,7 @@ def flag_problems(name: str, text: str) -> list[str]:
                                     "key")
             elif not re.fullmatch(r"[A-Za-z][\w-]*", flag) or flag.isupper():
                 continue  # a placeholder such as --FLAG or a shell expansion
-            elif flag.replace("_", "-") not in known[command]:
+            elif flag not in known[command]:
                 problems.append(f"{name}:{line}: {command} --{flag}: no such flag")
     return problems
 
@@ -207,6 +212,8 @@ def test_the_flag_check_fails_on_a_broken_page():
         "python -m mwmae.nonexistent --x",
         "launch/tpu_vm.sh up --zone z --no-such-zone --config.x=1 -- --config.no_such_key=1 -v",
         "launch/hear_eval.sh A T O --seeds 3 --bogus-seeds 3; scripts/demo.sh --fast",
+        "python -m mwmae.train --num-processes 2 --num_processes 2 && python -m mwmae.export"
+        " --with_decoder --with-decoder",
         "scripts/no_such.sh",
         "```",
         "python -m mwmae.export --outside-a-code-block",
@@ -222,7 +229,8 @@ def test_the_flag_check_fails_on_a_broken_page():
         "broken.md:7: mwmae.train --config.no_such_key: no such config key",
         "broken.md:8: launch/hear_eval.sh --bogus-seeds: no such flag",
         "broken.md:8: scripts/demo.sh --fast: no such flag",
-        "broken.md:9: scripts/no_such.sh: not a command of the project",
+        "broken.md:9: mwmae.train --num-processes: no such flag",
+        "broken.md:10: scripts/no_such.sh: not a command of the project",
     ]
 
 
@@ -405,7 +413,8 @@ def reference_problems(text: str) -> list[str]:
                 if not (f.startswith("no") and f[2:] in known[module])}
         for flag in sorted(listed - real):
             problems.append(f"reference/cli.md: {module} --{flag}: no such flag")
-        for flag in sorted(real - listed):
+        spelled = {f.replace("_", "-") for f in listed}
+        for flag in sorted({f.replace("_", "-") for f in real} - spelled):
             problems.append(f"reference/cli.md: {module} --{flag}: not listed")
     return problems
 
