@@ -83,7 +83,8 @@ def command_flags() -> dict[str, set[str]]:
         parts = path.relative_to(REPO).with_suffix("").parts
         module = ".".join(parts[:-1] if parts[-1] in ("__main__", "__init__") else parts)
         source = path.read_text()
-        if "ArgumentParser" in source or "DEFINE_" in source or path.name == "__main__.py":
+        if ("ArgumentParser" in source or "DEFINE_" in source or path.name == "__main__.py"
+                or 'if __name__ == "__main__"' in source):
             out[module] = out.get(module, set()) | _flags_in_source(path)
     for path in [*REPO.glob("benchmarks/*.py"), REPO / "xm_launcher.py"]:
         out[str(path.relative_to(REPO))] = _flags_in_source(path)
@@ -127,8 +128,9 @@ _COMMAND = re.compile(r"(?:python3?\s+-m\s+([\w.]+)|python3?\s+((?:benchmarks/)?
 
 
 def commands_in(text: str) -> list[tuple[int, str, list[str]]]:
-    """(line, command, its arguments) of every project command in the fenced code blocks of a
-    markdown text; continued lines (``\\``) are joined, and ``&&``, ``|``, ``;`` end one."""
+    """(line, command, its arguments) of every project command in the fenced code blocks and
+    inline code of a markdown text; continued lines (``\\``) are joined, and ``&&``, ``|``,
+    ``;`` end one."""
     found = []
     in_block, pending, start = False, "", 0
     for number, line in enumerate(text.splitlines(), 1):
@@ -136,6 +138,10 @@ def commands_in(text: str) -> list[tuple[int, str, list[str]]]:
             in_block, pending = not in_block, ""
             continue
         if not in_block:
+            # Commands in inline code (the README's table of commands) count too.
+            for span in re.findall(r"`([^`]+)`", line):
+                found += [(number, command, args) for _, command, args in commands_in(
+                    f"```\n{span}\n```")]
             continue
         if not pending:
             start = number
@@ -216,7 +222,7 @@ def test_the_flag_check_fails_on_a_broken_page():
         " --with_decoder --with-decoder",
         "scripts/no_such.sh",
         "```",
-        "python -m mwmae.export --outside-a-code-block",
+        "python -m mwmae.export --outside-a-code-block, but `mwmae-export --inline-bad` counts",
     ])
     assert flag_problems("broken.md", page) == [
         "broken.md:2: mwmae.train --config.no_such_key: no such config key",
@@ -231,6 +237,7 @@ def test_the_flag_check_fails_on_a_broken_page():
         "broken.md:8: scripts/demo.sh --fast: no such flag",
         "broken.md:9: mwmae.train --num-processes: no such flag",
         "broken.md:10: scripts/no_such.sh: not a command of the project",
+        "broken.md:12: mwmae-export --inline-bad: no such flag",
     ]
 
 
