@@ -435,3 +435,36 @@ def test_the_command_reference_is_complete_and_a_gap_is_reported():
         "reference/cli.md: mwmae.data.shard_set is not listed",
         "reference/cli.md: mwmae.experiments.decoder_attention --no-such: no such flag",
         "reference/cli.md: mwmae.experiments.decoder_attention --seeds: not listed"]
+
+
+# ------------------------------------------------------------------- paths in the prose
+
+_PATH = re.compile(r"`((?:mwmae|tfrecord_tools|hear_mwmae|configs|scripts|launch|tests|tests_tpu"
+                   r"|benchmarks)/[\w./-]*)([^`]?)")
+
+
+def path_problems(name: str, text: str) -> list[str]:
+    """Repository paths a page names in code (``mwmae/finetune/tagging.py``) that do not exist:
+    a renamed module leaves its old name behind in the prose."""
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for path, after in _PATH.findall(line):
+            path = path.rstrip(".,")
+            if (after and after in "{<*") or "*" in path:
+                continue  # a pattern (`x_{a,b}.json`, `configs/<name>.py`), not one file
+            if not (REPO / path).exists():
+                problems.append(f"{name}:{number}: {path}: no such file or folder")
+    return problems
+
+
+def test_every_path_the_docs_name_exists():
+    problems = [p for page in doc_pages()
+                for p in path_problems(str(page.relative_to(REPO)), page.read_text())]
+    assert problems == []
+
+
+def test_the_path_check_fails_on_a_renamed_module():
+    page = ("The tagger (`mwmae/finetune/trainer.py`) beside `mwmae/finetune/tagging.py`;\n"
+            "goldens `tests/golden/specs_{dp,fsdp}.json`, configs `configs/<name>.py`.\n")
+    assert path_problems("p.md", page) == [
+        "p.md:1: mwmae/finetune/trainer.py: no such file or folder"]
