@@ -468,3 +468,38 @@ def test_the_path_check_fails_on_a_renamed_module():
             "goldens `tests/golden/specs_{dp,fsdp}.json`, configs `configs/<name>.py`.\n")
     assert path_problems("p.md", page) == [
         "p.md:1: mwmae/finetune/trainer.py: no such file or folder"]
+
+
+# ------------------------------------------------------------------- Python in the docs
+
+_IMPORT = re.compile(r"^\s*from ((?:mwmae|tfrecord_tools|hear_mwmae)[\w.]*) import ([\w, ()]+)"
+                     r"|^\s*import ((?:mwmae|tfrecord_tools|hear_mwmae)[\w.]*)", re.M)
+
+
+def import_problems(name: str, text: str) -> list[str]:
+    """First-party names the Python blocks of a page import that do not exist."""
+    import importlib
+    import importlib.util
+
+    problems = []
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for module, names, plain in _IMPORT.findall(block):
+            try:
+                found = importlib.import_module(module or plain)
+            except ImportError:
+                problems.append(f"{name}: {module or plain}: no such module")
+                continue
+            for attr in filter(None, (n.strip(" ()") for n in names.split(","))):
+                if not hasattr(found, attr) and importlib.util.find_spec(
+                        f"{module}.{attr}") is None:
+                    problems.append(f"{name}: {module}.{attr}: no such name")
+    return problems
+
+
+def test_the_python_in_the_docs_imports_what_exists():
+    problems = [p for page in doc_pages()
+                for p in import_problems(str(page.relative_to(REPO)), page.read_text())]
+    assert problems == []
+    broken = "```python\nfrom mwmae.data import to_global, make_batches\nimport mwmae.gone\n```\n"
+    assert import_problems("p.md", broken) == ["p.md: mwmae.data.make_batches: no such name",
+                                               "p.md: mwmae.gone: no such module"]
