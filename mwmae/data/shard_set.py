@@ -82,12 +82,17 @@ class ShardSet:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mwmae.data.shard_set KIND FOLDER PREFIX``: print that file's path (for
     scripts, which then never spell the names themselves)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] not in SUFFIXES:
-        print(f"usage: python -m mwmae.data.shard_set {{{','.join(SUFFIXES)}}} FOLDER PREFIX",
-              file=sys.stderr)
-        return 2
-    print(ShardSet(args[1], args[2]).path(args[0]))
+    import argparse
+
+    from mwmae import cli
+
+    p = argparse.ArgumentParser(prog="python -m mwmae.data.shard_set",
+                                description="Print the path of one file of a shard set.")
+    p.add_argument("kind", choices=list(SUFFIXES), help="which file")
+    p.add_argument("folder", help="the folder the builder wrote (--out), local or gs://")
+    p.add_argument("prefix", help="the builder's --prefix (default data)")
+    a = cli.parse_args(p, argv)
+    print(ShardSet(a.folder, a.prefix).path(a.kind))
     return 0
 
 
