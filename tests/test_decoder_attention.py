@@ -50,3 +50,44 @@ def test_the_smoke_run_makes_the_table_with_both_arms_and_tasks(tmp_path):
     other = subprocess.run([*cmd[:-1], "--steps", "7"], capture_output=True, text=True)
     assert other.returncode == 1
     assert other.stderr.strip().startswith(f"error: {tmp_path / 'settings.json'}: ")
+
+
+def _fake_results(tmp_path, scores):
+    s = {"steps": 5, "seeds": len(scores["mwmae"]), "predictor_seeds": 2, "clips": 64,
+         "task_clips": 5, "devices": 1, "smoke": False}
+    for arm, seeds in scores.items():
+        for seed, (digits, notes) in enumerate(seeds, 1):
+            hear = tmp_path / "runs" / f"{arm}-{seed}" / "hear"
+            hear.mkdir(parents=True)
+            hear.joinpath("results.json").write_text(json.dumps({"tasks": {
+                "mwmae_digits": {"mean": digits}, "mwmae_notes": {"mean": notes}}}))
+        heads = [{"head": h, "window": w, "distance_patches": 1.0 + h, "entropy_nats": 2.0}
+                 for h, w in enumerate((5, 25, 0, 0) if arm == "mwmae" else (0, 0, 0, 0))]
+        analysis = tmp_path / "analysis" / arm
+        analysis.mkdir(parents=True)
+        analysis.joinpath("analysis.json").write_text(json.dumps(
+            {"parts": {"decoder": {"layers": [{"layer": 0, "heads": heads}]}}}))
+    return s
+
+
+def test_the_table_is_over_pretraining_seeds(tmp_path):
+    s = _fake_results(tmp_path, {"mwmae": [(0.70, 0.5), (0.72, 0.6), (0.69, 0.55)],
+                                 "mae": [(0.65, 0.5), (0.66, 0.58), (0.68, 0.57)]})
+    r = da.collect(tmp_path, s)
+    assert r["tasks"]["digits"]["arms"]["mwmae"]["seeds"] == [0.70, 0.72, 0.69]
+    assert r["tasks"]["digits"]["arms"]["mwmae"]["mean"] == pytest.approx(0.7033333)
+    assert r["tasks"]["digits"]["mwmae_minus_mae"]["significant"] is True
+    assert r["tasks"]["notes"]["mwmae_minus_mae"]["significant"] is False
+    text = da.markdown(r)
+    assert "| digits | 0.703 ± " in text and "| notes |" in text
+    assert "| 0 | 0 | 5 | 1.00 | 2.00 | global | 1.00 | 2.00 |" in text
+
+
+def test_a_folder_of_other_settings_and_bad_counts_are_refused(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"steps": 10}))
+    with pytest.raises(da.ExperimentError, match="settings.json: this folder holds an "
+                                                 "experiment with other settings"):
+        da.run(tmp_path, {"steps": 20, "devices": 1})
+    bad = subprocess.run([sys.executable, "-m", "mwmae.experiments.decoder_attention", "--out",
+                          str(tmp_path / "x"), "--seeds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --seeds 0: expected at least 1"
