@@ -149,6 +149,10 @@ def test_careless_configs_are_refused_with_the_reason(splits, tmp_path):
     c.data.source = "synthetic"
     with pytest.raises(ConfigError, match="a tagger trains on labelled shards"):
         Tagging(c)
+    c = tiny_tag_config(splits["train"], "")
+    c.image_every_steps = 100  # a pretraining key with nothing to do here: said, not ignored
+    with pytest.raises(ConfigError, match="image_every_steps=100: a tagger has no decoder"):
+        Tagging(c)
     with pytest.raises(ConfigError, match="runs with python -m mwmae.finetune"):
         check_config(tiny_tag_config(splits["train"], ""))
 

@@ -161,6 +161,9 @@ def check_tag_config(config: ml_collections.ConfigDict) -> None:
             problems.append(f"tagger.{key}={t[key]}: must be >= 0")
     if t.eval_batch_size < 1:
         problems.append(f"tagger.eval_batch_size={t.eval_batch_size}: must be >= 1")
+    if config.image_every_steps:
+        problems.append(f"image_every_steps={config.image_every_steps}: a tagger has no decoder "
+                        "and writes no reconstruction images (0)")
     if config.data.source != "shards":
         problems.append(f"data.source={config.data.source!r}: a tagger trains on labelled "
                         "shards ('shards')")
