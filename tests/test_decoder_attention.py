@@ -6,9 +6,11 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mwmae.experiments import decoder_attention as da
+from mwmae.hear import tasks
 
 
 def test_intervals_are_over_the_seed_means():
@@ -91,3 +93,18 @@ def test_a_folder_of_other_settings_and_bad_counts_are_refused(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mwmae.experiments.decoder_attention", "--out",
                           str(tmp_path / "x"), "--seeds", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --seeds 0: expected at least 1"
+
+
+@pytest.mark.parametrize("timbre", ["organ", "string", "pluck", "fm", "reed", "voice"])
+def test_every_instrument_of_the_pitch_task_plays_its_pitch(timbre):
+    f0 = 261.63  # C4: its period (61 samples) is the only one in the lags searched
+    note = tasks._instrument(timbre, np.random.default_rng(0), f0, tasks.SAMPLE_RATE)
+    x = note[np.abs(note) > 0][:4000]
+    lags = np.arange(40, 100)
+    corr = [np.dot(x[:-lag], x[lag:]) for lag in lags]
+    assert tasks.SAMPLE_RATE / lags[int(np.argmax(corr))] == pytest.approx(f0, rel=0.03)
+
+
+def test_the_pitch_task_holds_out_timbres():
+    train, valid, test = (set(tasks._SPLIT_TIMBRES[s]) for s in ("train", "valid", "test"))
+    assert not train & valid and not train & test and not valid & test
