@@ -27,6 +27,12 @@ def doc_pages() -> list[pathlib.Path]:
     return [REPO / "README.md", *sorted(p for p in DOCS.rglob("*.md") if "results" not in p.parts)]
 
 
+def problems_in_docs(check) -> list[str]:
+    """What ``check(name, text)`` finds on every page of the docs."""
+    return [p for page in doc_pages() for p in check(str(page.relative_to(REPO)),
+                                                     page.read_text())]
+
+
 # ------------------------------------------------------------------- commands and their flags
 
 def _flags_in_source(path: pathlib.Path) -> set[str]:
@@ -201,11 +207,8 @@ def flag_problems(name: str, text: str) -> list[str]:
 
 
 def test_every_flag_the_docs_name_exists():
-    pages = doc_pages()
-    assert len(pages) > 10
-    problems = [p for page in pages
-                for p in flag_problems(str(page.relative_to(REPO)), page.read_text())]
-    assert problems == []
+    assert len(doc_pages()) > 10
+    assert problems_in_docs(flag_problems) == []
 
 
 def test_the_flag_check_fails_on_a_broken_page():
@@ -458,9 +461,7 @@ def path_problems(name: str, text: str) -> list[str]:
 
 
 def test_every_path_the_docs_name_exists():
-    problems = [p for page in doc_pages()
-                for p in path_problems(str(page.relative_to(REPO)), page.read_text())]
-    assert problems == []
+    assert problems_in_docs(path_problems) == []
 
 
 def test_the_path_check_fails_on_a_renamed_module():
@@ -497,9 +498,7 @@ def import_problems(name: str, text: str) -> list[str]:
 
 
 def test_the_python_in_the_docs_imports_what_exists():
-    problems = [p for page in doc_pages()
-                for p in import_problems(str(page.relative_to(REPO)), page.read_text())]
-    assert problems == []
+    assert problems_in_docs(import_problems) == []
     broken = "```python\nfrom mwmae.data import to_global, make_batches\nimport mwmae.gone\n```\n"
     assert import_problems("p.md", broken) == ["p.md: mwmae.data.make_batches: no such name",
                                                "p.md: mwmae.gone: no such module"]

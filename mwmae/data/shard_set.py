@@ -54,25 +54,12 @@ class ShardSet:
     def path(self, kind: str) -> str:
         return storage.join(self.folder, self.name(kind)) if self.folder else self.name(kind)
 
-    @property
-    def manifest(self) -> str:
-        return self.path("manifest")
-
-    @property
-    def labels(self) -> str:
-        return self.path("labels")
-
-    @property
-    def clip_labels(self) -> str:
-        return self.path("clip_labels")
-
-    @property
-    def rejects(self) -> str:
-        return self.path("rejects")
-
-    @property
-    def build_record(self) -> str:
-        return self.path("build_record")
+    # The set's files by name: ``ShardSet(out, "train").labels`` is OUT/train-labels.csv.
+    manifest = property(lambda self: self.path("manifest"))
+    labels = property(lambda self: self.path("labels"))
+    clip_labels = property(lambda self: self.path("clip_labels"))
+    rejects = property(lambda self: self.path("rejects"))
+    build_record = property(lambda self: self.path("build_record"))
 
     def names(self) -> dict[str, str]:
         """{kind: file name} of every file of the set but its shards."""

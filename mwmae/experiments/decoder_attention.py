@@ -281,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(pathlib.Path(a.out), settings(a))
     except ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        sys.exit(f"error: {e}")  # the message last on stderr, exit status 1
     return 0
 
 
