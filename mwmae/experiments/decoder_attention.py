@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         if value < least:
             print(f"error: {flag} {value}: expected at least {least}", file=sys.stderr)
             return 2
+    if pathlib.Path(a.out).exists() and not pathlib.Path(a.out).is_dir():
+        print(f"error: --out {a.out}: exists and is a file; give a folder", file=sys.stderr)
+        return 2
     try:
         run(pathlib.Path(a.out), settings(a))
     except ExperimentError as e:
