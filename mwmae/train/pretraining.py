@@ -64,8 +64,12 @@ class Pretraining:
                 ) -> tuple[dict[str, jax.Array], jax.Array]:
         audio = batch["audio"]
         rng = jax.random.fold_in(jax.random.key(self.mask_seed), step)
-        noise = jax.random.uniform(rng, (audio.shape[0], self.model_config.num_patches))
-        return {"audio": audio, "noise": noise}, rng
+        return {"audio": audio, "noise": self.mask_noise(audio.shape[0], step)}, rng
+
+    def mask_noise(self, batch: int, step: Any) -> jax.Array:
+        """The step's masking noise for the global batch: a function of (seed, step) only."""
+        rng = jax.random.fold_in(jax.random.key(self.mask_seed), step)
+        return jax.random.uniform(rng, (batch, self.model_config.num_patches))
 
     def loss(self, params: Any, examples: Mapping[str, jax.Array], key: jax.Array
              ) -> jax.Array:
@@ -95,8 +99,7 @@ class Pretraining:
     def reconstructions(self, params: Any, audio: np.ndarray, step: int) -> np.ndarray:
         """Image grid of a few clips, masked with the step's own noise."""
         n = min(self.config.num_images, audio.shape[0])
-        rng = jax.random.fold_in(jax.random.key(self.mask_seed), step)
-        noise = jax.random.uniform(rng, (audio.shape[0], self.model_config.num_patches))[:n]
+        noise = self.mask_noise(audio.shape[0], step)[:n]
         x = np.asarray(audio[:n])
         params = jax.device_get(params)
         out = MaskedAutoencoder(self.model_config).apply({"params": params}, x, noise)
