@@ -20,6 +20,9 @@ from mwmae.workdir import CheckpointInfo, Workdir, WorkdirError
 
 _STATUS = {"complete": "complete", "incomplete": "incomplete (ignored on restore)",
            "damaged": "damaged (set aside, never restored)"}
+_LEASE_STATE = {"live": "live",
+                "stale": "stale: the next run takes it over",
+                "dead": "dead: its process is gone on this host; the next run takes it over"}
 
 
 def inspect(workdir: str) -> list[CheckpointInfo]:
@@ -51,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None:
         model = config.get("model", {})
         print("model: " + ", ".join(f"{k}={v}" for k, v in model.items()))
-    ledger, unreadable = wd.read_goodput()
-    if ledger or unreadable:
-        print(goodput.describe(goodput.summarise_rows(ledger, unreadable)))
+    lines, skipped = goodput.read(wd.goodput_path)
+    if lines or skipped:
+        print(goodput.describe(goodput.summarise(lines, skipped)))
     holder = Lease(wd.lease_path).holder()
     if holder is not None:
-        state = "stale" if holder.is_stale() else "live"
-        print(f"writer lease ({state}): {holder.describe()}")
+        print(f"writer lease ({_LEASE_STATE[holder.state()]}): {holder.describe()}")
     return 0
 
 

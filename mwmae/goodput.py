@@ -12,15 +12,24 @@ segment's steps S+1..P were done again. Their productive seconds (interpolated b
 segment's flushed steps) move to ``recomputed``. A segment's time after its last line (a
 ``kill -9``, a lost VM) is not known and not counted: the total is the sum of what was
 flushed, and :attr:`Summary.unfinished` says how many segments ended that way.
+
+The ledger is a diagnostic record, never state: :func:`read` skips a line that is not one
+(torn by a kill, not UTF-8, an edited value out of range, a duplicate) and names the file and
+the first such line in one warning; training goes on and appends its lines after them.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
+import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Seconds each segment measures; ``productive`` is the rest of its wall time.
 MEASURED = ("startup", "compile", "input_wait", "checkpoint", "evaluation", "productive")
@@ -51,11 +60,44 @@ class Line:
                 **({"final": True} if self.final else {})}
 
     @classmethod
-    def from_json(cls, row: Mapping[str, Any]) -> Line:
-        """Raises KeyError/TypeError/ValueError for a row that is not a ledger line."""
-        return cls(str(row["segment"]), float(row["started"]), int(row["start_step"]),
-                   int(row["step"]), float(row["wall"]),
-                   {k: float(row[k]) for k in MEASURED}, bool(row.get("final", False)))
+    def from_json(cls, row: Any) -> Line:
+        """Raises KeyError/TypeError/ValueError (naming the field) for a row that is not a
+        ledger line: a missing field, a value of the wrong type, a count or a number of
+        seconds that is negative or not finite, parts that add up to more than the wall."""
+        if not isinstance(row, Mapping):
+            raise TypeError(f"a JSON {type(row).__name__}, not an object")
+        if row.get("v", VERSION) != VERSION:
+            raise ValueError(f"version {row['v']!r}, not {VERSION}")
+        segment = row["segment"]
+        if not isinstance(segment, str) or not segment:
+            raise ValueError(f"segment is {segment!r}, not a non-empty string")
+        start_step = _count(row, "start_step", 0)
+        step = _count(row, "step", start_step)
+        wall = _seconds(row, "wall")
+        seconds = {k: _seconds(row, k) for k in MEASURED}
+        # Each part is rounded to a millisecond when written; allow for that.
+        if sum(seconds.values()) > wall * (1 + 1e-6) + 1e-3 * len(MEASURED):
+            raise ValueError(f"its parts ({', '.join(MEASURED)}) add up to "
+                             f"{sum(seconds.values()):.3f} s, more than its wall {wall:.3f} s")
+        final = row.get("final", False)
+        if not isinstance(final, bool):
+            raise ValueError(f"final is {final!r}, not true or false")
+        return cls(segment, _seconds(row, "started"), start_step, step, wall, seconds, final)
+
+
+def _seconds(row: Mapping[str, Any], key: str) -> float:
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"{key} is {value!r}, not a finite number >= 0")
+    return float(value)
+
+
+def _count(row: Mapping[str, Any], key: str, least: int) -> int:
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{key} is {value!r}, not a whole number >= {least}")
+    return value
 
 
 def segment_line(segment: str, started: float, start_step: int, step: int, wall: float,
@@ -92,15 +134,76 @@ class Summary:
         return dict(zip(FRACTIONS, shares, strict=True))
 
 
-def parse(rows: Iterable[Mapping[str, Any]]) -> tuple[list[Line], int]:
-    """(ledger lines, how many rows were not ledger lines)."""
-    lines, bad = [], 0
+def parse(rows: Iterable[Any]) -> tuple[list[Line], int]:
+    """(ledger lines, how many rows were not ledger lines or repeated an earlier one)."""
+    lines, bad, seen = [], 0, set()
     for row in rows:
         try:
-            lines.append(Line.from_json(row))
+            x = Line.from_json(row)
         except (KeyError, TypeError, ValueError):
             bad += 1
+            continue
+        if _identity(x) in seen:
+            bad += 1
+            continue
+        seen.add(_identity(x))
+        lines.append(x)
     return lines, bad
+
+
+def _identity(x: Line) -> str:
+    """What makes two ledger lines the same flush (a copied line adds no time)."""
+    return json.dumps(x.to_json(), sort_keys=True)
+
+
+def read(path: str | os.PathLike) -> tuple[list[Line], int]:
+    """The ledger at ``path`` (local or gs://): (its valid lines in order, how many it
+    skipped). Nothing in it stops a run or ``inspect``: every line that is not a ledger line
+    or repeats an earlier one is skipped, and the file, the first such line and its problem
+    are named in one warning; no file (or a folder in its place, said so) reads as empty."""
+    from etils import epath
+
+    try:
+        data = epath.Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return [], 0
+    except OSError as e:
+        problem = "a folder, not a file" if isinstance(e, IsADirectoryError) else (
+            f"unreadable ({type(e).__name__}: {e})")
+        log.warning("goodput: ignoring the ledger %s: %s", path, problem)
+        return [], 0
+    lines: list[Line] = []
+    seen: dict[str, int] = {}
+    problems: list[tuple[int, str]] = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            x = Line.from_json(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            problems.append((number, f"not UTF-8 text (byte {e.object[e.start]:#04x})"))
+            continue
+        except json.JSONDecodeError:
+            problems.append((number, "not JSON (a line cut short by a kill?)"))
+            continue
+        except KeyError as e:
+            problems.append((number, f"no {e.args[0]!r} field"))
+            continue
+        except (TypeError, ValueError) as e:
+            problems.append((number, str(e)))
+            continue
+        if _identity(x) in seen:
+            problems.append((number, f"a duplicate of line {seen[_identity(x)]}"))
+            continue
+        seen[_identity(x)] = number
+        lines.append(x)
+    if problems:
+        number, problem = problems[0]
+        log.warning("goodput: skipped %d line(s) of %s that are not ledger lines (line %d: "
+                    "%s%s); the ledger only reports, so training goes on", len(problems),
+                    path, number, problem,
+                    f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+    return lines, len(problems)
 
 
 def summarise_rows(rows: Iterable[Mapping[str, Any]], unreadable: int = 0) -> Summary:

@@ -192,6 +192,13 @@ class Holder:
     def is_stale(self, now: float | None = None) -> bool:
         return self.age(now) > self.stale_after_s
 
+    def state(self, now: float | None = None) -> str:
+        """"dead" (its process is gone on this host), "stale" (no refresh for
+        ``stale_after_s``) or "live": what :meth:`Lease.acquire` would find."""
+        if self.is_dead_here():
+            return "dead"
+        return "stale" if self.is_stale(now) else "live"
+
     def describe(self) -> str:
         return (f"{self.who} (refreshed {self.age():.0f} s ago; stale after "
                 f"{self.stale_after_s:.0f} s without a refresh)")

@@ -10,6 +10,12 @@ against the float32 XLA reference on the run's own per-device shapes
 warning naming the layer and the error (``model.attention_guard="fallback"``), stops the run
 (``"error"``), or is trusted (``"off"``). Every host ends with the same plan: process 0's choices
 are broadcast and a guard failure on any host counts on all.
+
+The records are advice, never state: a file that cannot be read, or a record with a field of the
+wrong type, or one choosing a kernel the device cannot run, is named (file and problem) in one
+warning and ignored, and the next preflight rewrites the cache. A kernel the config names
+explicitly that the target devices cannot run is refused in one line, before the run writes
+anything (:func:`check_requested`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -73,36 +80,118 @@ def cache_path() -> pathlib.Path:
     return cache_dir() / CACHE_FILE
 
 
-def records_from(text: str, where: str) -> list[dict]:
-    """The attention records of a preflight report or of the cache file (both keep them under
-    ``attention.layers``); a file that is not one gives none, with a warning."""
+# The fields of a record's ``layer`` (:class:`mwmae.kernels.plan.Layer`) and their types.
+_LAYER_FIELDS = {"name": str, "batch": int, "heads": int, "length": int, "head_dim": int,
+                 "window_sizes": list, "shift": bool, "dtype": str}
+# What a record may choose: a concrete implementation ("auto" and "pallas" stand for one).
+_CHOICES = tuple(i for i in IMPLEMENTATIONS if i not in ("auto", "pallas"))
+
+
+def _kind_of(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a bool", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` is not an attention record the trainer can take (every field it reads
+    has its type and range checked), or None when it is one."""
+    if not isinstance(record, dict):
+        return f"{_kind_of(record)}, not an object"
+    for key in ("device_kind", "jax", "choice"):
+        if not isinstance(record.get(key), str):
+            return f"{key} is {_kind_of(record.get(key))}, not a string"
+    if record["choice"] not in _CHOICES:
+        return f"choice {record['choice']!r} is none of {', '.join(_CHOICES)}"
+    if not isinstance(record.get("measured", ""), str):
+        return f"measured is {_kind_of(record['measured'])}, not a string"
+    layer = record.get("layer")
+    if not isinstance(layer, dict):
+        return f"layer is {_kind_of(layer)}, not an object"
+    if set(layer) != set(_LAYER_FIELDS):
+        return (f"layer has the fields {sorted(layer)}, not {sorted(_LAYER_FIELDS)}")
+    for key, kind in _LAYER_FIELDS.items():
+        value = layer[key]
+        if kind is int and not (_is_int(value) and value >= 1):
+            return f"layer.{key} is {value!r}, not a whole number >= 1"
+        if kind is not int and not isinstance(value, kind):
+            return f"layer.{key} is {_kind_of(value)}, not {_kind_of(kind())}"
+    if not all(_is_int(w) and w >= 0 for w in layer["window_sizes"]):
+        return f"layer.window_sizes is {layer['window_sizes']!r}, not whole numbers >= 0"
+    return None
+
+
+def parse_records(data: bytes, where: str) -> tuple[list[dict], str | None]:
+    """(the valid attention records of a preflight report or of the cache file, both of which
+    keep them under ``attention.layers``; what was wrong with the rest, or None)."""
     try:
-        doc = json.loads(text)
-        rows = doc["attention"]["layers"]
-        return [dict(r, source=where) for r in rows if isinstance(r, dict) and "choice" in r]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        log.warning("attention: ignoring %s (not a preflight record: %s)", where, e)
-        return []
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return [], f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+    except json.JSONDecodeError as e:
+        return [], f"not JSON ({e})"
+    attention = doc.get("attention") if isinstance(doc, dict) else None
+    if not isinstance(attention, dict):
+        return [], (f"{_kind_of(doc)}, not an object" if not isinstance(doc, dict) else
+                    "no attention object: not a preflight report or attention cache")
+    # A report whose attention check did not run has no records: nothing to ignore.
+    rows = attention.get("layers", [])
+    if not isinstance(rows, list):
+        return [], f"attention.layers is {_kind_of(rows)}, not a list"
+    good, bad = [], []
+    for i, row in enumerate(rows, 1):
+        problem = record_problem(row)
+        if problem is None:
+            good.append(dict(row, source=where))
+        else:
+            bad.append(f"record {i} of {len(rows)}: {problem}")
+    if not bad:
+        return good, None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return good, bad[0] + more
+
+
+def _ignoring(where: Any, problem: str) -> None:
+    log.warning("attention: ignoring %s: %s; the next preflight rewrites it", where, problem)
+
+
+def _read_bytes(path: Any) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, or None with why it could not be read; None, None: no such file)."""
+    try:
+        return path.read_bytes(), None
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except IsADirectoryError:
+        return None, "a folder, not a file"
+    except OSError as e:
+        return None, f"unreadable ({type(e).__name__}: {e})"
 
 
 def read_records(paths: Iterable[Any]) -> list[dict]:
-    """Records from every file of ``paths`` that exists (local or gs:// paths)."""
+    """Records from every file of ``paths`` that exists (local or gs:// paths). They are
+    advice: a file or record that is not readable is named in one warning and ignored."""
     from etils import epath
 
     out: list[dict] = []
     for p in paths:
         path = epath.Path(p)
-        try:
-            text = path.read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        out += records_from(text, str(path))
+        data, problem = _read_bytes(path)
+        if data is not None:
+            records, problem = parse_records(data, str(path))
+            out += records
+        if problem:
+            _ignoring(path, problem)
     return out
 
 
 def record_matches(record: dict, device_kind: str, jax_version: str, layer: Layer) -> bool:
     want = layer.to_dict()
-    got = record.get("layer") or {}
+    got = record.get("layer")
+    if not isinstance(got, dict):
+        return False
     same_shape = all(got.get(k) == want[k] for k in want if k != "name")
     return (same_shape and record.get("device_kind") == device_kind
             and record.get("jax") == jax_version)
@@ -118,12 +207,22 @@ def find_record(records: Sequence[dict], device_kind: str, jax_version: str,
 
 def remember(records: Sequence[dict], path: pathlib.Path | None = None) -> pathlib.Path:
     """Merge ``records`` into the user's cache (a newer record of the same key replaces the
-    older) and return its path."""
+    older) and return its path. This is the cache's writer, so it repairs it: what of the old
+    file is not a valid record is dropped (said in one warning), and a folder in its place is
+    moved aside."""
     path = path or cache_path()
-    try:
-        old = records_from(path.read_text(), str(path))
-    except FileNotFoundError:
-        old = []
+    if path.is_dir():
+        aside = path.with_name(f"{path.name}.set-aside-{int(time.time())}")
+        path.rename(aside)
+        log.warning("attention: %s was a folder, not the cache file; moved it to %s", path,
+                    aside)
+    data, problem = _read_bytes(path)
+    old: list[dict] = []
+    if data is not None:
+        old, problem = parse_records(data, str(path))
+    if problem:
+        log.warning("attention: dropping from %s what is not a valid record: %s", path,
+                    problem)
     new = [{k: v for k, v in r.items() if k != "source"} for r in records]
     kept = [{k: v for k, v in r.items() if k != "source"} for r in old
             if not any(record_matches(r, n["device_kind"], n["jax"], Layer(**n["layer"]))
@@ -133,6 +232,39 @@ def remember(records: Sequence[dict], path: pathlib.Path | None = None) -> pathl
     tmp.write_text(json.dumps({"attention": {"layers": kept + new}}, indent=1))
     tmp.replace(path)
     return path
+
+
+def check_requested(implementation: str, target: Any) -> None:
+    """Refuse (:class:`mwmae.train.config.ConfigError`, one line) an ``attention_impl`` the
+    target devices cannot run, before anything of the run is written; the compile would
+    otherwise fail later naming neither the setting nor the device."""
+    why = cannot_run(implementation, target)
+    if why:
+        from mwmae.train.config import ConfigError
+
+        raise ConfigError(f"model.attention_impl={implementation!r}: {why}; use 'auto', "
+                          "'xla' or an interpreted kernel such as 'pallas_interpret'")
+
+
+def cannot_run(implementation: str, target: Any) -> str | None:
+    """Why ``target`` (a device, or anything with ``platform`` and ``device_kind``) cannot run
+    ``implementation``, or None when it can. The interpreted kernels run anywhere."""
+    platform = str(getattr(target, "platform", ""))
+    kind = str(getattr(target, "device_kind", "")) or platform
+    where = kind if kind == platform else f"{kind} ({platform})"
+    gpu = platform in ("gpu", "cuda", "rocm")
+    if implementation == "pallas_gpu" and not gpu:
+        return f"the Triton GPU kernel does not run on {where}"
+    if implementation == "pallas_tpu" and platform != "tpu":
+        return f"the Mosaic TPU kernel does not run on {where}"
+    if implementation == "pallas" and not gpu and platform != "tpu":
+        return f"no compiled Pallas kernel runs on {where}"
+    if implementation in ("pallas", "pallas_tpu") and platform == "tpu":
+        try:  # the generations whose Mosaic cannot compile the kernel
+            resolve_implementation("pallas", devices=[target])
+        except ValueError as e:
+            return str(e).split("; use")[0]
+    return None
 
 
 # ---------------------------------------------------------------- the decision
@@ -176,11 +308,21 @@ def decide(layers: Sequence[Layer], requested: str, target: Any, run_on: jax.Dev
     topology on a CPU host, so the guard is skipped)."""
     if guard not in GUARDS:
         raise ValueError(f"model.attention_guard={guard!r}: expected one of {GUARDS}")
+    if requested != "auto":
+        check_requested(requested, target)
     kind = str(getattr(target, "device_kind", ""))
     chosen: list[tuple[str, str]] = []
+    unrunnable: dict[str, list[str]] = {}  # by file: the records' layers and why
     for layer in layers:
         rule = resolve_implementation(requested, layer.length, devices=[target])
         record = find_record(records, kind, jax_version, layer) if requested == "auto" else None
+        why = cannot_run(record["choice"], target) if record is not None else None
+        if why:
+            # A record naming a kernel this device cannot compile is advice gone wrong (an
+            # edited or foreign cache): the default rule decides instead.
+            unrunnable.setdefault(str(record.get("source", "?")), []).append(
+                f"{layer.name} chooses {record['choice']}: {why}")
+            record = None
         if requested != "auto":
             chosen.append((rule, f"attention_impl={requested!r}"))
         elif record is not None:
@@ -189,6 +331,9 @@ def decide(layers: Sequence[Layer], requested: str, target: Any, run_on: jax.Dev
         else:
             chosen.append((rule, f"no preflight record for {kind or target.platform} with "
                            f"JAX {jax_version}: the default rule"))
+    for source, found in unrunnable.items():
+        log.warning("attention: ignoring records in %s: %s; the default rule decides", source,
+                    "; ".join(found))
     chosen = _agree(chosen)
     guarded = guard != "off" and run_on is not None and target.platform != "cpu"
     results: list[numerics.Numerics | str | None] = [

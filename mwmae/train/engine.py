@@ -136,8 +136,10 @@ class Engine:
         kernel that fails the guard sends the whole model to XLA."""
         mc = self.model_config
         target, run_on = self.attention_target()
+        # Only "auto" takes measured choices: a named kernel reads (and warns of) no records.
         records = attention_plan.read_records([self.workdir.preflight_path,
-                                               attention_plan.cache_path()])
+                                               attention_plan.cache_path()]
+                                              ) if mc.attention_impl == "auto" else []
         plan = attention_plan.decide(self.attention_layers(), mc.attention_impl, target,
                                      run_on, records, mc.attention_guard)
         if mc.attention_impl != "auto" and any(d.guard is not None and not d.guard.ok

@@ -37,9 +37,9 @@ class Recorder:
         self._closed = False
         # Earlier segments, read once: nothing else writes the ledger while this one holds
         # the workdir's lease.
-        rows, self._skipped = workdir.read_goodput() if is_main else ([], 0)
-        self._earlier, bad = ledger.parse(rows)
-        self._skipped += bad
+        # A damaged ledger never stops the run: its bad lines are skipped, named in a warning.
+        self._earlier, self._skipped = (ledger.read(workdir.goodput_path) if is_main
+                                        else ([], 0))
 
     def loop_begins(self) -> None:
         """Start-up ends here: everything since ``began`` but the compile."""
