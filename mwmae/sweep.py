@@ -23,7 +23,9 @@ A point is reused only for the settings it was trained with (``ROOT/<point>/swee
 the config and every ``--set``/``--sweep`` value but those of ``RECIPE_FREE``, such as logging
 and checkpoint cadence): a rerun that asks for other ones (another config, more steps, other
 data) is refused before any point runs, naming the point and the settings. ``--evaluate`` may
-change (the evaluation redoes what its options change). A point runs under a lock, so two sweeps
+change (the evaluation redoes what its options change). Every key and value is checked against
+the config, and every point's folder name, before anything is written; a ``--set`` of the
+config's own value is no change. A point runs under a lock, so two sweeps
 never run one point at once, and ``--workdir`` may not overlap ``--tasks-dir``.
 """
 
@@ -60,11 +62,19 @@ class SweepError(RuntimeError):
     """A sweep that cannot run or a point that failed; the message names the point and step."""
 
 
+_KEY_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def parse_setting(text: str, flag: str = "--sweep") -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip().removeprefix("config.") if key.strip() != "config" else "config"
     if not sep or not key or not value:
         raise SweepError(f"{flag} {text!r}: expected KEY=VALUE, e.g. model.mask_ratio=0.75")
+    # A key part that is empty or not a name ("model." or "a..b") is no config key, and its
+    # value would name the point's folder.
+    if not all(_KEY_PART.fullmatch(part) for part in key.split(".")):
+        raise SweepError(f"{flag} {text!r}: {key!r} is not a config key (dot-separated names, "
+                         "e.g. model.mask_ratio)")
     return key, value
 
 
@@ -99,6 +109,101 @@ def point_name(point: dict[str, object]) -> str:
             text = str(value).strip("()[] ").replace(",", "-").replace(" ", "")
         parts.append(SHORT.get(key, key.rsplit(".", 1)[-1]) + text)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "_".join(parts))
+
+
+def check_point_name(name: str, point: dict[str, object]) -> None:
+    """A point's folder lies inside the sweep's root: never the root itself, its parent or a
+    path of several parts."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        given = " ".join(f"{k}={v}" for k, v in point.items())
+        raise SweepError(f"--sweep {given}: makes the point folder name {name!r}, which is not "
+                         "a folder inside --workdir; give values that name a folder")
+
+
+def load_config(spec: str) -> Any:
+    """The training config ``FILE[:VARIANT]`` names, as the trainer loads it; a SweepError
+    naming the file when it is missing or does not load."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    if "://" in path or not os.path.isfile(path):
+        raise SweepError(f"--config {spec}: no such config file ({os.path.abspath(path)})")
+    try:
+        module_spec = importlib.util.spec_from_file_location("sweep_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except Exception as e:  # noqa: BLE001 - any failure: the file is not a config
+        raise SweepError(f"--config {spec}: does not load ({type(e).__name__}: {e})") from e
+
+
+def _parsed(value: str) -> Any:
+    """A command-line value as a Python value (numbers, booleans, tuples), else the string."""
+    import ast
+
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+    return tuple(parsed) if isinstance(parsed, list) else parsed
+
+
+def _config_value(config: Any, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def check_settings(config: Any, spec: str, overrides: Sequence[tuple[str, str]]) -> None:
+    """Refuse, before anything is written, an override whose key the config lacks or whose
+    value the trainer would refuse (one line naming the key)."""
+    from mwmae.train.config import ConfigError, check_config, unknown_key_message
+
+    trial = config.copy_and_resolve_references()
+    for key, value in overrides:
+        try:
+            old = _config_value(trial, key)
+        except (KeyError, AttributeError, TypeError):
+            raise SweepError(f"--config {spec}: {unknown_key_message(key, config)}") from None
+        new = _parsed(value)
+        if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+            new = float(new)
+        parent, _, leaf = key.rpartition(".")
+        try:
+            (_config_value(trial, parent) if parent else trial)[leaf] = new
+        except (TypeError, ValueError) as e:
+            if isinstance(old, str):
+                continue  # a string field takes the text as given (the trainer checks it)
+            raise SweepError(f"{key}={value}: not a value of {key} "
+                             f"({type(old).__name__} in {spec})") from e
+    try:
+        check_config(trial)
+    except ConfigError as e:
+        raise SweepError(f"--config {spec} with {', '.join(f'{k}={v}' for k, v in overrides)}: "
+                         f"{e}") from e
+
+
+def effective(config: Any, overrides: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The overrides that change the config: one equal to the config's own value is not a
+    change (``--set seed=0`` over a seed of 0), so it is no part of the point's recipe."""
+    kept = []
+    for key, value in overrides:
+        try:
+            same = _same(_parsed(value), _config_value(config, key))
+        except (KeyError, AttributeError, TypeError):
+            same = False
+        if not same:
+            kept.append((key, value))
+    return kept
 
 
 def point_commands(config: str, workdir: str, tasks_dir: str, *,
@@ -153,7 +258,8 @@ def recipe(config: str, overrides: Sequence[tuple[str, str]]) -> dict[str, str]:
     return settings
 
 
-def check_recipe(workdir: str, config: str, overrides: Sequence[tuple[str, str]]) -> None:
+def check_recipe(workdir: str, config: str, overrides: Sequence[tuple[str, str]],
+                 loaded: Any = None) -> None:
     """Refuse to reuse a point that an earlier sweep trained with other settings: its
     checkpoints, export and results would stand in this sweep's table for settings they were
     not made with (the trainer lets a resumed run change its length and data, so it would not
@@ -171,6 +277,10 @@ def check_recipe(workdir: str, config: str, overrides: Sequence[tuple[str, str]]
         raise SweepError(f"{path}: damaged ({e}); it records the settings this point was "
                          "trained with: restore it, or use a new --workdir") from e
     now = recipe(config, overrides)
+    if loaded is not None and earlier.get("config") == config:
+        # An earlier --set of the config's own value was no change either.
+        earlier = {"config": config, **dict(effective(loaded, [
+            (k, str(v)) for k, v in earlier.items() if k != "config"]))}
     diffs = [f"{k}={earlier.get(k, 'unset')} there, {now.get(k, 'unset')} now"
              for k in sorted(set(earlier) | set(now), key=lambda k: (k != "config", k))
              if earlier.get(k) != now.get(k)]
@@ -208,9 +318,13 @@ def run_point(config: str, workdir: str, tasks_dir: str, *,
 
     check_tasks_dir(tasks_dir)
     check_apart(workdir, tasks_dir)
-    check_recipe(workdir, config, overrides)
+    loaded = load_config(config)
+    check_settings(loaded, config, overrides)
+    overrides = effective(loaded, overrides)
+    check_recipe(workdir, config, overrides, loaded)
     with point_lock(workdir):
-        check_recipe(workdir, config, overrides)  # again: another sweep may have just begun it
+        # Again: another sweep may have just begun it.
+        check_recipe(workdir, config, overrides, loaded)
         path = epath.Path(workdir) / RECIPE
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,13 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         check_apart(a.workdir, a.tasks_dir)
         points = grid(_settings(a.sweep, "--sweep"))
         names = [point_name(pt) or "run" for pt in points]
+        for point, name in zip(points, names):
+            check_point_name(name, point)
         if len(set(names)) != len(names):
             raise SweepError(f"two points share a folder name: {names}")
         plan = [(point.get("config", a.config), os.path.join(a.workdir, name),
                  [*fixed, *((k, v) for k, v in point.items() if k != "config")], name)
                 for point, name in zip(points, names)]
         for config, workdir, overrides, _ in plan:  # every point, before the first step
-            check_recipe(workdir, config, overrides)
+            loaded = load_config(config)
+            check_settings(loaded, config, overrides)
+            check_recipe(workdir, config, effective(loaded, overrides), loaded)
         for config, workdir, overrides, name in plan:
             run_point(config, workdir, a.tasks_dir, overrides=overrides,
                       evaluate_args=evaluate_args, name=name)

@@ -55,3 +55,33 @@ def test_tagger_config_variants_load_and_check(name):
     assert count == readme_table()[name]
     doc = (REPO / "configs" / f"{name}.py").read_text().split('"""')[1]
     assert "python -m mwmae.finetune --config configs/tag.py:VARIANT" in doc
+
+
+@pytest.mark.parametrize("ratio,says", [
+    (0.999, r"model.mask_ratio=0.999: keeps 0 of the 250 patches"),
+    (0.9975, r"model.mask_ratio=0.9975: keeps 0 of the 250 patches"),
+    (1e-17, r"model.mask_ratio=1e-17: keeps 250 of the 250 patches, so no patch is masked"),
+])
+def test_a_mask_ratio_that_keeps_or_masks_no_patch_is_refused_naming_the_counts(ratio, says):
+    from mwmae.train.config import ConfigError
+
+    c = load_config("tiny")
+    c.model.mask_ratio = ratio
+    with pytest.raises(ConfigError, match=says):
+        check_config(c)
+    # The masking code's own count decides: the largest ratio it keeps a patch with is fine.
+    c.model.mask_ratio = 0.996
+    assert model_config_from(c).len_keep == 1
+    check_config(c)
+
+
+def test_a_tagger_keeps_its_mask_ratio_only_to_the_kept_patch_rule():
+    from mwmae.finetune.config import tag_config
+    from mwmae.train.config import ConfigError
+
+    c = tag_config()
+    c.model.mask_ratio = 1e-17   # the tagger masks nothing: no patch to reconstruct is fine
+    check_config(c, tag_config())
+    c.model.mask_ratio = 0.9999
+    with pytest.raises(ConfigError, match=r"model.mask_ratio=0.9999: keeps 0 of the \d+ patches"):
+        check_config(c, tag_config())

@@ -2,6 +2,7 @@
 and evaluated on HEAR tasks in its own workdir, then one table with the overall score."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -71,12 +72,15 @@ def test_collect_makes_one_table_with_the_overall_score(tmp_path, capsys):
 
 def test_a_failed_step_stops_the_point_and_names_it(tmp_path, capsys):
     tasks.make_task(tmp_path / "tasks", "noise", per_class=5, duration_s=0.5, seed=0)
+    # Shards that do not exist pass every check the sweep can make; the trainer refuses them.
     code = sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
-                       "--tasks-dir", str(tmp_path / "tasks"), "--sweep", "model.mask_ratoi=0.7"])
+                       "--tasks-dir", str(tmp_path / "tasks"), "--sweep", "model.mask_ratio=0.7",
+                       "--set", "data.source=shards",
+                       "--set", f"data.train_shards={tmp_path / 'nowhere' / 'x.tfrecord'}"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: {tmp_path / 's' / 'mask_ratoi0.7'}: pretrain failed (exit 2); fix it " \
-                  "and rerun: finished steps are kept", err
+    assert re.fullmatch(re.escape(f"error: {tmp_path / 's' / 'mr0.7'}: pretrain failed (exit ")
+                        + r"\d\); fix it and rerun: finished steps are kept", err), err
     assert sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
                        "--tasks-dir", str(tmp_path / "none")]) == 2
     assert "tasks directory not found" in capsys.readouterr().err
@@ -215,3 +219,40 @@ def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"error: {_write}: not a HEAR results file ("), err
         assert err.endswith("rerun that point's evaluation"), err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--sweep", "model.=.."], "'model.' is not a config key"),
+    (["--sweep", "model.mask_ratoi=0.7"], "unknown config key 'model.mask_ratoi'"),
+    (["--sweep", "model.mask_ratio=0.999"], "model.mask_ratio=0.999: keeps 0 of the 250"),
+    (["--sweep", "config=.."], "makes the point folder name '..'"),
+    (["--set", "batch_size=many"], "batch_size=many: not a value of batch_size"),
+])
+def test_a_bad_key_value_or_point_folder_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys, argv, says):
+    ran = _fake_steps(monkeypatch)
+    tasks_dir = _tasks_dir(tmp_path / "tasks")
+    root = tmp_path / "sweeps" / "s"
+    root.parent.mkdir()
+    assert sweep.main(["run", "--config", "configs/tiny.py", "--workdir", str(root),
+                       "--tasks-dir", tasks_dir, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert ran == []
+    # Neither the root nor its parent holds anything of the sweep.
+    assert sorted(p.name for p in root.parent.iterdir()) == []
+
+
+def test_a_set_of_the_configs_own_value_is_no_change(tmp_path, monkeypatch, capsys):
+    ran = _fake_steps(monkeypatch)
+    tasks_dir = _tasks_dir(tmp_path / "tasks")
+    base = ["run", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "s"),
+            "--tasks-dir", tasks_dir, "--sweep", "model.mask_ratio=0.7"]
+    assert sweep.main(base) == 0
+    # tiny's seed is 0 and its step count 40: saying so again changes nothing.
+    assert sweep.main([*base, "--set", "seed=0", "--set", "num_train_steps=40"]) == 0, \
+        capsys.readouterr().err
+    assert sweep.main(base) == 0, capsys.readouterr().err
+    assert len(ran) == 9
+    assert sweep.main([*base, "--set", "seed=1"]) == 2
+    assert "seed=unset there, 1 now" in capsys.readouterr().err

@@ -45,7 +45,7 @@ from mwmae.train.config import ConfigError, model_config_from
 from mwmae.train.optim import decay_mask, learning_rate_schedule
 from mwmae.train.sources import make_source
 from mwmae.train.task import TaskHook
-from mwmae.workdir import WorkdirError
+from mwmae.workdir import Workdir, WorkdirError
 
 # Label slots per clip in a batch: the input pipeline's padded label ids.
 MAX_LABELS = PipelineConfig.max_labels
@@ -167,17 +167,30 @@ class Tagging:
         return [TaskHook("evaluate", self._evaluation_hook(run, Evaluator(self, run.engine)),
                          every, True)]
 
-    def _evaluation_hook(self, run: Any, evaluator: Evaluator) -> Callable:
+    def check_workdir(self, engine: Any, wd: Workdir, start_step: int) -> None:
+        """What this run would refuse once started, checked before the workdir is written (see
+        :func:`mwmae.train.loop.go_ahead`): an evaluation batch the mesh cannot split, a
+        damaged or empty evaluation split, and a resume whose evaluations were made on another
+        split or cannot be read."""
+        if not self.evaluates:
+            return
+        check_eval_batch(self, engine)
+        self._evaluations(wd, start_step)  # reads the split (its fingerprint) once
+
+    def _evaluations(self, wd: Workdir, start_step: int
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the workdir's evaluations up to ``start_step``, those after it), refused when
+        unreadable, lacking the main metric or made on another split than this run's."""
         main, spec = self.main_metric, self.config.tagger.eval_shards
         split = self.eval_split().fingerprint
-        path = run.workdir.evaluations_path
+        path = wd.evaluations_path
         try:
-            rows = run.workdir.read_evaluations()
+            rows = wd.read_evaluations()
         except WorkdirError as e:
             raise WorkdirError(f"{e}; the run ranks its best checkpoint by this file: repair or "
                                "delete that line (the TensorBoard logs hold every evaluation "
                                "too) and rerun") from e
-        earlier = [r for r in rows if r["step"] <= run.start_step]
+        earlier = [r for r in rows if r["step"] <= start_step]
         for r in earlier:
             if not isinstance(r.get(main), (int, float)):
                 raise WorkdirError(f"{path}: the evaluation of step {r['step']} has no {main}; "
@@ -190,7 +203,15 @@ class Tagging:
                 f"tagger.eval_shards={spec}: not the split this workdir's evaluations (and the "
                 f"checkpoint it keeps as the best) were made on ({path}: split {ranked_on[0]}, "
                 f"this one is {split}); resume with that split, or give this one a new --workdir")
-        later = [r for r in rows if r["step"] > run.start_step]
+        return earlier, [r for r in rows if r["step"] > start_step]
+
+    def _evaluation_hook(self, run: Any, evaluator: Evaluator) -> Callable:
+        main = self.main_metric
+        split = self.eval_split().fingerprint
+        path = run.workdir.evaluations_path
+        # Checked before anything was written too; again here, against the step the run
+        # actually restored (an older one when the newest was set aside as damaged).
+        earlier, later = self._evaluations(run.workdir, run.start_step)
         if later:
             # Evaluations of checkpoints that never committed (or of an earlier run in this
             # workdir): this run evaluates those steps afresh.
@@ -230,12 +251,7 @@ class Evaluator:
     calls it; each takes back the logits of its own windows)."""
 
     def __init__(self, task: Tagging, engine: Any):
-        shards = sharding.batch_shards(engine.mesh)
-        size = task.config.tagger.eval_batch_size
-        if size % shards:
-            # Found here, before the first step, rather than at the first evaluation.
-            raise ConfigError(f"tagger.eval_batch_size={size}: not divisible by the {shards} "
-                              f"batch shards of the mesh; use a multiple of {shards}")
+        check_eval_batch(task, engine)
         self.task, self.engine = task, engine
         self.window_sharding = engine.batch_shardings["audio"]
         model = task.classifier()
@@ -260,6 +276,16 @@ class Evaluator:
     def __call__(self, params: Any) -> dict[str, float]:
         return evaluate(self.task.eval_split(), lambda x: self.predict(params, x),
                         self.task.task)
+
+
+def check_eval_batch(task: Tagging, engine: Any) -> None:
+    """Refuse an evaluation batch the engine's mesh cannot split: found before the workdir is
+    written, rather than at the first evaluation."""
+    shards = sharding.batch_shards(engine.mesh)
+    size = task.config.tagger.eval_batch_size
+    if size % shards:
+        raise ConfigError(f"tagger.eval_batch_size={size}: not divisible by the {shards} "
+                          f"batch shards of the mesh; use a multiple of {shards}")
 
 
 def _is_nan(value: float) -> bool:

@@ -242,6 +242,8 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
     need(finite(o.eps) and o.eps > 0, "optimizer.eps", "must be a finite number > 0")
     need(0 < c.model.mask_ratio < 1, "model.mask_ratio",
          "must be strictly between 0 and 1 (some patches kept, some reconstructed)")
+    if finite(c.model.mask_ratio) and 0 < c.model.mask_ratio < 1 and not problems:
+        problems += _mask_problems(c)
     need(c.num_train_steps == -1 or c.num_train_steps >= 1, "num_train_steps",
          "must be >= 1, or -1 to train num_epochs epochs")
     need(c.num_train_steps >= 1 or c.num_epochs >= 1, "num_epochs",
@@ -272,6 +274,24 @@ def _check_values(c: ml_collections.ConfigDict) -> list[str]:
     one_of("data.on_error", ON_ERROR)
     one_of("nonfinite_policy", NONFINITE_POLICIES)
     return problems
+
+
+def _mask_problems(c: ml_collections.ConfigDict) -> list[str]:
+    """A ratio strictly inside (0, 1) can still keep no patch (0.999 of 250 keeps
+    int(0.25) = 0) or, in pretraining, mask none: the count the masking code keeps decides."""
+    try:
+        mc = model_config_from(c)
+        total, kept = mc.num_patches, mc.len_keep
+    except (TypeError, ValueError, ZeroDivisionError):
+        return []  # the architecture's own error is reported by check_config
+    key = f"model.mask_ratio={c.model.mask_ratio!r}"
+    if kept < 1:
+        return [f"{key}: keeps {kept} of the {total} patches (int({total} * (1 - ratio))); "
+                "the encoder needs at least 1: use a smaller ratio"]
+    if "tagger" not in c and total - kept < 1:
+        return [f"{key}: keeps {kept} of the {total} patches, so no patch is masked and "
+                "pretraining has nothing to reconstruct: use a larger ratio"]
+    return []
 
 
 def check_config(config: ml_collections.ConfigDict,

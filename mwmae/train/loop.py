@@ -60,15 +60,7 @@ def train(task: Callable[[ml_collections.ConfigDict], Task], config: ml_collecti
     multi-host notice; the current step was saved) or "interrupted" (Ctrl-C; saved likewise).
     """
     began = time.perf_counter()  # the goodput ledger's start-up counts from here
-    the_task = task(config)
-    wd = workdir_lib.Workdir(workdir)
-    wd.check_resume(json.loads(config.to_json_best_effort()), the_task.may_change)
-    t = Engine(the_task, workdir)
-    if not wd.steps():
-        t.pretrained()  # a bad init_from fails here, before the workdir holds this config
-    # Shards that are missing or a glob that matches nothing fail here, before the workdir
-    # holds anything of this run.
-    source = the_task.make_source()
+    t, wd, source = go_ahead(task, config, workdir)
     closers: list[Callable[[], None]] = [source.close]
     lease = None
     try:
@@ -98,6 +90,35 @@ def train(task: Callable[[ml_collections.ConfigDict], Task], config: ml_collecti
         return {**logged, "status": status}
     finally:
         _close(closers, lease)
+
+
+def go_ahead(task: Callable[[ml_collections.ConfigDict], Task],
+             config: ml_collections.ConfigDict, workdir: str | os.PathLike
+             ) -> tuple[Engine, workdir_lib.Workdir, Any]:
+    """Every check that can refuse the run, made before anything is written to ``workdir``:
+    the one place both the trainer and the tagger decide to go ahead (a refused change leaves
+    the workdir byte for byte as it was).
+
+    In order: the config's own values (the task's constructor), the workdir's identity against
+    this config (:meth:`mwmae.workdir.Workdir.check_resume`), the engine (mesh, batch split,
+    schedule), ``init_from`` for a fresh run, the task's own resume checks against what the
+    workdir holds (``check_workdir``, where the task has one: the tagger's evaluation split),
+    and the training data (missing shards, a damaged header, a manifest that over-counts).
+    Returns (the engine, the workdir, the source of batches)."""
+    the_task = task(config)
+    wd = workdir_lib.Workdir(workdir)
+    wd.check_resume(json.loads(config.to_json_best_effort()), the_task.may_change)
+    t = Engine(the_task, workdir)
+    steps = wd.steps()
+    if not steps:
+        t.pretrained()  # a bad init_from fails here, before the workdir holds this config
+    check_workdir = getattr(the_task, "check_workdir", None)
+    if check_workdir is not None:
+        # The newest finished checkpoint is where the run resumes (an older one only if that
+        # one turns out damaged, and the task's hooks check again then).
+        check_workdir(t, wd, steps[-1] if steps else 0)
+    source = the_task.make_source()
+    return t, wd, source
 
 
 def _start(t: Engine, wd: workdir_lib.Workdir, config: ml_collections.ConfigDict,
