@@ -34,6 +34,7 @@ import numpy as np
 from flax import serialization
 
 from mwmae import audio
+from mwmae.checksum import WEIGHTS_DIGEST_KEY, WeightsChecksumError, verified_weights
 from mwmae.model import encoder_keys
 from mwmae.model.config import ModelConfig
 
@@ -277,14 +278,11 @@ def load_artifact(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
                             f"{', '.join(PARAMS_FILES)}")
     params_path = directory / params_file
     try:
-        blob = params_path.read_bytes()
+        blob = verified_weights(params_path, meta.get(WEIGHTS_DIGEST_KEY), CONFIG_FILE)
     except FileNotFoundError as e:
         raise ArtifactError(f"{params_path}: missing") from e
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != meta.get("params_sha256"):
-        raise ArtifactError(f"{params_path}: checksum {digest[:12]}... does not match "
-                            f"{str(meta.get('params_sha256'))[:12]}... in {CONFIG_FILE} "
-                            "(corrupt or partially copied)")
+    except WeightsChecksumError as e:
+        raise ArtifactError(str(e)) from e
     try:
         config = ModelConfig.from_dict(meta["model"])
     except (ValueError, KeyError, TypeError) as e:

@@ -155,3 +155,33 @@ def json_problems(meta: dict, data: Any = None) -> list[str]:
             problems.append("its data item (every host's input position) changed after the "
                             "save")
     return problems
+
+
+WEIGHTS_DIGEST_KEY = "params_sha256"
+
+
+class WeightsChecksumError(ValueError):
+    """A weights file that does not verify against its config; the message names the file."""
+
+
+def verified_weights(path: Any, recorded: Any, config_name: str = "config.json") -> bytes:
+    """The bytes of an artifact's weights file ``path``, once they match the SHA-256
+    ``recorded`` in its ``config_name``. A file with no digest recorded is refused too: then
+    nothing could tell a damaged file from a good one. The JAX and the PyTorch loaders both
+    call this (it needs the standard library only), so they accept and refuse the same files.
+    FileNotFoundError when the file is missing."""
+    import hashlib
+    import pathlib
+
+    path = pathlib.Path(path)
+    blob = path.read_bytes()
+    if not isinstance(recorded, str) or not recorded:
+        raise WeightsChecksumError(
+            f"{path}: {config_name} records no {WEIGHTS_DIGEST_KEY} for it, so a damaged file "
+            "cannot be told from a good one; re-export the model with `python -m mwmae.export`")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != recorded:
+        raise WeightsChecksumError(f"{path}: checksum {digest[:12]}... does not match "
+                                   f"{recorded[:12]}... in {config_name} (corrupt or partially "
+                                   "copied)")
+    return blob

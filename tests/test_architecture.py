@@ -25,11 +25,12 @@ RULES: dict[str, set[str]] = {
     "mwmae.goodput": set(),  # the ledger's arithmetic: inspect and the trainer share it
     "mwmae.data": {"mwmae.audio"},
     "mwmae.model": {"mwmae.kernels"},
-    # The PyTorch encoder imports torch and numpy only (no jax, flax, tensorflow) and no other
-    # mwmae module, so it can be installed and used without JAX.
-    "mwmae.torch": set(),
+    # The PyTorch encoder imports torch and numpy only (no jax, flax, tensorflow), so it can be
+    # installed and used without JAX; of mwmae only checksum (stdlib and numpy at import), for
+    # the weights-file check mwmae.load makes, so that both refuse the same files.
+    "mwmae.torch": {"mwmae.checksum"},
     "tfrecord_tools": {"mwmae.data", "mwmae.audio"},
-    "mwmae.artifact": {"mwmae.model", "mwmae.audio"},
+    "mwmae.artifact": {"mwmae.model", "mwmae.audio", "mwmae.checksum"},
     "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
     "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum"},
     "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease", "mwmae.goodput"},

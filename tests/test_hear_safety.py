@@ -17,7 +17,7 @@ import pytest
 from train_helpers import load_config
 
 from mwmae.artifact import save_artifact
-from mwmae.hear import compare, tasks
+from mwmae.hear import compare, manifest, tasks
 from mwmae.hear import evaluate as ev
 from mwmae.model import param_shapes
 from mwmae.train.config import model_config_from
@@ -58,7 +58,8 @@ def no_embedding(monkeypatch):
 @pytest.fixture
 def fast_steps(monkeypatch):
     """Stand-ins for hear-eval-kit's steps: a done marker per task, a score per seed. They
-    write where the real ones do, so what the driver keeps or removes can be seen."""
+    write where the real ones do and record what they wrote in the manifest as they do, so
+    what the driver keeps or removes can be seen."""
     calls: list[tuple[str, str]] = []
 
     def embed(module, artifact, task_list, embeddings_dir, model_options, log=print):
@@ -70,6 +71,7 @@ def fast_steps(monkeypatch):
             if not done.exists():
                 calls.append(("embed", task.name))
                 done.write_text(ev.task_fingerprint(task))
+                manifest.record(embeddings_dir.parent, d, recursive=False)
             out[task.name] = d
         return out
 
@@ -79,6 +81,7 @@ def fast_steps(monkeypatch):
         if not scores.exists():
             calls.append(("predict", f"{work.name}/{seed}"))
             scores.write_text(json.dumps({"test": {"test_score": 0.5 + seed / 100}}))
+            manifest.record(work.parents[2], work)
         return ev.primary_score(json.loads(scores.read_text()))
 
     monkeypatch.setattr(ev, "embed_tasks", embed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -255,8 +256,9 @@ def test_the_package_imports_torch_numpy_and_the_stdlib_only():
             else:
                 continue
             for name in names:
+                # mwmae.checksum: the weights-file check mwmae.load uses (stdlib and numpy).
                 if not (name.split(".")[0] in allowed or name == "mwmae.torch"
-                        or name.startswith("mwmae.torch.")):
+                        or name.startswith("mwmae.torch.") or name == "mwmae.checksum"):
                     bad.append(f"{path.name}:{node.lineno}: {name}")
     assert not bad, bad
 
@@ -270,10 +272,12 @@ def write_artifact(folder: pathlib.Path, config: ModelConfig, params: dict[str, 
                    *, encoder_only: bool = True) -> pathlib.Path:
     """An artifact as the export writes it for PyTorch: config.json + model.safetensors."""
     folder.mkdir(parents=True)
-    meta = {"format": "mwmae-artifact", "version": 2, "model": config.to_dict(),
-            "encoder_only": encoder_only, "source": "test"}
-    (folder / "config.json").write_text(json.dumps(meta, indent=1))
     save_file(params, str(folder / "model.safetensors"))
+    meta = {"format": "mwmae-artifact", "version": 3, "model": config.to_dict(),
+            "encoder_only": encoder_only, "source": "test", "params_file": "model.safetensors",
+            "params_sha256": hashlib.sha256((folder / "model.safetensors").read_bytes()
+                                            ).hexdigest()}
+    (folder / "config.json").write_text(json.dumps(meta, indent=1))
     return folder
 
 
@@ -320,7 +324,11 @@ def test_load_refuses_what_it_cannot_read(tmp_path, artifact):
     (old / "params.msgpack").unlink()
     with pytest.raises(mt.ArtifactError, match="model.safetensors: missing"):
         mt.load(old)
-    (old / "model.safetensors").write_bytes(b"not a safetensors file")
+    garbage = b"not a safetensors file"
+    (old / "model.safetensors").write_bytes(garbage)
+    (old / "config.json").write_text(json.dumps({
+        **json.loads((folder / "config.json").read_text()),
+        "params_sha256": hashlib.sha256(garbage).hexdigest()}))
     with pytest.raises(mt.ArtifactError, match="not a readable safetensors file"):
         mt.load(old)
     with pytest.raises(mt.ArtifactError, match="config.json: missing"):
@@ -339,6 +347,32 @@ def test_load_refuses_what_it_cannot_read(tmp_path, artifact):
         mt.load(old)
     with pytest.raises(ValueError, match="not a torch floating dtype"):
         mt.load(folder, dtype="int8")
+
+
+def test_load_refuses_unverifiable_weights_exactly_as_mwmae_load(tmp_path, artifact):
+    """A config.json without the weights' SHA-256 gives no way to tell a damaged file: both
+    loaders refuse it with the same line, and a damaged file with a recorded one likewise."""
+    from mwmae.artifact import ArtifactError, load_artifact
+
+    folder, _, _ = artifact
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta = json.loads((folder / "config.json").read_text())
+    blob = bytearray((folder / "model.safetensors").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (bad / "model.safetensors").write_bytes(bytes(blob))
+    for broken in ({k: v for k, v in meta.items() if k != "params_sha256"}, meta):
+        (bad / "config.json").write_text(json.dumps(broken))
+        with pytest.raises(mt.ArtifactError) as torch_refusal:
+            mt.load(bad)
+        with pytest.raises(ArtifactError) as jax_refusal:
+            load_artifact(bad)
+        assert str(torch_refusal.value) == str(jax_refusal.value)
+        assert str(torch_refusal.value).startswith(f"{bad / 'model.safetensors'}: ")
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                 if k != "params_sha256"}))
+    with pytest.raises(mt.ArtifactError, match="config.json records no params_sha256"):
+        mt.load(bad)
 
 
 def test_load_works_where_jax_cannot_be_imported(artifact, tmp_path):

@@ -22,6 +22,12 @@ with x_t the mean test score on task t and the min and max taken over the models
 comparison (a task on which they all tie counts 100 for each). It ranks models within one table;
 its values depend on which models are in the table, so scores of different tables do not compare.
 The plain mean of the task scores (x 100) is reported beside it and needs no other model.
+
+A model of an evaluation is known by its weights: ``results.json`` records the artifact's
+``params_sha256``. Every results file given is a column of its own, whatever its name; where
+names repeat (every export is ``WORKDIR/export`` by default), a column's label adds the start of
+the weights' digest, or the results file's name when none is recorded, and the scores of
+:func:`overall_scores` and :func:`mean_scores` are keyed by those labels.
 """
 
 from __future__ import annotations
@@ -32,8 +38,11 @@ import math
 import os
 import pathlib
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mwmae.hear.manifest import evaluation_folder
 
 
 class ComparisonError(ValueError):
@@ -51,6 +60,8 @@ class Model:
     name: str
     scores: dict[str, Score]  # by HEAR task folder name
     source: str
+    digest: str | None = None  # SHA-256 of the weights (an evaluation's); None for typed tables
+    file: str = ""  # the results file as given (``published:KEY`` included)
 
 
 def _score(path: str, where: str, entry: Any) -> Score:
@@ -64,6 +75,10 @@ def _score(path: str, where: str, entry: Any) -> Score:
         ci = float(entry.get("ci95", math.nan))
     except (TypeError, ValueError) as e:
         raise ComparisonError(f"{path}: {where}: not a number ({e})") from e
+    # NaN is "not known" (one seed, not published); anything else must be a half-width.
+    if ci < 0 or math.isinf(ci):
+        raise ComparisonError(f"{path}: {where}: ci95 {ci} is not the half-width of an interval "
+                              "(a number >= 0; leave it out when it is not known)")
     if not 0.0 <= mean <= 1.0:
         raise ComparisonError(f"{path}: {where}: mean {mean} is outside [0, 1] (scores are on "
                               "the predictor's scale: a percentage must be divided by 100)")
@@ -97,6 +112,7 @@ def resolve(spec: str | pathlib.Path) -> str:
 def load(path: str | pathlib.Path) -> list[Model]:
     """The models of a results file (an evaluation's ``results.json`` or a published table;
     ``published:KEY`` names one shipped with the package)."""
+    given = str(path)
     path = resolve(path)
     try:
         data = json.loads(pathlib.Path(path).read_text())
@@ -105,7 +121,7 @@ def load(path: str | pathlib.Path) -> list[Model]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ComparisonError(f"{path}: not a JSON results file ({e})") from e
     if isinstance(data, Mapping) and isinstance(data.get("tasks"), Mapping):
-        return [from_results(data, path)]
+        return [dataclasses.replace(from_results(data, path), file=given)]
     if isinstance(data, Mapping) and isinstance(data.get("models"), Mapping):
         source = str(data.get("source") or path)
         models = []
@@ -113,7 +129,7 @@ def load(path: str | pathlib.Path) -> list[Model]:
             if not isinstance(tasks, Mapping) or not tasks:
                 raise ComparisonError(f"{path}: model {name!r}: expected its tasks' scores")
             models.append(Model(str(name), {t: _score(path, f"{name} / {t}", s)
-                                            for t, s in tasks.items()}, source))
+                                            for t, s in tasks.items()}, source, file=given))
         if not models:
             raise ComparisonError(f"{path}: \"models\" is empty")
         return models
@@ -124,8 +140,10 @@ def load(path: str | pathlib.Path) -> list[Model]:
 def from_results(result: Mapping[str, Any], source: str, name: str | None = None) -> Model:
     """One evaluation's results (what ``results.json`` holds) as a model of the comparison."""
     name = name or result.get("name") or pathlib.Path(str(result.get("artifact", source))).name
+    digest = result.get("params_sha256")
     return Model(str(name), {t: _score(source, t, s) for t, s in result["tasks"].items()},
-                 str(source))
+                 str(source), digest=digest if isinstance(digest, str) and digest else None,
+                 file=str(source))
 
 
 def common_tasks(models: Sequence[Model]) -> list[str]:
@@ -133,29 +151,78 @@ def common_tasks(models: Sequence[Model]) -> list[str]:
     return [t for t in models[0].scores if all(t in m.scores for m in models[1:])]
 
 
+def require_common_tasks(models: Sequence[Model]) -> list[str]:
+    """:func:`common_tasks`, or a one-line ComparisonError naming each results file once with
+    a few of its tasks."""
+    tasks = common_tasks(models)
+    if tasks:
+        return tasks
+    by_file: dict[str, set[str]] = {}
+    for m in models:
+        by_file.setdefault(m.file or m.source, set()).update(m.scores)
+    parts = []
+    for where, names in by_file.items():
+        shown = sorted(names)
+        parts.append(f"{where} has {', '.join(shown[:2])}"
+                     + (f" and {len(shown) - 2} more" if len(shown) > 2 else ""))
+    raise ComparisonError("no task in common: " + "; ".join(parts))
+
+
+def _file_tag(m: Model) -> str:
+    path = pathlib.PurePath(m.file or m.source)
+    # Every evaluation's file is results.json: its folder is what tells them apart.
+    return f"{path.parent.name}/{path.name}" if path.name == "results.json" else path.name
+
+
+def column_labels(models: Sequence[Model]) -> list[str]:
+    """One distinct label per model: its name, plus the start of its weights' digest (or its
+    results file's name) when another model of the table has the same name, plus ``#k`` when
+    that still does not tell them apart (the same results given twice)."""
+    names = Counter(m.name for m in models)
+    labels = [m.name if names[m.name] == 1 else
+              f"{m.name} ({m.digest[:8] if m.digest else _file_tag(m)})" for m in models]
+    repeated = Counter(labels)
+    seen: Counter[str] = Counter()
+    for i, label in enumerate(labels):
+        if repeated[label] > 1:
+            seen[label] += 1
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
+
+
+def _name_note(models: Sequence[Model]) -> str:
+    shared = sorted(n for n, k in Counter(m.name for m in models).items() if k > 1)
+    if not shared:
+        return ""
+    return (f"Several models named {', '.join(shared)}: each is a column of its own, labelled "
+            "with the start of its weights' SHA-256 (or its results file where none is "
+            "recorded).")
+
+
 def overall_scores(models: Sequence[Model], tasks: Sequence[str] | None = None
                    ) -> dict[str, float]:
     """The min-max normalised overall score of each model (see the module docstring)."""
     tasks = common_tasks(models) if tasks is None else list(tasks)
+    labels = column_labels(models)
     if not tasks:
-        return {m.name: math.nan for m in models}
+        return {label: math.nan for label in labels}
     out = {}
-    for m in models:
+    for label, m in zip(labels, models):
         parts = []
         for t in tasks:
             values = [o.scores[t].mean for o in models]
             lo, hi = min(values), max(values)
             parts.append(1.0 if hi == lo else (m.scores[t].mean - lo) / (hi - lo))
-        out[m.name] = 100.0 * statistics.fmean(parts)
+        out[label] = 100.0 * statistics.fmean(parts)
     return out
 
 
 def mean_scores(models: Sequence[Model], tasks: Sequence[str] | None = None
                 ) -> dict[str, float]:
-    """Plain mean of each model's task scores over ``tasks``, x 100."""
+    """Plain mean of each model's task scores over ``tasks``, x 100, by column label."""
     tasks = common_tasks(models) if tasks is None else list(tasks)
-    return {m.name: 100.0 * statistics.fmean(m.scores[t].mean for t in tasks) if tasks
-            else math.nan for m in models}
+    return {label: 100.0 * statistics.fmean(m.scores[t].mean for t in tasks) if tasks
+            else math.nan for label, m in zip(column_labels(models), models)}
 
 
 def _fmt(s: Score) -> str:
@@ -168,15 +235,12 @@ def table(this: Model, others: Sequence[Model], labels: Mapping[str, str] | None
     then the overall and mean scores over the tasks all have."""
     labels = labels or {}
     models = [this, *others]
-    tasks = common_tasks(models)
-    if not tasks:
-        raise ComparisonError(
-            f"no task in common between {this.source} ({sorted(this.scores)}) and "
-            + ", ".join(f"{o.source} ({sorted(o.scores)})" for o in others))
-    head = f"| task | {this.name} |"
+    tasks = require_common_tasks(models)
+    columns = column_labels(models)
+    head = f"| task | {columns[0]} |"
     rule = "|---|---|"
-    for o in others:
-        head += f" {o.name} | diff | inside |"
+    for column in columns[1:]:
+        head += f" {column} | diff | inside |"
         rule += "---|---|---|"
     lines = [head, rule]
     for t in tasks:
@@ -191,12 +255,15 @@ def table(this: Model, others: Sequence[Model], labels: Mapping[str, str] | None
         lines.append(row)
     overall, mean = overall_scores(models, tasks), mean_scores(models, tasks)
     for title, values in (("overall score s(m)", overall), ("mean score", mean)):
-        row = f"| **{title}** | {values[this.name]:.1f} |"
-        for o in others:
-            row += f" {values[o.name]:.1f} | {values[this.name] - values[o.name]:+.1f} | |"
+        mine_value = values[columns[0]]
+        row = f"| **{title}** | {mine_value:.1f} |"
+        for column in columns[1:]:
+            row += f" {values[column]:.1f} | {mine_value - values[column]:+.1f} | |"
         lines.append(row)
     skipped = sorted({t for m in models for t in m.scores} - set(tasks))
     notes = [f"Tasks in common: {len(tasks)}."]
+    if _name_note(models):
+        notes.append(_name_note(models))
     if skipped:
         notes.append(f"Not in every results file, so left out: {', '.join(skipped)}.")
     notes.append("inside: the other model's mean lies within this run's 95% interval.")
@@ -209,21 +276,21 @@ def matrix(models: Sequence[Model], labels: Mapping[str, str] | None = None) -> 
     """Markdown: a row per task, a column per model (mean ± 95% interval), then each model's
     overall and mean score over the tasks all have (a sweep's table)."""
     labels = labels or {}
-    tasks = common_tasks(models)
-    if not tasks:
-        raise ComparisonError("no task in common between " + ", ".join(
-            f"{m.source} ({sorted(m.scores)})" for m in models))
-    lines = ["| task | " + " | ".join(m.name for m in models) + " |",
+    tasks = require_common_tasks(models)
+    columns = column_labels(models)
+    lines = ["| task | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(models)]
     for t in tasks:
         lines.append(f"| {labels.get(t, t)} | " + " | ".join(_fmt(m.scores[t]) for m in models)
                      + " |")
     for title, values in (("overall score s(m)", overall_scores(models, tasks)),
                           ("mean score", mean_scores(models, tasks))):
-        lines.append(f"| **{title}** | " + " | ".join(f"{values[m.name]:.1f}" for m in models)
+        lines.append(f"| **{title}** | " + " | ".join(f"{values[c]:.1f}" for c in columns)
                      + " |")
     skipped = sorted({t for m in models for t in m.scores} - set(tasks))
     note = f"{len(models)} models, {len(tasks)} tasks in common."
+    if _name_note(models):
+        note += " " + _name_note(models)
     if skipped:
         note += f" Not in every results file, so left out: {', '.join(skipped)}."
     return "\n".join(lines) + "\n\n" + note + "\n"
@@ -231,7 +298,8 @@ def matrix(models: Sequence[Model], labels: Mapping[str, str] | None = None) -> 
 
 def check_out(out: str, results: Sequence[str]) -> None:
     """Refuse (ComparisonError) a table file that would replace one of the ``results`` files
-    or any other results file, or that is a folder."""
+    or any other results file, that lies in an evaluation's output folder (all of whose files
+    are that evaluation's: results.md, comparison.md, its logs), or that is a folder."""
     path = pathlib.Path(out)
     where = f"--out {out}"
     if path.is_dir():
@@ -240,6 +308,11 @@ def check_out(out: str, results: Sequence[str]) -> None:
     if any(os.path.realpath(out) == os.path.realpath(resolve(r)) for r in results):
         raise ComparisonError(f"{where}: is one of the results files this table reads; write "
                               "the table to another file. Nothing was written.")
+    folder = evaluation_folder(path)
+    if folder is not None:
+        raise ComparisonError(f"{where}: lies in an evaluation's output folder ({folder}), "
+                              "whose files are that evaluation's own; write the table "
+                              "elsewhere. Nothing was written.")
     if path.is_file():
         try:
             load(path)

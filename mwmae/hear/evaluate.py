@@ -34,11 +34,16 @@ they were made from the same weights, settings and tasks: ``OUT/fingerprint.json
 artifact's weights hash, module, options and predictor settings, and each task's done marker
 the hash of its label files. An ``OUT`` that holds results of another artifact, other settings
 or an earlier version of a task is refused (nothing is removed) unless ``--overwrite`` says to
-start those outputs afresh. ``OUT`` may not be, contain or lie in the artifact or the tasks
-folder, nor be a folder of other files. One evaluation at a time writes an ``OUT``: it holds
-``OUT/evaluate.lock`` (pid, host, start time) while it runs; a lock left by a process that is
-no longer running on this host is taken over. Runs on CPU;
-on a GPU host JAX embeds on the GPU and the predictor uses CUDA when torch has it.
+start those outputs afresh. A rerun reads back only files this evaluation wrote: each step
+records the SHA-256 of its files in ``OUT/manifest.json`` (:mod:`mwmae.hear.manifest`), and a
+finished step whose folder holds a file the manifest does not vouch for is recomputed, with a
+warning naming the file, never read; an unfinished one starts from an empty folder. ``OUT``
+may not be, contain or lie in the artifact or the tasks folder, nor be a folder of other files.
+One evaluation at a time writes an ``OUT``: it holds ``OUT/evaluate.lock`` (pid, host, start
+time) while it runs; a lock left by a process that is no longer running on this host is taken
+over. Ctrl-C stops it with one line, ``interrupted``, and exit 130; a seed it cut short is not
+scored. Runs on CPU; on a GPU host JAX embeds on the GPU and the predictor uses CUDA when torch
+has it.
 """
 
 from __future__ import annotations
@@ -61,15 +66,17 @@ from typing import Any
 
 from mwmae import cli
 from mwmae.hear import compare as compare_lib
+from mwmae.hear import interrupt, manifest
+from mwmae.hear.manifest import FINGERPRINT, MANIFEST
 from mwmae.hear.presets import PRESETS, task_labels
 
 GRIDS = ("default", "fast", "faster")
-FINGERPRINT = "fingerprint.json"
 LOCK_FILE = "evaluate.lock"
 RESULTS = ("results.json", "results.md", "comparison.md")
 LOGS = "logs"
 # Everything an evaluation writes in OUT; anything else there belongs to someone else.
-OUTPUTS = frozenset({FINGERPRINT, LOCK_FILE, "embeddings", "predictions", LOGS, *RESULTS})
+OUTPUTS = frozenset({FINGERPRINT, MANIFEST, LOCK_FILE, "embeddings", "predictions", LOGS,
+                     *RESULTS})
 TAIL_LINES = 20
 
 
@@ -491,6 +498,7 @@ def _claim(out_dir: pathlib.Path, stamp: dict[str, Any], tasks: Sequence[pathlib
             if scope == "all":
                 shutil.rmtree(out_dir / "embeddings", ignore_errors=True)
     _write_atomic(path, json.dumps(stamp, indent=1))
+    manifest.record_file(out_dir, path)
 
 
 def _alive(pid: int) -> bool:
@@ -594,8 +602,7 @@ def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
         if done.exists():
             log(f"embeddings for {task.name}: already done ({embed_dir})")
             continue
-        if embed_dir.exists():
-            shutil.rmtree(embed_dir)
+        manifest.remove(embed_dir)
         with output_to(step_log(embeddings_dir.parent, task.name),
                        f"embeddings for {task.name}"):
             # Imported here: TensorFlow and JAX announce themselves on stderr.
@@ -609,6 +616,9 @@ def embed_tasks(module: str, artifact: str, tasks: Sequence[pathlib.Path],
         (embed_dir / "profile.embeddings.json").write_text(json.dumps(
             {"time_elapsed": seconds, "module": module, "artifact": artifact}, indent=1))
         done.write_text(task_fingerprint(task))
+        # The folder's top level is what the predictor reads; the per-split folders of
+        # per-clip files are hear-eval-kit's intermediates, read only while this step runs.
+        manifest.record(embeddings_dir.parent, embed_dir, recursive=False)
         log(f"embeddings for {task.name}: {seconds:.1f} s -> {embed_dir}")
     return out
 
@@ -624,10 +634,22 @@ def _mirror(src: pathlib.Path, dst: pathlib.Path) -> None:
 
 @contextlib.contextmanager
 def _predictor_seed(seed: int) -> Iterator[None]:
-    """hear-eval-kit's predictor with ``seed`` instead of its constant, and event tasks working
-    under Lightning 1.9."""
+    """hear-eval-kit's predictor with ``seed`` instead of its constant, event tasks working
+    under Lightning 1.9, label pickles read as plain data only, and a Ctrl-C that stops it."""
+    import pickle
+    import types
+
     import pytorch_lightning as pl
     from heareval.predictions import task_predictions as tp
+
+    # The predictor unpickles the labels it finds beside the embeddings: a loader that builds
+    # lists, strings and numbers only, so that no file there can make it run code.
+    original_pickle = tp.pickle
+    tp.pickle = types.SimpleNamespace(**{**vars(pickle), "load": manifest.load_plain_pickle})
+    original_steps = tp.task_predictions_train, tp.task_predictions_test
+    # A Ctrl-C that Lightning caught in one grid point's training stops the whole predictor.
+    tp.task_predictions_train, tp.task_predictions_test = (
+        interrupt.interruptible(step) for step in original_steps)
 
     # task_predictions seeds python, numpy and torch with the constant 42; swap in ours.
     original_seed = tp.seed_everything
@@ -652,6 +674,8 @@ def _predictor_seed(seed: int) -> Iterator[None]:
     finally:
         tp.seed_everything = original_seed
         cls.epoch_best_postprocessing_or_default = original_lookup
+        tp.pickle = original_pickle
+        tp.task_predictions_train, tp.task_predictions_test = original_steps
 
 
 def primary_score(scores: dict[str, Any]) -> float:
@@ -674,6 +698,8 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
     scores_file = work / "test.predicted-scores.json"
     done = scores_file.exists()
     if not done:
+        # Whatever an earlier, unfinished try left (or anyone put) here is not read.
+        manifest.remove(work)
         _mirror(embed_dir, work)
         meta = json.loads((work / "task_metadata.json").read_text())
         sizes = {json.loads((work / f"{s}.embedding-dimensions.json").read_text())[1]
@@ -685,8 +711,9 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
         handler = logging.FileHandler(work / "prediction.log")
         logger.addHandler(handler)
         try:
-            with output_to(step_log(work.parents[2], work.name, seed),
-                           f"predictions for {work.name}, seed {seed}"):
+            with interrupt.claims_nothing_if_interrupted(scores_file), output_to(
+                    step_log(work.parents[2], work.name, seed),
+                    f"predictions for {work.name}, seed {seed}"):
                 # Imported here: Lightning warns on stderr as it loads.
                 import torch
                 from heareval.predictions.task_predictions import task_predictions
@@ -700,6 +727,7 @@ def predict_task(embed_dir: pathlib.Path, work: pathlib.Path, seed: int, *, grid
         finally:
             logger.removeHandler(handler)
             handler.close()
+        manifest.record(work.parents[2], work)
     score = primary_score(json.loads(scores_file.read_text()))
     log(f"predictions for {work.name}, seed {seed}: {score:.4f}"
         + (" (already done)" if done else ""))
@@ -848,18 +876,30 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
     # under weights_only (the files are this run's own).
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     tasks = find_tasks(pathlib.Path(tasks_dir), task_names)
+    if others:
+        # Known now, not after the evaluation: whether the comparison can be made at all.
+        planned = compare_lib.Model(name or "this run", {t.name: compare_lib.Score(0.0)
+                                                         for t in tasks}, tasks_dir,
+                                    file=tasks_dir)
+        try:
+            compare_lib.require_common_tasks([planned, *others])
+        except compare_lib.ComparisonError as e:
+            raise EvaluationError(f"--compare: {e}") from e
     _check_model(artifact, module, model_options.get("backend"))
     stamp = {**artifact_fingerprint(artifact, module, model_options),
              "predictor": {"grid": grid, "grid_points": grid_points},
              "artifact": str(pathlib.Path(artifact).resolve())}
+    digest = stamp["weights"] if isinstance(stamp["weights"], str) else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    with out_lock(out_dir, log=log):
+    with out_lock(out_dir, log=log), interrupt.noting_interrupts():
         _claim(out_dir, stamp, tasks, module, overwrite=overwrite, log=log)
+        manifest.discard_unverified(out_dir, module, [t.name for t in tasks], log=log)
         bar = _Progress(len(tasks) * seeds, log) if progress else None
         try:
             return _run(artifact, tasks, out_dir, seeds=seeds, grid=grid,
                         grid_points=grid_points, module=module, model_options=model_options,
-                        name=name, others=others, log=bar.log if bar else log, bar=bar)
+                        name=name, others=others, log=bar.log if bar else log, bar=bar,
+                        digest=digest)
         finally:
             if bar:
                 bar.close()
@@ -868,7 +908,7 @@ def evaluate(artifact: str, tasks_dir: str, out: str, *, seeds: int = 10, grid: 
 def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *, seeds: int,
          grid: str, grid_points: int, module: str, model_options: dict[str, Any],
          name: str | None, others: Sequence[compare_lib.Model], log: Callable[[str], Any] = print,
-         bar: _Progress | None = None) -> dict[str, Any]:
+         bar: _Progress | None = None, digest: str | None = None) -> dict[str, Any]:
     log(f"hear-eval-kit's output, per task and seed: {out_dir / LOGS}{os.sep}")
     if bar:
         bar.doing("embeddings")
@@ -892,7 +932,9 @@ def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *,
         bar.close()
     summary = summarise(scores, metrics)
     name = name or pathlib.Path(artifact).resolve().name
-    result = {"name": name, "artifact": str(pathlib.Path(artifact).resolve()), "module": module,
+    # The weights' digest is the model's identity: names repeat (every export is "export").
+    result = {"name": name, "artifact": str(pathlib.Path(artifact).resolve()),
+              "params_sha256": digest, "module": module,
               "grid": grid, "grid_points": grid_points, "seeds": list(range(seeds)),
               "model_options": model_options, "tasks": summary}
     result["mean_score"] = statistics.fmean(s["mean"] for s in summary.values()) * 100
@@ -908,6 +950,7 @@ def _run(artifact: str, tasks: Sequence[pathlib.Path], out_dir: pathlib.Path, *,
         table += "\n" + side_by_side
     _write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     _write_atomic(out_dir / "results.md", table)
+    manifest.record_file(out_dir, *(out_dir / n for n in RESULTS if (out_dir / n).exists()))
     log(table)
     return result
 
@@ -975,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
                  grid_points=a.grid_points, task_names=names or None,
                  module=a.module, model_options=options, name=a.name, compare=a.compare,
                  overwrite=a.overwrite, progress=True)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except StepFailed as e:
         print(f"{e.log_file}, its last {len(e.tail)} lines:", file=sys.stderr)
         for line in e.tail:

@@ -8,8 +8,9 @@
     encoder = mwmae.torch.Encoder.from_params(model_dict, params)  # flat "a/b/c" -> array
 
 The numbers are those of the JAX ``Encoder`` (``mwmae.Model.features``) to float32 rounding.
-This package imports torch and numpy only (safetensors when ``load`` reads a file), never JAX
-nor the rest of mwmae. Tensor names: :mod:`mwmae.torch.weights`; attention semantics:
+This package imports torch and numpy only (safetensors when ``load`` reads a file), never JAX;
+of the rest of mwmae only :mod:`mwmae.checksum`, whose weights-file check ``mwmae.load`` makes
+too. Tensor names: :mod:`mwmae.torch.weights`; attention semantics:
 :mod:`mwmae.torch.attention`.
 """
 

@@ -3,12 +3,14 @@
 The folder's ``config.json`` (format ``mwmae-artifact``) gives the architecture under
 ``model``; ``model.safetensors`` the tensors, named as :mod:`mwmae.torch.weights` says. The
 format's version number is not checked: what decides whether this reader can build the model
-is the model dict (unknown keys are refused) and the tensor names (checked one by one).
+is the model dict (unknown keys are refused) and the tensor names (checked one by one). The
+weights file is checked against the SHA-256 ``config.json`` records by the function
+``mwmae.load`` uses (:func:`mwmae.checksum.verified_weights`, standard library only), so the two
+refuse the same files: a mismatch, and a config that records none.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mwmae.checksum import WEIGHTS_DIGEST_KEY, WeightsChecksumError, verified_weights
 from mwmae.torch.config import ConfigError, EncoderConfig
 from mwmae.torch.encoder import Encoder
 from mwmae.torch.weights import DECODER_ENTRIES, WeightsError
@@ -73,7 +76,8 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
 
     A whole-autoencoder artifact loads too: its decoder tensors are left out. A folder with only
     the older ``params.msgpack`` is refused with the command that writes ``model.safetensors``.
-    The file is checked against the SHA-256 that ``config.json`` records for it.
+    The file is checked against the SHA-256 that ``config.json`` records for it; a config that
+    records none is refused, as ``mwmae.load`` refuses it.
     """
     folder = pathlib.Path(path)
     config, meta = read_config(folder)
@@ -90,19 +94,21 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None,
         raise ArtifactError(f"{weights}: missing; an artifact for PyTorch needs {WEIGHTS_FILE} "
                             "beside config.json (written by `python -m mwmae.export`)")
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
     except ImportError as e:
         raise ImportError("reading model.safetensors needs the safetensors package "
                           "(pip install safetensors)") from e
-    recorded = meta.get("params_sha256") if meta.get("params_file") == WEIGHTS_FILE else None
-    if recorded is not None:
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if digest != recorded:
-            raise ArtifactError(f"{weights}: checksum {digest[:12]}... does not match "
-                                f"{str(recorded)[:12]}... in {CONFIG_FILE} (corrupt or "
-                                "partially copied)")
+    # The digest config.json records is that of its params_file: of another file it vouches
+    # for nothing here.
+    recorded = (meta.get(WEIGHTS_DIGEST_KEY) if meta.get("params_file") == WEIGHTS_FILE
+                else None)
     try:
-        tensors = load_file(str(weights), device="cpu")
+        blob = verified_weights(weights, recorded, CONFIG_FILE)
+    except WeightsChecksumError as e:
+        raise ArtifactError(str(e)) from e
+    try:
+        # The very bytes that were checked: reading the file again could see another one.
+        tensors = load(blob)
     except Exception as e:  # the library raises its own error types for a damaged file
         raise ArtifactError(f"{weights}: not a readable safetensors file ({e})") from e
     encoder_tensors = {k: v for k, v in tensors.items() if k.split("/")[0] not in DECODER_ENTRIES}
