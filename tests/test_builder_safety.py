@@ -531,3 +531,22 @@ def test_hear_split_and_its_vocabulary(tmp_path, capsys):
     bad = _hear_task(tmp_path / "bad", "idx,label\n0,no\n0,yes\n")
     line = _refused(capsys, "hear", str(bad), "--split", "train", "--out", str(tmp_path / "o"))
     assert f"{bad / 'labelvocabulary.csv'}:3: index 0" in line
+
+
+def test_a_flag_given_dashes_for_its_value_is_a_one_line_refusal(tmp_path, capsys):
+    _clips(tmp_path / "a", 1)
+    line = _refused(capsys, "folder", str(tmp_path / "a"), "--out", str(tmp_path / "out"),
+                    "--max-seconds=--")
+    assert line == "error: argument --max-seconds: expected one value, got '--'", line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_listed_file_that_is_not_there_is_rejected_as_not_found(tmp_path, capsys):
+    _clips(tmp_path / "a", 1)
+    (tmp_path / "list.csv").write_text("path,labels\nc000.wav,a\ngone.wav,a\n")
+    status, _, _ = _cli(capsys, "csv", str(tmp_path / "list.csv"), "--audio-root",
+                        str(tmp_path / "a"), "--out", str(tmp_path / "out"))
+    assert status == 0
+    rejects = (tmp_path / "out" / "data-rejects.csv").read_text().splitlines()
+    assert rejects[1:] == [f"{tmp_path / 'a' / 'gone.wav'},not found: "
+                           f"{tmp_path / 'a' / 'gone.wav'}"], rejects

@@ -738,6 +738,21 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     )
 
 
+def _check_single_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """argparse drops a value of ``--`` (``--max-seconds=--``) and hands on an empty list that
+    the flag's type never checked: refuse it as a missing value, naming the flag."""
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    for p in parsers:
+        for action in p._actions:
+            value = getattr(args, action.dest, None)
+            if action.nargs is None and action.type is not None and isinstance(value, list):
+                name = action.option_strings[0] if action.option_strings else action.dest
+                raise ValueError(f"argument {name}: expected one value, got '--'")
+
+
 def _error(message: object, status: int) -> int:
     sys.stdout.flush()
     print("error: " + " ".join(str(message).split("\n")), file=sys.stderr, flush=True)
@@ -746,7 +761,9 @@ def _error(message: object, status: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = cli.parse_args(_parser(), argv)
+        parser = _parser()
+        args = cli.parse_args(parser, argv)
+        _check_single_values(parser, args)
         options = options_from_args(args)
         listing = listing_from_args(args)
     except (ValueError, OSError) as e:  # bad flags or unreadable inputs: refused

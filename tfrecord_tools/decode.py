@@ -18,6 +18,9 @@ class DecodeError(Exception):
 
 def load_audio(path: str, *, max_seconds: float | None = None) -> np.ndarray:
     """16 kHz mono float32 samples of any format libsndfile reads (wav, flac, mp3, ogg, ...)."""
+    # libsndfile says only "System error." for a file that is not there: name it first.
+    if not storage.is_remote(path) and not storage.exists(path):
+        raise DecodeError(f"not found: {path}")
     try:
         if storage.is_remote(path):
             with storage.open_read(path) as f:
@@ -25,7 +28,7 @@ def load_audio(path: str, *, max_seconds: float | None = None) -> np.ndarray:
         else:
             data, rate = soundfile.read(path, dtype="float32", always_2d=True)
     except FileNotFoundError as e:
-        raise DecodeError("file not found") from e
+        raise DecodeError(f"not found: {path}") from e
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise DecodeError(f"cannot decode: {e}") from e
     if data.size == 0:
