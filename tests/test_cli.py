@@ -16,6 +16,8 @@ BIN = pathlib.Path(sys.executable).parent
 ABSL_TOOLS = {"mwmae.train.__main__", "mwmae.finetune.__main__", "mwmae.train.compile_check",
               "mwmae.train.partitioning", "mwmae.model_info", "mwmae.preflight.__main__",
               "mwmae.job"}  # the image's entry point: with no command, the trainer's flags
+# absl tools whose help exits 0 and lists their own flags, as every argparse tool's does.
+HELP_ANSWERED = {"mwmae.train.__main__", "mwmae.finetune.__main__", "mwmae.preflight.__main__"}
 
 
 def test_old_spellings_become_the_one_spelling():
@@ -42,12 +44,28 @@ def test_console_command_answers_help(name):
     assert exe.exists(), f"{exe} missing: reinstall the package (scripts/install.sh)"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     text = out.stdout + out.stderr
-    if SCRIPTS[name].split(":")[0] in ABSL_TOOLS:
+    if SCRIPTS[name].split(":")[0] in HELP_ANSWERED:
+        assert out.returncode == 0 and "--workdir" in out.stdout, text[-2000:]
+    elif SCRIPTS[name].split(":")[0] in ABSL_TOOLS:
         # absl prints its help and exits 1.
         assert out.returncode in (0, 1) and "--helpfull" in text, text[-2000:]
     else:
         assert out.returncode == 0 and "usage" in text.lower(), text[-2000:]
     assert "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("module", ["mwmae.train", "mwmae.finetune", "mwmae.preflight"])
+def test_help_of_the_trainers_and_the_preflight_exits_0_listing_the_flags(module):
+    for flag in ("--help", "--helpshort", "--helpfull"):
+        out = subprocess.run([sys.executable, "-m", module, flag], capture_output=True,
+                             text=True, timeout=120, cwd=REPO)
+        assert out.returncode == 0, (flag, out.stdout[-2000:] + out.stderr[-2000:])
+        assert "--config" in out.stdout and "--workdir" in out.stdout, out.stdout[-2000:]
+        assert "Traceback" not in out.stderr
+    short = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                           text=True, timeout=120, cwd=REPO).stdout
+    assert short.startswith(f"python -m {module} --config")
+    assert "--num_processes" in short and "--helpfull" in short
 
 
 def option_strings(path: pathlib.Path) -> list[str]:

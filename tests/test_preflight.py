@@ -58,9 +58,12 @@ def preflight_cli(*args, cwd=REPO, env=None):
 def test_cli_on_tiny_reports_every_check(tmp_path):
     out = tmp_path / "P.json"
     cache = tmp_path / "cache"
+    temp = tmp_path / "temp"  # where the storage check runs without a workdir
+    temp.mkdir()
     proc = preflight_cli("--config", "configs/tiny.py", "--out", str(out),
-                         env={"MWMAE_CACHE_DIR": str(cache)})
+                         env={"MWMAE_CACHE_DIR": str(cache), "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("mwmae-preflight-")]
     report = json.loads(out.read_text())
     assert set(SECTIONS) <= set(report)
     assert report["verdict"] in ("ok", "warn")

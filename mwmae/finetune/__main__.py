@@ -2,7 +2,7 @@
 
 Fine-tunes or probes an encoder (``--config.init_from``: an artifact, an original-format
 checkpoint folder or a pretraining workdir) on labelled shards. The flags, the multi-host
-options and the exit status are the trainer's (``python -m mwmae.train --help``).
+options and the exit status are the trainer's; ``--help`` lists the flags (exit 0).
 """
 
 from mwmae.train import __main__ as trainer_cli
@@ -11,7 +11,7 @@ from mwmae.train import __main__ as trainer_cli
 def run() -> None:
     from mwmae.finetune.tagging import Tagging
 
-    trainer_cli.run(Tagging)
+    trainer_cli.run(Tagging, __doc__)
 
 
 if __name__ == "__main__":

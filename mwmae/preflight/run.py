@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -14,11 +15,13 @@ import jax
 import ml_collections
 from etils import epath
 
+from mwmae import workdir as layout
 from mwmae.data import storage as storage_lib
 from mwmae.preflight import attention, hardware, pipeline, step, storage
 from mwmae.preflight.report import FAIL, OK, SECTIONS, WARN, Printer, Section, worst
 from mwmae.train import attention_plan
 from mwmae.train.attention_plan import AttentionPlan, Decision
+from mwmae.train.refusals import check_int_range
 from mwmae.workdir import Workdir, WorkdirError
 
 
@@ -50,13 +53,45 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
         remember: bool = True) -> dict:
     """Run every check; process 0 writes the report to ``out`` (and, when given, the workdir's
     ``preflight.json``, which the trainer reads) and remembers the attention choices in the
-    user's cache. Returns the report."""
-    printer = Printer(print_fn)
+    user's cache. Returns the report.
+
+    Refused before anything is written (ConfigError, WorkdirError, LeaseHeld: one line each):
+    a config the trainer would refuse, an ``--out`` among a workdir's own files, a workdir the
+    trainer would refuse this config in, and a workdir whose writer lease a live trainer or
+    preflight holds (this preflight holds it until it returns)."""
+    # Every refusal comes before the first write: the config and --out, then what the trainer
+    # itself would refuse in this workdir, then the workdir's writer lease.
     # The guard is this preflight's own numerics check; the trainer must not run it first.
     guarded_off = config.copy_and_resolve_references()
     guarded_off.model.attention_guard = "off"
     task = task_for(config)(guarded_off)  # checks the config
+    check_int_range(config)
     check_out(out, workdir)
+    if workdir:
+        Workdir(workdir).check_resume(json.loads(config.to_json_best_effort()),
+                                      task.may_change)
+        from mwmae.train.loop import take_lease
+
+        # Held while the checks run: a second preflight (or a trainer) timing or writing the
+        # same workdir would skew both measurements and race for its scratch and report.
+        lease = take_lease(Workdir(workdir), config)
+    else:
+        lease = None
+    # Without a workdir, a temporary folder stands in (the storage line says where it was).
+    temporary = None if workdir else tempfile.mkdtemp(prefix="mwmae-preflight-")
+    try:
+        return _checks(config, task, workdir, out, print_fn, remember, temporary)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if lease is not None:
+            lease.release()
+
+
+def _checks(config: ml_collections.ConfigDict, task: Any, workdir: str | None,
+            out: str | None, print_fn: Callable[[str], None], remember: bool,
+            temporary: str | None) -> dict:
+    printer = Printer(print_fn)
     report: dict[str, Any] = {
         "meta": {"started": attention_plan.measured_now(), "host": socket.gethostname(),
                  "jax": jax.__version__, "workdir": workdir,
@@ -92,9 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
         finish(step_sec)
         step_s = step_sec.figures.get("step_seconds")
         finish(pipeline.check_input(trainer, step_s))
-        # Without a workdir, a temporary folder stands in (the line says where it was).
         scratch = (Workdir(workdir).preflight_scratch if workdir else
-                   epath.Path(tempfile.mkdtemp(prefix="mwmae-preflight-")) / "scratch")
+                   epath.Path(temporary) / "scratch")
         finish(storage.check_storage(trainer, scratch, state, step_s))
     for name in SECTIONS:
         if name not in sections:
@@ -152,6 +186,7 @@ def check_out(out: str | None, workdir: str | None) -> None:
                                "name a file elsewhere")
     if storage_lib.is_remote(out):
         return
+    _check_not_in_a_workdir(out)
     if os.path.isdir(out):
         raise WorkdirError(f"--out {out}: a folder; --out names the report's JSON file")
     if os.path.exists(out):
@@ -163,6 +198,44 @@ def check_out(out: str | None, workdir: str | None) -> None:
         if not (isinstance(previous, dict) and "verdict" in previous):
             raise WorkdirError(f"--out {out}: an existing file that is not a preflight report; "
                                "the report would replace it. Name another file")
+
+
+def _check_not_in_a_workdir(out: str) -> None:
+    """Refuse an ``--out`` among another workdir's own files (local paths; a walk up a bucket
+    costs a request per level): a report in its ``checkpoints/`` is a folder its next run sets
+    aside as a damaged checkpoint, and its config, lease or logs are not the preflight's to
+    replace. Its ``preflight.json`` is a report like any other."""
+    path = os.path.realpath(os.path.abspath(out))
+    parent = os.path.dirname(path)
+    for _ in range(16):
+        if _looks_like_a_workdir(parent):
+            inside = os.path.relpath(path, parent).split(os.sep)
+            if inside[0] in layout.LAYOUT and inside != [layout.PREFLIGHT]:
+                raise WorkdirError(
+                    f"--out {out}: inside the training workdir {parent}, in its {inside[0]}, "
+                    f"which its runs manage (a report in {layout.CHECKPOINTS}/ looks like a "
+                    "damaged checkpoint to the next run). Nothing was written. Name a file "
+                    "outside it")
+        if os.path.dirname(parent) == parent:
+            return
+        parent = os.path.dirname(parent)
+
+
+def _looks_like_a_workdir(folder: str) -> bool:
+    """A checkpoints/ folder beside the run's config or lease, or holding a step's checkpoint
+    (a workdir whose config.json was removed is still one); not a project folder that merely
+    has a checkpoints/ folder of its own."""
+    checkpoints = os.path.join(folder, layout.CHECKPOINTS)
+    if not os.path.isdir(checkpoints):
+        return False
+    if any(os.path.exists(os.path.join(folder, name))
+           for name in (layout.CONFIG_FILE, layout.LEASE_FILE)):
+        return True
+    try:
+        names = os.listdir(checkpoints)
+    except OSError:
+        return False
+    return any(n.isdigit() or layout.DAMAGED_SUFFIX in n for n in names)
 
 
 def default_out(workdir: str | None) -> str:

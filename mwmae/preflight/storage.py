@@ -4,6 +4,9 @@ cadence will cost."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import time
 import uuid
 from typing import Any
@@ -32,12 +35,30 @@ def state_bytes(state: Any) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
 
+def run_name() -> str:
+    """This preflight's folder under the scratch folder, the same on every host (the checkpoint
+    save is collective): process 0's pid and a random part (and its host, on one host), so no
+    other preflight's scratch, on this host or another sharing the workdir, is ever this one's."""
+    token = np.array([os.getpid(), secrets.randbits(31)], np.int32)
+    host = socket.gethostname()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+        host = "job"  # process 0's name is not broadcast; the random part is what matters
+    return f"{host}-{int(token[0])}-{int(token[1]):08x}"
+
+
 def check_storage(trainer: Any, scratch: epath.Path, state: Any,
                   step_seconds: float | None) -> Section:
-    """``scratch``: a folder of the workdir that no run uses (removed afterwards)."""
+    """``scratch``: the workdir's folder for preflights (no run uses it). This check writes in
+    a folder of its own under it and removes that afterwards (and ``scratch`` itself once
+    empty), so preflights that share a workdir never remove each other's files."""
     s = Section("storage")
     s.figures["path"] = str(scratch.parent)
-    host = scratch / f"host{jax.process_index()}-{uuid.uuid4().hex[:8]}"
+    mine = scratch / run_name()
+    host = mine / f"host{jax.process_index()}-{uuid.uuid4().hex[:8]}"
+    interrupted = False
     try:
         try:
             host.mkdir(parents=True, exist_ok=True)
@@ -48,20 +69,35 @@ def check_storage(trainer: Any, scratch: epath.Path, state: Any,
         # The save is collective: every host takes part, whatever its own probe found.
         if state is not None:
             try:
-                _checkpoint(s, trainer, scratch / "checkpoint", state, step_seconds)
+                _checkpoint(s, trainer, mine / "checkpoint", state, step_seconds)
             except Exception as e:  # noqa: BLE001 - as above
                 s.line(FAIL, f"{scratch.parent}: a checkpoint cannot be saved there: "
                              f"{type(e).__name__}: {e}")
         else:
             s.line(WARN, "no checkpoint timed: there is no state (the step check failed)")
+    except BaseException:
+        interrupted = True  # Ctrl-C: the other hosts may never reach the barrier below
+        raise
     finally:
-        _sync("mwmae-preflight-storage")
-        if jax.process_index() == 0:
-            try:
-                scratch.rmtree()
-            except Exception:  # noqa: BLE001 - leftovers are harmless, the report matters
-                pass
+        if not interrupted:
+            _sync("mwmae-preflight-storage")
+        if interrupted or jax.process_index() == 0:
+            _remove(mine, scratch)
     return s
+
+
+def _remove(mine: epath.Path, scratch: epath.Path) -> None:
+    try:
+        mine.rmtree()
+    except Exception:  # noqa: BLE001 - leftovers are harmless, the report matters
+        pass
+    try:
+        # Only when empty: another preflight's folder may be beside this one. (On gs://
+        # folders are only names, gone with their last object.)
+        if scratch.exists() and not any(scratch.iterdir()):
+            scratch.rmdir()
+    except Exception:  # noqa: BLE001 - as above
+        pass
 
 
 def _throughput(s: Section, folder: epath.Path, state: Any) -> None:

@@ -4,9 +4,9 @@ Multi-host: on TPU VMs pass ``--multihost`` (JAX finds the coordinator itself); 
 hosts, several processes on one machine) give ``--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I`` on every process.
 
-Exit status: 0 done or preempted (SIGTERM; a checkpoint was saved), 130 after Ctrl-C (saved
-likewise), 2 for a config or workdir the run refuses (one line on stderr saying why), 1 for
-anything else.
+``--help`` lists the flags (exit 0). Exit status: 0 done or preempted (SIGTERM; a checkpoint
+was saved), 130 after Ctrl-C (saved likewise), 2 for a config or workdir the run refuses (one
+line on stderr saying why), 1 for anything else.
 """
 
 import os
@@ -16,7 +16,8 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mwmae.train.refusals import missing_config_file, refusals, unknown_override
+from mwmae.cli import absl_flags_parser
+from mwmae.train.refusals import check_int_range, missing_config_file, refusals, unknown_override
 
 # jax, the trainer, the workdir and the config schema are imported in functions: input worker
 # processes start by importing this module (Python's "spawn"), and need none of them.
@@ -46,6 +47,7 @@ def main(argv: list[str]) -> None:
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                      _MULTIHOST.value)
     try:
+        check_int_range(_CONFIG.value)  # before train() writes the workdir
         result = train(_TASK or Pretraining, _CONFIG.value, _WORKDIR.value)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
         if isinstance(e, refusals()):
@@ -66,9 +68,9 @@ def _exit_with(message: str, code: int) -> None:
     os._exit(code)
 
 
-def run(task=None) -> None:
+def run(task: type | None = None, doc: str | None = None) -> None:
     """The command line of ``task`` (a :class:`mwmae.train.task.Task` class; pretraining when
-    None)."""
+    None); ``doc`` is what ``--help`` prints above the flags (this module's by default)."""
     global _TASK
     _TASK = task
     message = missing_config_file(sys.argv) or unknown_override(
@@ -76,22 +78,7 @@ def run(task=None) -> None:
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
-    app.run(main, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad flag value (``--config.batch_size=abc``) said in one line
-    naming the flag, instead of a 'FATAL' line and a usage hint."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        text = lines[0] if lines else type(e).__name__
-        text = text[len("flag "):] if text.startswith("flag ") else text
-        if "Traceback" in str(e):  # a config file that fails to load: its error's last line
-            text = f"{text.rstrip(':')}: {lines[-1].strip()}"
-        print(f"error: {text}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    app.run(main, flags_parser=absl_flags_parser(doc or __doc__, "workdir"))
 
 
 if __name__ == "__main__":
