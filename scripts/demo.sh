@@ -7,7 +7,8 @@
 # Environment: PYTHON=path/to/python skips the install and uses that interpreter;
 # DEMO_CLIPS (corpus size, default 1200), DEMO_STEPS (pretraining steps, default 2000),
 # DEMO_TASK_CLIPS (downstream clips per class, default 60), DEMO_DEVICES (CPU devices, default 2),
-# DEMO_TAG_STEPS (fine-tuning steps, default 150), DEMO_TAG_SEEDS (seeds per mode, default 3).
+# DEMO_TAG_STEPS (fine-tuning steps, default 150), DEMO_TAG_SEEDS (seeds per mode, default 3),
+# DEMO_EVAL_SEEDS (hear-eval-kit probe seeds per model, default 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/demo}
@@ -17,6 +18,7 @@ task_clips=${DEMO_TASK_CLIPS:-60}
 devices=${DEMO_DEVICES:-2}
 tag_steps=${DEMO_TAG_STEPS:-150}
 tag_seeds=${DEMO_TAG_SEEDS:-3}
+eval_seeds=${DEMO_EVAL_SEEDS:-10}
 
 if [[ -z "${PYTHON:-}" ]]; then
   scripts/install.sh .venv hear,demo
@@ -85,10 +87,12 @@ stage validate "$bin/hear-validator" hear_mwmae -m "$work/export"
 stage tasks "$PYTHON" -m mwmae.hear.tasks "$work/tasks" --kind digits \
   --per-class "$task_clips" --seed 1
 
-# 7. hear-eval-kit: embeddings once, then its MLP probe over 10 seeds (mean and 95% interval),
-#    for both models; the pretrained one beside the initial weights, with the overall score.
+# 7. hear-eval-kit: embeddings once, then its MLP probe over DEMO_EVAL_SEEDS seeds (mean and 95%
+#    interval), for both models; the pretrained one beside the initial weights, with the overall
+#    score.
 evaluate_both() {
-  local common=(--tasks-dir "$work/tasks" --preset demo --seeds 10 --grid faster --grid-points 1)
+  local common=(--tasks-dir "$work/tasks" --preset demo --seeds "$eval_seeds" --grid faster
+                --grid-points 1)
   "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/initial" --name initial \
     --out "$work/hear/initial" "${common[@]}" || return
   "$PYTHON" -m mwmae.hear.evaluate --artifact "$work/export" --name pretrained \

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh .venv test,hear,demo,docs
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -m "not slow" -n 2 --durations=15 "$@"
+# --dist loadscope: a module's tests go to one worker, so its module-scoped fixtures (trained
+# runs, artifacts) are built once, not once per worker. JAX's compilation cache: tests/conftest.py.
+exec .venv/bin/python -m pytest -m "not slow" -n 2 --dist loadscope --durations=15 "$@"
