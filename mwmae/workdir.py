@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from mwmae import checksum
+from mwmae import checksum, goodput
 from mwmae.data import storage
 
 log = logging.getLogger(__name__)
@@ -179,47 +179,35 @@ class Workdir:
         return self.path / GOODPUT
 
     def read_goodput(self) -> tuple[list[dict[str, Any]], int]:
-        """(the goodput ledger's rows, how many lines were unreadable). A line cut short by a
-        kill or a full disk is skipped, not an error: the ledger is a record, not state."""
-        try:
-            text = self.goodput_path.read_text()
-        except FileNotFoundError:
-            return [], 0
-        rows, bad = [], 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-        return rows, bad
+        """(the goodput ledger's valid lines as rows, how many lines were skipped). Read with
+        :func:`mwmae.goodput.read`: a line cut short by a kill, not UTF-8 or not a ledger
+        line is skipped with one warning naming the file, never an error: the ledger is a
+        record, not state."""
+        lines, skipped = goodput.read(self.goodput_path)
+        return [x.to_json() for x in lines], skipped
 
     def append_goodput(self, row: dict[str, Any]) -> None:
         """Add one ledger line (call from one process). Locally one ``write`` of the whole
         line in append mode, after a newline if the file ends inside a torn line; gs:// has no
         append, so there the file is rewritten whole."""
-        line = json.dumps(row, separators=(",", ":")) + "\n"
+        line = (json.dumps(row, separators=(",", ":")) + "\n").encode()
         path = str(self.goodput_path)
         if storage.is_remote(path):
+            # The old ledger is carried over as bytes: a damaged line in it (not UTF-8, torn)
+            # is the reader's to skip, and must not stop this write.
             try:
-                old = storage.read_text(path)
+                old = storage.read_bytes(path)
             except FileNotFoundError:
-                old = ""
-            storage.write_text(path, old + ("\n" if old and not old.endswith("\n") else "")
-                               + line)
+                old = b""
+            storage.write_bytes(path, old + (b"\n" if old and not old.endswith(b"\n") else b"")
+                                + line)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
             torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-            os.write(fd, (("\n" if torn else "") + line).encode())
+            os.write(fd, (b"\n" if torn else b"") + line)
         finally:
             os.close(fd)
 

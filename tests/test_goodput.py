@@ -100,6 +100,7 @@ def test_the_recorder_times_hooks_even_when_they_stop_the_run(tmp_path):
     assert rec.measured["checkpoint"] >= 0.05
     with pytest.raises(KeyError, match="not a measured part"):
         rec.timed("lunch", stop)
+    time.sleep(0.25)  # the input wait the step reports: a line's parts must fit in its wall
     rec.count(info(1, wait=0.25))
     rec.at_log_point(info(1))
     rec.at_log_point(info(2, done=True))   # the last line is close()'s

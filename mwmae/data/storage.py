@@ -37,7 +37,9 @@ __all__ = [
     "open_read",
     "open_write",
     "put_file",
+    "read_bytes",
     "replace",
+    "write_bytes",
 ]
 
 
@@ -119,8 +121,27 @@ def makedirs(path: str) -> None:
 
 
 def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file; a missing one raises FileNotFoundError naming ``path``."""
     with open_read(path) as f:
-        return f.read().decode("utf-8")
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes whole: locally via a temporary name and a rename; a GCS object appears only
+    once its upload is complete."""
+    if is_remote(path):
+        with open_write(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_text(path: str, text: str) -> None:
