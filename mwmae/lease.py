@@ -180,6 +180,7 @@ class Holder:
     host: str = ""
     boot: str = ""
     pid: int = 0
+    role: str = "trainer"  # what holds it: "trainer" or "preflight" (older leases: trainer)
 
     def is_dead_here(self) -> bool:
         """True when the holder ran on this machine, in this boot, and its process is gone."""
@@ -209,7 +210,8 @@ def _parse(data: bytes) -> Holder | None:
         d = json.loads(data)
         return Holder(str(d["who"]), str(d["token"]), float(d["acquired"]),
                       float(d["refreshed"]), float(d["stale_after_s"]), str(d.get("host", "")),
-                      str(d.get("boot", "")), int(d.get("pid", 0)))
+                      str(d.get("boot", "")), int(d.get("pid", 0)),
+                      str(d.get("role", "trainer")))
     except (ValueError, KeyError, TypeError):
         return None  # unreadable: treated as abandoned
 
@@ -221,12 +223,14 @@ class Lease:
     if a refresh finds another holder.
     """
 
-    def __init__(self, path: str, stale_after_s: float = 120.0, who: str | None = None):
+    def __init__(self, path: str, stale_after_s: float = 120.0, who: str | None = None,
+                 role: str = "trainer"):
         if stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         self.path = path
         self.stale_after_s = float(stale_after_s)
         self.who = who or f"pid {os.getpid()} on {socket.gethostname()}"
+        self.role = role
         self.token = uuid.uuid4().hex
         self._store = _store(path)
         self._generation: Any = None
@@ -241,7 +245,7 @@ class Lease:
         return json.dumps({"who": self.who, "token": self.token, "acquired": self._acquired or now,
                            "refreshed": now, "stale_after_s": self.stale_after_s,
                            "host": socket.gethostname(), "boot": boot_id(),
-                           "pid": os.getpid()}).encode()
+                           "pid": os.getpid(), "role": self.role}).encode()
 
     def holder(self) -> Holder | None:
         """The current holder, if the lease exists and is readable."""
@@ -260,7 +264,7 @@ class Lease:
                                 "(killed or crashed) on this host", self.path, holder.who)
                 elif holder is not None and not holder.is_stale():
                     raise LeaseHeld(
-                        f"{self.path}: another trainer is writing this workdir: "
+                        f"{self.path}: another {holder.role} is writing this workdir: "
                         f"{holder.describe()}. Stop it, or wait until its lease goes stale, or "
                         "use another --workdir.")
                 else:

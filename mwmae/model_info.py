@@ -12,6 +12,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mwmae.cli import absl_flags_parser
 from mwmae.model import ModelConfig, param_shapes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=absl_flags_parser(__doc__, "config"))
 
 
 if __name__ == "__main__":

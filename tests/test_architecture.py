@@ -59,8 +59,9 @@ RULES: dict[str, set[str]] = {
     "mwmae.analysis": {"mwmae.model", "mwmae.data", "mwmae.artifact", "mwmae.convert",
                        "mwmae.workdir"},
     "hear_mwmae": {"mwmae.hear"},
-    # The closed loop of a sweep runs the tools as processes; it reads only their results.
-    "mwmae.sweep": {"mwmae.hear"},
+    # The closed loop of a sweep runs the tools as processes; it reads only their results, and
+    # checks each point's settings with the trainer's own config check before writing anything.
+    "mwmae.sweep": {"mwmae.hear", "mwmae.train"},
     "mwmae.job": set(),  # the image's entry point: runs the tools by module name
     # Experiments run the tools as processes and read their results; the shard set's names
     # come from their owner.

@@ -58,8 +58,8 @@ def test_the_preflight_holds_the_lease_while_it_runs_and_lets_it_go(tmp_path, mo
     seen = []
 
     def devices(config):
-        # A trainer starting now is refused: the preflight is timing this workdir.
-        with pytest.raises(LeaseHeld):
+        # A trainer starting now is refused, and told it is a preflight that holds the workdir.
+        with pytest.raises(LeaseHeld, match="another preflight is writing this workdir"):
             Lease(wd.lease_path).acquire()
         seen.append(True)
         raise RanPastTheRefusal

@@ -21,7 +21,6 @@ from mwmae.preflight import attention, hardware, pipeline, step, storage
 from mwmae.preflight.report import FAIL, OK, SECTIONS, WARN, Printer, Section, worst
 from mwmae.train import attention_plan
 from mwmae.train.attention_plan import AttentionPlan, Decision
-from mwmae.train.refusals import check_int_range
 from mwmae.workdir import Workdir, WorkdirError
 
 
@@ -64,8 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
     # The guard is this preflight's own numerics check; the trainer must not run it first.
     guarded_off = config.copy_and_resolve_references()
     guarded_off.model.attention_guard = "off"
-    task = task_for(config)(guarded_off)  # checks the config
-    check_int_range(config)
+    task = task_for(config)(guarded_off)  # checks the config (integer ranges included)
     check_out(out, workdir)
     if workdir:
         Workdir(workdir).check_resume(json.loads(config.to_json_best_effort()),
@@ -74,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
 
         # Held while the checks run: a second preflight (or a trainer) timing or writing the
         # same workdir would skew both measurements and race for its scratch and report.
-        lease = take_lease(Workdir(workdir), config)
+        lease = take_lease(Workdir(workdir), config, role="preflight")
     else:
         lease = None
     # Without a workdir, a temporary folder stands in (the storage line says where it was).

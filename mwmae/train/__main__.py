@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mwmae.cli import absl_flags_parser
-from mwmae.train.refusals import check_int_range, missing_config_file, refusals, unknown_override
+from mwmae.train.refusals import missing_config_file, refusals, unknown_override
 
 # jax, the trainer, the workdir and the config schema are imported in functions: input worker
 # processes start by importing this module (Python's "spawn"), and need none of them.
@@ -47,7 +47,6 @@ def main(argv: list[str]) -> None:
     hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                      _MULTIHOST.value)
     try:
-        check_int_range(_CONFIG.value)  # before train() writes the workdir
         result = train(_TASK or Pretraining, _CONFIG.value, _WORKDIR.value)
     except Exception as e:  # noqa: BLE001 - the traceback, then the error as the last line
         if isinstance(e, refusals()):

@@ -315,6 +315,9 @@ def check_config(config: ml_collections.ConfigDict,
         raise ConfigError(f"config value of the wrong type: {e}") from e
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
+    from mwmae.train.refusals import check_int_range
+
+    check_int_range(config)  # integers past the step counter or int64
     try:
         model_config_from(config)  # validates the architecture (window sizes, dims)
     except (TypeError, ValueError) as e:

@@ -26,7 +26,11 @@ def run_config_tool(main: Callable[[list[str]], None]) -> None:
     spellings of the tool's flags (``--num-devices``) are accepted."""
     from absl import app, flags
 
+    from mwmae.cli import absl_flags_parser
+
     sys.argv[1:] = absl_spelling(sys.argv[1:])
     apply_num_devices_flag(sys.argv)
     flags.mark_flag_as_required("config")
-    app.run(main)
+    # --help exits 0 listing the tool's own flags, as the trainer's does.
+    doc = getattr(sys.modules.get(main.__module__), "__doc__", None)
+    app.run(main, flags_parser=absl_flags_parser(doc, "config"))

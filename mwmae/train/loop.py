@@ -25,12 +25,14 @@ from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
 from mwmae.train.task import Task
 
 
-def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) -> Lease | None:
+def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict,
+               role: str = "trainer") -> Lease | None:
     """The workdir's writer lease, held by process 0; every process raises LeaseHeld if it is
-    taken (the holder named on process 0)."""
+    taken (the holder named on process 0). ``role`` is what the lease says holds it (a
+    trainer, or a preflight timing the workdir)."""
     lease, error = None, ""
     if jax.process_index() == 0:
-        lease = Lease(workdir.lease_path, stale_after_s=config.lease_seconds)
+        lease = Lease(workdir.lease_path, stale_after_s=config.lease_seconds, role=role)
         try:
             lease.acquire()
         except LeaseHeld as e:
@@ -40,7 +42,7 @@ def take_lease(workdir: workdir_lib.Workdir, config: ml_collections.ConfigDict) 
 
         ok = multihost_utils.broadcast_one_to_all(np.int32(lease is not None or error == ""))
         if not ok and not error:
-            error = f"{workdir.lease_path}: process 0 found the workdir held by another trainer"
+            error = f"{workdir.lease_path}: process 0 found the workdir held by another writer"
     if error:
         raise LeaseHeld(error)
     if lease is not None:
