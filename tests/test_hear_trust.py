@@ -325,3 +325,14 @@ def test_ctrl_c_in_the_predictor_is_one_line_exit_130_and_claims_nothing(tmp_pat
     assert not (out / "results.json").exists()
     assert not list(out.glob("predictions/*/*/test.predicted-scores.json"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_results_path_that_is_a_folder_or_holds_no_task_is_one_line(tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(compare.ComparisonError, match="folder.json: cannot read it"):
+        compare.load(tmp_path / "folder.json")
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"name": "a", "tasks": {}}))
+    with pytest.raises(compare.ComparisonError, match='empty.json: the evaluation\'s "tasks" is '
+                                                      "empty"):
+        compare.load(empty)

@@ -120,7 +120,12 @@ def load(path: str | pathlib.Path) -> list[Model]:
         raise ComparisonError(f"{path}: results file not found") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ComparisonError(f"{path}: not a JSON results file ({e})") from e
+    except OSError as e:  # a folder, no permission, ...: the file named, no traceback
+        raise ComparisonError(f"{path}: cannot read it as a results file "
+                              f"({e.strerror or type(e).__name__})") from e
     if isinstance(data, Mapping) and isinstance(data.get("tasks"), Mapping):
+        if not data["tasks"]:
+            raise ComparisonError(f"{path}: the evaluation's \"tasks\" is empty")
         return [dataclasses.replace(from_results(data, path), file=given)]
     if isinstance(data, Mapping) and isinstance(data.get("models"), Mapping):
         source = str(data.get("source") or path)
