@@ -1,6 +1,7 @@
 """Input pipeline: output layout, epoch coverage, determinism, exact resume, errors, sharding."""
 
 import json
+import logging
 import os
 
 import jax
@@ -450,3 +451,53 @@ def test_balanced_sampling_refuses_sequential_shards_and_a_foreign_table(array_r
     with pytest.raises(ValueError, match=r"short-clip-labels.csv: 3 rows for "
                                          r"clips-00001-of-00004.array_record \(6 records\)"):
         next(iterator(array_records, config(balanced_labels=str(short))))
+
+
+def test_a_damaged_first_header_is_refused_at_the_start_or_named_once_under_skip(tmp_path,
+                                                                                caplog):
+    manifest = write_dataset(tmp_path, num_shards=4, per_shard=6)
+    bad = shards.resolve(manifest)[1].path
+    data = bytearray(open(bad, "rb").read())
+    data[2] ^= 0xFF  # the zlib stream's first block: the first record's header is unreadable
+    with open(bad, "wb") as f:
+        f.write(bytes(data))
+    with pytest.raises(RecordError, match=f"^{bad}: .*corrupt .*listed in {manifest}"):
+        iterator(manifest, config(train=False))  # at the start, before any batch is drawn
+    with caplog.at_level(logging.WARNING):
+        it = iterator(manifest, config(train=False, on_error="skip", global_batch_size=1))
+        seen = ids(list(it))
+    assert sorted(seen) == [k for k in range(24) if k not in range(6, 12)]
+    named = [r.getMessage() for r in caplog.records
+             if r.levelno >= logging.WARNING and bad in r.getMessage()]
+    assert len(named) == 1 and "corrupt" in named[0], named
+
+
+def test_the_start_check_reads_a_shard_s_head_not_the_shard(tmp_path, monkeypatch):
+    path = tmp_path / "big.tfrecord"
+    noise = np.random.default_rng(0).standard_normal((4000, 80)).astype(np.float32)
+    with open(path, "wb") as f:
+        w = records.TFRecordWriter(f)
+        for k in range(4):
+            w.write(records.encode_example(noise + k, [k]))
+        w.close()
+    read = []
+    open_read = shards.storage.open_read
+
+    class Counting:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, n=-1):
+            data = self._f.read(n)
+            read.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(shards.storage, "open_read", lambda p, **kw: Counting(open_read(p, **kw)))
+    assert shards.check_shards([shards.Shard(str(path), shards.TFRECORD, 4)]) == []
+    assert 0 < sum(read) <= 64 * 1024 < os.path.getsize(path) // 10

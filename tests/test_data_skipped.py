@@ -10,13 +10,14 @@ what the checkpoint already counted.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
 import pytest
 from test_data import config, iterator, logmel_of, take
 
-from mwmae.data import records
+from mwmae.data import records, sequential, shards
 from mwmae.data.errors import summarize
 
 STAND_IN = 1000
@@ -201,3 +202,97 @@ def test_resume_counts_each_skip_once(tmp_path, fmt, workers, stop_at):
     resumed.close()
     assert [labels(b) for b in rest] == [labels(b) for b in reference[stop_at:]]
     assert final == reference_count == expected(total)
+
+
+# ------------------------------------------------ a damaged long clip, met again every epoch
+
+LONG_FRAMES = 6000  # a minute of log-mel frames: long enough to tell apart by its size
+
+
+def _write_with_long_damaged_clip(folder, fmt: str, *, break_stream: bool) -> tuple[str, str]:
+    """Two shards of 3 good clips each; the first also holds a long clip that is unusable
+    (NaN in its last frame, found only after normalising all of it) or, with
+    ``break_stream``, its first record with a corrupt CRC (the rest of that shard is
+    unreadable). Returns (manifest, the damaged shard's path)."""
+    os.makedirs(folder, exist_ok=True)
+    long = logmel_of(0).repeat(LONG_FRAMES // len(logmel_of(0)) + 1, axis=0)[:LONG_FRAMES]
+    long[-1, -1] = np.nan
+    shards_payloads = [[records.encode_example(logmel_of(k), [k]) for k in range(3)],
+                       [records.encode_example(logmel_of(k), [k]) for k in range(3, 6)]]
+    shards_payloads[0].insert(0 if break_stream else 1, records.encode_example(long, [99]))
+    rows, paths = ["shard,num_records"], []
+    for s, payloads in enumerate(shards_payloads):
+        name = f"long-{s}.{fmt}"
+        path = os.path.join(folder, name)
+        if fmt == "array_record":
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            w = ArrayRecordWriter(path, "group_size:1")
+            for p in payloads:
+                w.write(p)
+            w.close()
+        else:
+            framed = b"".join(records.frame_record(p) for p in payloads)
+            if break_stream and s == 0:
+                at = 12 + len(payloads[0]) // 2  # inside the long clip's data: its CRC fails
+                framed = framed[:at] + bytes([framed[at] ^ 0xFF]) + framed[at + 1:]
+            with open(path, "wb") as f:
+                f.write(framed)
+        rows.append(f"{name},{len(payloads)}")
+        paths.append(path)
+    manifest = os.path.join(folder, "manifest.csv")
+    with open(manifest, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return manifest, paths[0]
+
+
+def _skip_warnings(caplog, path: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and path in r.getMessage()]
+
+
+@pytest.mark.parametrize("fmt", ["tfrecord", "array_record"])
+def test_a_damaged_long_clip_is_decoded_and_named_once_across_epochs(tmp_path, monkeypatch,
+                                                                      caplog, fmt):
+    manifest, damaged = _write_with_long_damaged_clip(tmp_path, fmt, break_stream=False)
+    decoded_long = []
+    decode = sequential.decode_example
+
+    def counting_decode(raw):
+        if len(raw) > LONG_FRAMES * 80 * 4:
+            decoded_long.append(len(raw))
+        return decode(raw)
+
+    monkeypatch.setattr(sequential, "decode_example", counting_decode)
+    it = iterator(manifest, skip_config(num_workers=0, tfrecord_compression=None))
+    with caplog.at_level(logging.WARNING):
+        batches = take(it, 15)  # 60 clips: 10 epochs of 6 good clips
+    skips = count(it)
+    it.close()
+    assert not {99} & {k for b in batches for k in labels(b)}
+    assert skips >= 8  # met (and counted) in nearly every epoch...
+    assert len(decoded_long) == 1  # ...but decoded only the first time
+    warnings = _skip_warnings(caplog, damaged)
+    assert len(warnings) == 1 and "NaN" in warnings[0], warnings
+
+
+def test_a_shard_that_broke_off_is_not_read_again(tmp_path, monkeypatch, caplog):
+    manifest, damaged = _write_with_long_damaged_clip(tmp_path, "tfrecord", break_stream=True)
+    opened = []
+    open_records = shards.iter_records
+
+    def counting_open(shard, **kw):
+        if shard.path == damaged:
+            opened.append(kw.get("start", 0))
+        return open_records(shard, **kw)
+
+    monkeypatch.setattr(shards, "iter_records", counting_open)
+    it = iterator(manifest, skip_config(num_workers=0, tfrecord_compression=None))
+    with caplog.at_level(logging.WARNING):
+        take(it, 6)  # 24 clips: 8 epochs of the other shard's 3
+    skips = count(it)
+    it.close()
+    assert skips >= 4 * 4  # the shard's 4 listed records lost in each epoch consumed
+    assert opened == [0]  # where its stream broke off is remembered, not read again
+    warnings = _skip_warnings(caplog, damaged)
+    assert len(warnings) == 1 and "CRC" in warnings[0], warnings

@@ -149,10 +149,87 @@ def hear_refused_argument(tmp_path, fx):
                                             tasks, "--out", str(out), "--seeds", "0"])
 
 
+def _shards(folder: pathlib.Path, fmt: str, listed: int = 4) -> pathlib.Path:
+    """Two shards of 4 clips each and a manifest listing ``listed`` records for the first."""
+    import numpy as np
+
+    from mwmae.data import records
+
+    folder.mkdir(parents=True)
+    rows = ["shard,num_records"]
+    for s in range(2):
+        payloads = [records.encode_example(np.full((100, 80), s + k / 10, np.float32), [k])
+                    for k in range(4)]
+        name = f"clips-{s}.{fmt}"
+        if fmt == "array_record":
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            w = ArrayRecordWriter(str(folder / name), "group_size:1")
+            for p in payloads:
+                w.write(p)
+            w.close()
+        else:
+            with open(folder / name, "wb") as f:
+                tf = records.TFRecordWriter(f)
+                for p in payloads:
+                    tf.write(p)
+                tf.close()
+        rows.append(f"{name},{listed if s == 0 else 4}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
+def _on_shards(manifest: pathlib.Path):
+    c = checkpointing_config(steps=2, every=2)
+    c.data.source = "shards"
+    c.data.train_shards = str(manifest)
+    c.data.num_workers = 0
+    return c
+
+
+def _naming(call, *parts: str):
+    """``call``, whose refusal must name every one of ``parts`` (so it is refused for the
+    data, not for something else)."""
+    def checked():
+        try:
+            return call()
+        except refusals() as e:
+            assert all(p in str(e) for p in parts) and "\n" not in str(e), str(e)
+            raise
+    return checked
+
+
+def trainer_shard_with_a_damaged_header_new(tmp_path, fx):
+    manifest = _shards(tmp_path / "data", "tfrecord")
+    shard = tmp_path / "data" / "clips-0.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[2] ^= 0xFF                       # inside the first record's header
+    shard.write_bytes(bytes(data))
+    c = _on_shards(manifest)
+    return tmp_path, _naming(lambda: train(Pretraining, c, tmp_path / "new", print_fn=_quiet),
+                             str(shard), "corrupt")
+
+
+def trainer_manifest_over_counting_a_shard_new(tmp_path, fx):
+    manifest = _shards(tmp_path / "data", "array_record", listed=6)
+    c = _on_shards(manifest)
+    return tmp_path, _naming(lambda: train(Pretraining, c, tmp_path / "new", print_fn=_quiet),
+                             str(tmp_path / "data" / "clips-0.array_record"), str(manifest),
+                             "holds 4 records", "lists 6")
+
+
+def trainer_empty_shard_new(tmp_path, fx):
+    manifest = _shards(tmp_path / "data", "tfrecord")
+    (tmp_path / "data" / "clips-1.tfrecord").write_bytes(b"")   # an interrupted copy
+    c = _on_shards(manifest)
+    return tmp_path, _naming(lambda: train(Pretraining, c, tmp_path / "new", print_fn=_quiet),
+                             str(tmp_path / "data" / "clips-1.tfrecord"), "truncated")
+
 CASES = [trainer_bad_value_existing, trainer_bad_value_new, trainer_other_config_existing,
          tagger_other_eval_split, tagger_eval_batch_the_mesh_cannot_split_new,
          preflight_other_config, sweep_empty_key_part, builder_other_settings,
-         hear_refused_argument]
+         hear_refused_argument, trainer_shard_with_a_damaged_header_new,
+         trainer_manifest_over_counting_a_shard_new, trainer_empty_shard_new]
 NEEDS = {"pretrained": {trainer_bad_value_existing, trainer_other_config_existing,
                         preflight_other_config},
          "tagged": {tagger_other_eval_split, tagger_eval_batch_the_mesh_cannot_split_new}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,11 +47,64 @@ class Skipped:
     records: int = 1
 
 
-def skipped(path: str, record: int, reason: str, records: int = 1) -> Skipped:
-    """The marker a reader yields for a record it skips; logged when read (so again after a
-    restore re-reads it), counted only when consumed."""
-    log.warning("skipping %s record %d: %s", path, record, reason)
-    return Skipped(path, record, reason, records)
+def skipped(path: str, record: int, reason: str, records: int = 1, *,
+            ends_shard: bool = False) -> Skipped:
+    """The marker a reader yields for a record it skips, counted only when consumed.
+
+    Remembered in this process (:func:`known`), so a later epoch or a restore that reaches the
+    same record yields the same marker without reading or decoding it again; a shard is named
+    in a warning the first time this process skips something of it, not every epoch (the
+    ``skipped_records`` metric counts every skip). ``ends_shard``: nothing after this place is
+    readable (the stream broke off or the file vanished)."""
+    marker = Skipped(path, record, reason, records)
+    with _LOCK:
+        _KNOWN[(path, record)] = (marker, ends_shard)
+        first = path not in _WARNED
+        _WARNED.add(path)
+    if first:
+        log.warning("skipping %s record %d: %s (each damaged record of this shard is skipped "
+                    "and counted in skipped_records; this shard is not named again)",
+                    path, record, reason)
+    else:
+        log.debug("skipping %s record %d: %s", path, record, reason)
+    return marker
+
+
+def warn_once(path: str, message: str) -> None:
+    """A warning about the shard ``path``, unless this process has named it already (then the
+    reader, skipping it, does not name it again)."""
+    with _LOCK:
+        first = path not in _WARNED
+        _WARNED.add(path)
+    if first:
+        log.warning("%s", message)
+
+
+def known(path: str, record: int) -> tuple[Skipped, bool] | None:
+    """``(marker, ends_shard)`` for a record this process has already skipped, else None."""
+    with _LOCK:
+        return _KNOWN.get((path, record))
+
+
+def known_records(path: str) -> frozenset[int]:
+    """The records of ``path`` this process has already skipped one by one (not where its
+    stream broke off): a reader can pass over their bytes without checking or decoding them."""
+    with _LOCK:
+        return frozenset(r for (p, r), (_, ends) in _KNOWN.items() if p == path and not ends)
+
+
+def forget() -> None:
+    """Forget every skipped record and warned shard of this process (a shard repaired in
+    place, tests)."""
+    with _LOCK:
+        _KNOWN.clear()
+        _WARNED.clear()
+
+
+# Per process: reader threads share them; each worker process has its own (and warns once).
+_LOCK = threading.Lock()
+_KNOWN: dict[tuple[str, int], tuple[Skipped, bool]] = {}
+_WARNED: set[str] = set()
 
 
 class SkipCount:

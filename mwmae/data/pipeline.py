@@ -311,6 +311,9 @@ def make_input_iterator(
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     all_shards = shards.resolve(source)
+    # Every host checks every shard, so all of them refuse (or go ahead) alike.
+    shards.check_shards(all_shards, compression=config.tfrecord_compression,
+                        on_error=config.on_error)
     max_batches = None
     if config.epochs is not None and process_count > 1:
         max_batches = _common_batches(all_shards, config, process_count)

@@ -30,7 +30,7 @@ import numpy as np
 
 from mwmae.data import shards, storage
 from mwmae.data.clips import crop_key
-from mwmae.data.errors import Skipped, skipped
+from mwmae.data.errors import Skipped, known, skipped
 from mwmae.data.records import RecordError
 from mwmae.data.sequential import Preparer, seed_of
 
@@ -100,21 +100,32 @@ class ReadClip:
         s = bisect.bisect_right(self._starts, position) - 1
         key, shard = self._shards[s]
         record = position - self._starts[s]
+        skipping = self._config.on_error == "skip"
+        # A record this process skipped before (an earlier epoch, a draw with replacement) is
+        # skipped again as it was, without reading or decoding it again.
+        remembered = known(shard.path, record) if skipping else None
+        if remembered is not None:
+            self._failed(f"{shard.path}: record {record}: {remembered[0].reason}")
+            return remembered[0]
         try:
             element = self._prepare(self._read(s, record), epoch, key, record)
         except Exception as e:  # the native reader raises plain RuntimeError/ValueError
             message = str(e)
             if shard.path not in message:
                 message = f"{shard.path}: record {record}: {message}"
-            if self._config.on_error == "raise":
+            if not skipping:
                 raise RecordError(message) from e
-            self._failed_in_a_row += 1
-            if self._failed_in_a_row > self._starts[-1]:
-                raise RuntimeError(f"every clip of this host's ArrayRecord shards failed to read "
-                                   f"(the last: {message})") from e
+            self._failed(message, e)
             return skipped(shard.path, record, str(e))
         self._failed_in_a_row = 0
         return element
+
+    def _failed(self, message: str, error: Exception | None = None) -> None:
+        # Only markers and no clip would spin training forever: stop once every clip failed.
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row > self._starts[-1]:
+            raise RuntimeError(f"every clip of this host's ArrayRecord shards failed to read "
+                               f"(the last: {message})") from error
 
 
 def clip_stream(host_shards: list[tuple[int, shards.Shard]], config: Any, *,

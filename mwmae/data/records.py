@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import IO
 
 import google_crc32c
@@ -355,6 +355,20 @@ class _ByteStream:
         self._buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._pos = 0
 
+    def discard(self, n: int) -> bool:
+        """Passes over ``n`` bytes without keeping them (no join, no copy); False when the
+        stream ends first."""
+        have = len(self._buf) - self._pos
+        while have < n:
+            n -= have
+            self._buf, self._pos = b"", 0
+            if self._eof:
+                return False
+            self._buf = self._more()
+            have = len(self._buf)
+        self._pos += n
+        return True
+
     def read(self, n: int) -> bytes | None:
         """Exactly ``n`` bytes, or None at a clean end of stream."""
         if n == 0:
@@ -373,6 +387,45 @@ class _ByteStream:
         return self._buf[pos : pos + n]
 
 
+def check_first_header(fileobj: IO[bytes], *, compression: str | None = "zlib",
+                       name: str = "<stream>", limit: int = 1 << 16,
+                       chunk: int = 4096) -> bool:
+    """Whether the stream holds a first record (False: it is empty), reading no more than
+    ``limit`` bytes of it, ``chunk`` at a time: the length header and its CRC are checked,
+    nothing after them. Raises :class:`RecordError` naming ``name`` for a header that is
+    damaged, a zlib stream that is corrupt or ends before the header."""
+    inflate = zlib.decompressobj(15) if compression == "zlib" else None
+    header, read = b"", 0
+    while len(header) < 12 and read < limit:
+        data = fileobj.read(min(chunk, limit - read))
+        if not data:
+            break
+        read += len(data)
+        if inflate is None:
+            header += data
+            continue
+        try:
+            header += inflate.decompress(data, 12 - len(header))
+            while len(header) < 12 and inflate.unconsumed_tail:
+                header += inflate.decompress(inflate.unconsumed_tail, 12 - len(header))
+        except zlib.error as e:
+            raise RecordError(f"{name}: corrupt zlib data ({e})") from e
+        if inflate.eof and len(header) < 12:
+            break
+    if len(header) >= 12:
+        length_crc = struct.unpack("<I", header[8:12])[0]
+        if _masked_crc(header[:8]) != length_crc:
+            raise RecordError(f"{name}: record 0: corrupt length header (CRC mismatch)")
+        return True
+    if read >= limit:  # a header this far in is no sign of damage; the reader will tell
+        return True
+    if inflate is not None and not inflate.eof:  # as the reader says it (an empty file too)
+        raise RecordError(f"{name}: zlib stream is truncated")
+    if not header:
+        return False
+    raise RecordError(f"{name}: file ends inside a record ({len(header)} of 12 bytes present)")
+
+
 def iter_tfrecord(
     fileobj: IO[bytes],
     *,
@@ -380,10 +433,14 @@ def iter_tfrecord(
     name: str = "<stream>",
     verify_crc: bool = True,
     skip: int = 0,
-) -> Iterator[bytes]:
+    passing: Container[int] = (),
+) -> Iterator[bytes | None]:
     """Yields the records of a TFRecord stream; :class:`RecordError` names ``name`` on damage.
 
-    ``skip`` records are read past first without CRC checks (resuming mid-file).
+    ``skip`` records are read past first without CRC checks (resuming mid-file). For a record
+    in ``passing`` (one already known to be unusable) None is yielded in its place, and its
+    bytes are passed over unchecked and never assembled: a damaged long clip costs its
+    decompression, not a copy, a CRC and a decode, each time it comes round again.
     """
     stream = _ByteStream(fileobj, compression, name)
     index = 0
@@ -394,6 +451,12 @@ def iter_tfrecord(
         length, length_crc = struct.unpack("<QI", header)
         if verify_crc and _masked_crc(header[:8]) != length_crc:
             raise RecordError(f"{name}: record {index}: corrupt length header (CRC mismatch)")
+        if index in passing and index >= skip:
+            if not stream.discard(length + 4):
+                raise RecordError(f"{name}: record {index}: file ends after the length header")
+            yield None
+            index += 1
+            continue
         data = stream.read(length)
         footer = stream.read(4) if data is not None else None
         if data is None or footer is None:

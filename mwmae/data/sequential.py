@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from mwmae.data import clips, shards
-from mwmae.data.errors import Skipped, skipped
+from mwmae.data.errors import Skipped, known, known_records, skipped
 from mwmae.data.records import RecordError, decode_example
 
 
@@ -97,13 +97,14 @@ class _ShardIterator(grain.DatasetIterator):
         self._done = False
         self._reader = None
 
-    def _skip(self, index: int, error: Exception, records: int = 1) -> Skipped:
+    def _skip(self, index: int, error: Exception, records: int = 1, *,
+              ends_shard: bool = False) -> Skipped:
         if self._config.on_error == "raise":
             message = str(error)
             if self._shard.path not in message:
                 message = f"{self._shard.path}: record {index}: {message}"
             raise RecordError(message) from error
-        return skipped(self._shard.path, index, str(error), records)
+        return skipped(self._shard.path, index, str(error), records, ends_shard=ends_shard)
 
     def _shortfall(self) -> Skipped | None:
         # A shard cut at a record boundary reads cleanly: only the manifest's count shows it.
@@ -112,15 +113,25 @@ class _ShardIterator(grain.DatasetIterator):
             return None
         error = RecordError(f"{self._shard.path}: {self._next} records, the manifest lists "
                             f"{listed}")
-        return self._skip(self._next, error, records=max(0, listed - self._next))
+        return self._skip(self._next, error, records=max(0, listed - self._next),
+                          ends_shard=True)
 
     def __next__(self) -> dict[str, np.ndarray] | Skipped:
         if not self._done:
+            index = self._next
+            # What this process already skipped here (an earlier epoch, or before a restore)
+            # is skipped again as it was, without reading or decoding it again.
+            skipping = self._config.on_error == "skip"
+            remembered = known(self._shard.path, index) if skipping else None
+            if remembered is not None and remembered[1]:
+                # The stream broke off here (or the shard ran short): nothing more to read.
+                self._done = True
+                self._close_reader()
+                return remembered[0]
             if self._reader is None:
                 self._reader = shards.iter_records(
-                    self._shard, start=self._next, compression=self._config.tfrecord_compression
-                )
-            index = self._next
+                    self._shard, start=self._next, compression=self._config.tfrecord_compression,
+                    passing=known_records(self._shard.path) if skipping else ())
             try:
                 raw = next(self._reader)
             except StopIteration:
@@ -134,9 +145,14 @@ class _ShardIterator(grain.DatasetIterator):
                 self._done = True
                 self._close_reader()
                 listed = self._shard.num_records
-                return self._skip(index, e, records=max(1, listed - index) if listed else 1)
+                return self._skip(index, e, records=max(1, listed - index) if listed else 1,
+                                  ends_shard=True)
             else:
                 self._next += 1
+                if remembered is not None:
+                    return remembered[0]
+                if raw is None:  # passed over as known, then forgotten: still unusable
+                    return self._skip(index, RecordError("skipped earlier in this process"))
                 try:
                     element = self._prepare(raw, self._epoch, self._key, index)
                 except (RecordError, ValueError) as e:

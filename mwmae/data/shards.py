@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 
 from mwmae.data import records, storage
 
@@ -20,6 +20,8 @@ class Shard:
     path: str
     format: str
     num_records: int | None = None
+    # The manifest that lists it (named in what is said about its count), if one does.
+    manifest: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def format_of(path: str) -> str:
@@ -44,7 +46,7 @@ def read_manifest(path: str) -> list[Shard]:
         name = row["shard"]
         absolute = storage.is_remote(name) or name.startswith("/")
         full = name if absolute else storage.join(base, name)
-        shards.append(Shard(full, format_of(full), int(row["num_records"])))
+        shards.append(Shard(full, format_of(full), int(row["num_records"]), manifest=path))
     return shards
 
 
@@ -93,6 +95,69 @@ def _check_listed(listed: list[Shard], manifest: str) -> None:
                 raise FileNotFoundError(f"shard missing: {shard.path} (listed in {manifest})")
 
 
+def check_shards(listed: Sequence[Shard], *, compression: str | None = "zlib",
+                 on_error: str = "raise") -> list[str]:
+    """Cheap checks of every shard before a run starts, so a damaged one is refused before
+    anything is written rather than met mid-run: it opens and is readable, its first record's
+    length header (TFRecord) is intact, and an ArrayRecord shard holds the records its
+    manifest lists. A few kilobytes per shard (a TFRecord's head; an ArrayRecord's footer),
+    never the whole file; gs:// shards are checked in parallel.
+
+    Under ``on_error="raise"`` the first problem raises :class:`records.RecordError`, one
+    line naming the shard (and its manifest) and the problem; under ``"skip"`` each is
+    warned about once and the problems are returned (the reader skips those shards)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mwmae.data import errors
+
+    remote = any(storage.is_remote(s.path) for s in listed)
+    if remote and len(listed) > 1:
+        with ThreadPoolExecutor(min(16, len(listed))) as pool:
+            found = list(pool.map(lambda s: _problem(s, compression), listed))
+    else:
+        found = [_problem(s, compression) for s in listed]
+    problems = [p for p in found if p is not None]
+    if problems and on_error != "skip":
+        more = f" (and {len(problems) - 1} more shard(s))" if len(problems) > 1 else ""
+        raise records.RecordError(problems[0] + more)
+    for shard, problem in zip(listed, found, strict=True):
+        if problem is not None:
+            errors.warn_once(shard.path, f"{problem}: the shard will be skipped "
+                                         "(data.on_error=skip)")
+    return problems
+
+
+def _problem(shard: Shard, compression: str | None) -> str | None:
+    """What is wrong with ``shard`` that a few bytes show, as one line naming it; or None."""
+    listed = shard.num_records
+    where = f" (listed in {shard.manifest})" if shard.manifest else ""
+    try:
+        if shard.format == ARRAY_RECORD:
+            reader = _array_record_reader(shard.path)
+            try:
+                held = reader.num_records()
+            finally:
+                reader.close()
+            if listed is not None and held != listed:
+                return f"{shard.path}: holds {held} records, {_lister(shard)} lists {listed}"
+            return None
+        with storage.open_read(shard.path, block_size=1 << 16) as f:
+            has_records = records.check_first_header(f, compression=compression,
+                                                     name=shard.path)
+    except records.RecordError as e:
+        return f"{e}{where}"
+    except OSError as e:  # unreadable: permissions, a folder, gone since the listing
+        message = str(e) if shard.path in str(e) else f"{shard.path}: {e}"
+        return f"cannot read {message}{where}"
+    if not has_records and listed:
+        return f"{shard.path}: holds no records, {_lister(shard)} lists {listed}"
+    return None
+
+
+def _lister(shard: Shard) -> str:
+    return f"the manifest {shard.manifest}" if shard.manifest else "the manifest"
+
+
 def for_host(shards: Sequence[Shard], process_index: int, process_count: int) -> list[Shard]:
     """This host's shards: every ``process_count``-th of the sorted list, from ``process_index``.
 
@@ -134,9 +199,12 @@ def _array_record_reader(path: str):
 
 
 def iter_records(
-    shard: Shard, *, start: int = 0, compression: str | None = "zlib"
-) -> Iterator[bytes]:
-    """Serialized Examples of one shard from record ``start`` on.
+    shard: Shard, *, start: int = 0, compression: str | None = "zlib",
+    passing: Container[int] = (),
+) -> Iterator[bytes | None]:
+    """Serialized Examples of one shard from record ``start`` on; None in place of a TFRecord
+    record in ``passing`` (known to be unusable: passed over unread, see
+    :func:`records.iter_tfrecord`).
 
     Damage raises :class:`records.RecordError` (or FileNotFoundError) naming the file.
     """
@@ -156,4 +224,5 @@ def iter_records(
             reader.close()
         return
     with storage.open_read(shard.path) as f:
-        yield from records.iter_tfrecord(f, compression=compression, name=shard.path, skip=start)
+        yield from records.iter_tfrecord(f, compression=compression, name=shard.path, skip=start,
+                                         passing=passing)

@@ -19,6 +19,7 @@ from mwmae import workdir as workdir_lib
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.train import checkpoint as ckpt
 from mwmae.train import metrics as metrics_lib
+from mwmae.train.config import ConfigError
 from mwmae.train.engine import Engine
 from mwmae.train.goodput import Recorder
 from mwmae.train.hooks import Hooks, Run, StepInfo, Stop, standard_hooks
@@ -119,7 +120,15 @@ def go_ahead(task: Callable[[ml_collections.ConfigDict], Task],
         # The newest finished checkpoint is where the run resumes (an older one only if that
         # one turns out damaged, and the task's hooks check again then).
         check_workdir(t, wd, steps[-1] if steps else 0)
-    source = the_task.make_source()
+    try:
+        source = the_task.make_source()
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        # The data cannot be read as listed (a shard missing, unreadable or with a damaged
+        # first header, a manifest over-counting an ArrayRecord shard, a table that is not
+        # these shards'): the message names the file; refused in one line, not a traceback.
+        raise ConfigError(f"training data: {e}") from e
     return t, wd, source
 
 
