@@ -32,7 +32,9 @@ RULES: dict[str, set[str]] = {
     "tfrecord_tools": {"mwmae.data", "mwmae.audio"},
     "mwmae.artifact": {"mwmae.model", "mwmae.audio", "mwmae.checksum"},
     "mwmae.convert": {"mwmae.model", "mwmae.artifact"},
-    "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum"},
+    # mwmae.goodput: the workdir reads its ledger with the tolerant reader.
+    "mwmae.workdir": {"mwmae.data", "mwmae.model", "mwmae.artifact", "mwmae.checksum",
+                      "mwmae.goodput"},
     "mwmae.checkpoint": {"mwmae.workdir", "mwmae.lease", "mwmae.goodput"},
     # The weights a run starts from (init_from): read through the loaders and the workdir, by
     # the trainer at a first start and by export's --initial afterwards.

@@ -16,7 +16,7 @@ from train_helpers import load_config
 
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.preflight import hardware, run, storage
-from mwmae.train import refusals
+from mwmae.train import config as train_config
 from mwmae.train.config import ConfigError
 from mwmae.train.engine import Engine
 from mwmae.train.pretraining import Pretraining
@@ -168,21 +168,21 @@ def test_integers_out_of_range_are_refused_naming_the_key(key, value):
         node = node[part]
     node[leaf] = value
     with pytest.raises(ConfigError, match=f"{key}={value}"):
-        refusals.check_int_range(config)
+        train_config.check_int_range(config)
 
 
 def test_integers_in_range_pass():
     config = tiny()
     config.num_train_steps = 2**31 - 1
     config.seed = 2**63 - 1
-    refusals.check_int_range(config)
+    train_config.check_int_range(config)
 
 
 def test_epochs_times_steps_per_epoch_must_fit_the_step_counter():
     config = tiny()
     config.num_train_steps, config.num_epochs, config.steps_per_epoch = -1, 2**16, 2**16
     with pytest.raises(ConfigError, match="num_epochs"):
-        refusals.check_int_range(config)
+        train_config.check_int_range(config)
 
 
 def test_the_preflight_refuses_an_integer_out_of_range(tmp_path, first_check_raises):

@@ -315,10 +315,54 @@ def check_config(config: ml_collections.ConfigDict,
         raise ConfigError(f"config value of the wrong type: {e}") from e
     if problems:
         raise ConfigError("bad config: " + "; ".join(problems))
-    from mwmae.train.refusals import check_int_range
-
     check_int_range(config)  # integers past the step counter or int64
     try:
         model_config_from(config)  # validates the architecture (window sizes, dims)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad model config: {e}") from e
+
+
+# The train state counts steps in int32 (and the schedule, cadences and ETA compare with it);
+# every other integer must at least survive conversion to a 64-bit array or C integer.
+STEP_MAX = 2**31 - 1
+INT64 = (-2**63, 2**63 - 1)
+
+
+def _counts_steps(key: str) -> bool:
+    """Keys compared with (or multiplied into) the int32 step counter."""
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf.endswith("steps") or leaf.endswith("_step") or leaf in ("num_epochs",
+                                                                        "steps_per_epoch")
+
+
+def _int_leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, int]]:
+    out = []
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out += _int_leaves(v, f"{prefix}{k}.")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def check_int_range(config: ml_collections.ConfigDict) -> None:
+    """Refuse (ConfigError, one line naming the key) an integer the run cannot represent: a
+    count of steps past the int32 step counter, anything else past int64. Without this, such a
+    value passes every range check, the workdir is written and the run fails later with an
+    OverflowError."""
+    problems = []
+    for key, value in _int_leaves(config):
+        if _counts_steps(key) and abs(value) > STEP_MAX:
+            problems.append(f"{key}={value}: must be at most {STEP_MAX} in magnitude (the step "
+                            "counter is a 32-bit integer)")
+        elif not INT64[0] <= value <= INT64[1]:
+            problems.append(f"{key}={value}: does not fit in a 64-bit integer")
+    # The length in epochs is their product; it is known here when steps_per_epoch is given.
+    if (not problems and config.get("num_train_steps", 0) <= 0
+            and config.get("steps_per_epoch", 0) > 0
+            and config.num_epochs * config.steps_per_epoch > STEP_MAX):
+        problems.append(f"num_epochs={config.num_epochs} x steps_per_epoch="
+                        f"{config.steps_per_epoch}: {config.num_epochs * config.steps_per_epoch} "
+                        f"steps, more than the step counter holds ({STEP_MAX})")
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))
