@@ -34,7 +34,8 @@ _MEGASCALE_OPS = {"ALL_REDUCE": "all-reduce", "REDUCE_SCATTER": "reduce-scatter"
                   "ALL_GATHER": "all-gather", "ALL_TO_ALL": "all-to-all",
                   "COLLECTIVE_PERMUTE": "collective-permute",
                   "ONE_TO_ONE": "collective-permute"}  # what libtpu 0.0.42 writes for a shift
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+# Bytes per element of each HLO element type (mwmae.hlo_cost sizes arrays with it too).
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
 _INSTRUCTION = re.compile(
@@ -131,9 +132,9 @@ def _attribute(line: str, key: str) -> str | None:
 def _array_bytes(shape: str) -> int:
     """Bytes of the first array in an HLO result type (``f32[4,128]{1,0:T(4,128)}`` or a tuple)."""
     m = re.search(r"\b([a-z]+\d*)\[([\d,]*)\]", shape)
-    if not m or m[1] not in _DTYPE_BYTES:
+    if not m or m[1] not in DTYPE_BYTES:
         return 0
-    return _DTYPE_BYTES[m[1]] * math.prod(int(n) for n in m[2].split(",") if n)
+    return DTYPE_BYTES[m[1]] * math.prod(int(n) for n in m[2].split(",") if n)
 
 
 _REDUCER_OPS = {"add": "SUM", "maximum": "MAX", "minimum": "MIN", "multiply": "PROD",

@@ -21,6 +21,7 @@ RULES: dict[str, set[str]] = {
     "mwmae.checksum": set(),
     "mwmae.aot": set(),
     "mwmae.collectives": set(),
+    "mwmae.hlo_cost": {"mwmae.collectives"},  # the element types' sizes
     "mwmae.lease": set(),
     "mwmae.goodput": set(),  # the ledger's arithmetic: inspect and the trainer share it
     "mwmae.data": {"mwmae.audio"},
@@ -42,7 +43,7 @@ RULES: dict[str, set[str]] = {
     "mwmae.model_info": {"mwmae.model"},
     # mwmae.api: compile_check's `--target embed` compiles the serving forward.
     "mwmae.train": {"mwmae.model", "mwmae.data", "mwmae.kernels", "mwmae.workdir",
-                    "mwmae.lease", "mwmae.aot", "mwmae.collectives",
+                    "mwmae.lease", "mwmae.aot", "mwmae.collectives", "mwmae.hlo_cost",
                     "mwmae.api", "mwmae.goodput", "mwmae.pretrained"},
     # The supervised task is a task of the trainer (its loop, state, guarded update,
     # sharding, checkpoints) and reads its labelled shards and evaluation split itself.

@@ -443,7 +443,7 @@ def test_the_command_reference_is_complete_and_a_gap_is_reported():
 # ------------------------------------------------------------------- paths in the prose
 
 _PATH = re.compile(r"`((?:mwmae|tfrecord_tools|hear_mwmae|configs|scripts|launch|tests|tests_tpu"
-                   r"|benchmarks)/[\w./-]*)([^`]?)")
+                   r"|tests_gpu|benchmarks)/[\w./-]*)([^`]?)")
 
 
 def path_problems(name: str, text: str) -> list[str]:

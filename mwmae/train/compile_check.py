@@ -4,6 +4,7 @@
   python -m mwmae.train.compile_check --config ... --topology v5p:2x2x1        (needs libtpu)
   python -m mwmae.train.compile_check --config ... --topology v5e:2x2 --target embed
   python -m mwmae.train.compile_check --config ... --topology v5e:2x2 --num_slices 2
+  python -m mwmae.train.compile_check --config ... --gpu h100 --num_gpus 8   (needs the CUDA wheels)
 
 ``--target train`` (default) compiles the training step on the config's mesh; ``--target embed``
 compiles the encoder's forward as the HEAR module runs it (one device, ``--embed_batch`` chunks).
@@ -11,6 +12,16 @@ Prints one JSON line: the attention implementation the target resolves to (decid
 target's devices, not this host's), lower and compile seconds, per-device memory, and XLA's own
 cost estimate (labelled ``estimated_``: a model, not a measurement). ``--num_devices`` fakes that
 many CPU devices.
+
+``--gpu h100`` compiles for NVIDIA H100s without a GPU or driver (the CUDA wheels of the ``cuda``
+extra; ``JAX_PLATFORMS=cpu`` is set for it): ``--num_gpus`` of them on one host, described by
+``mwmae/train/targets/h100_sxm.txtpb`` (``--gpu`` also takes the path of another such
+description). The report adds the device memory and whether the plan fits it, what the
+optimised program hands to cuBLAS, cuDNN and Triton (custom calls, Triton fusions, the Pallas
+kernels by name), and its matmul FLOPs and bytes accessed per device and per example
+(:mod:`mwmae.hlo_cost`; loop bodies times their trip counts), beside the analytic FLOPs of
+:mod:`mwmae.train.perf`. GEMM tilings are not autotuned without a device: a compile for
+structure, memory and kernels, not for timing.
 
 ``--num_slices N`` compiles for N copies of ``--topology`` joined over the data-centre network
 (multi-slice): the data axis spans the slices (``config.mesh.dcn_data`` is set to N when left at
@@ -27,10 +38,11 @@ import sys
 import time
 from typing import Any
 
-from mwmae.train.fake_devices import apply_num_devices_flag, run_config_tool
+from mwmae.train.fake_devices import apply_gpu_flag, apply_num_devices_flag, run_config_tool
 
 if __name__ == "__main__":
     apply_num_devices_flag(sys.argv)
+    apply_gpu_flag(sys.argv)
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -38,7 +50,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mwmae import aot, collectives  # noqa: E402
+from mwmae import aot, collectives, hlo_cost  # noqa: E402
 from mwmae.kernels import resolve_implementation  # noqa: E402
 from mwmae.train import sharding  # noqa: E402
 
@@ -51,10 +63,46 @@ _EMBED_BATCH = flags.DEFINE_integer("embed_batch", 32, "Chunks per embedding bat
                                     "embed; the HEAR module's largest bucket).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over the "
                                    "data-centre network; the data axis spans them.")
+_GPU = flags.DEFINE_string("gpu", "", "Compile for NVIDIA GPUs of this kind without one: "
+                           f"{', '.join(sorted(aot.GPU_TARGETS))}, or a target description's "
+                           "path (needs the CUDA wheels).")
+_NUM_GPUS = flags.DEFINE_integer("num_gpus", 1, "GPUs of --gpu on the host.")
 
 
-def target_devices(topology: str, num_slices: int = 1) -> list:
+def target_devices(topology: str, num_slices: int = 1, gpu: str = "",
+                   num_gpus: int = 1) -> list:
+    """The devices to compile for: a TPU topology's, ``num_gpus`` GPUs of kind ``gpu``, or
+    this host's."""
+    if topology and gpu:
+        raise SystemExit("--topology and --gpu name two targets: give one")
+    if gpu:
+        return aot.gpu_devices(gpu, num_gpus)
     return aot.topology_devices(topology, num_slices) if topology else jax.devices()
+
+
+def gpu_report(compiled: Any, gpu: str, examples: float) -> dict:
+    """Memory against the GPU's, what the program hands to libraries and kernels, and its
+    matmul FLOPs and bytes accessed per device and per example (``examples``: the step's
+    examples over the devices)."""
+    text = compiled.as_text()
+    cost = hlo_cost.program_cost(text)
+    report: dict[str, Any] = {"gpu": gpu, **aot.gpu_kernels(text)}
+    memory = aot.gpu_memory_bytes(aot.gpu_target_config(gpu))
+    mem = compiled.memory_analysis()
+    if memory and mem is not None:
+        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+        report.update(device_memory_mib=round(memory / 2**20, 2),
+                      memory_fraction=round(peak / memory, 4), fits=peak <= memory)
+    report.update(hlo_matmul_flops_per_device=cost["matmul_flops"],
+                  hlo_bytes_accessed_per_device=cost["bytes_accessed"],
+                  hlo_matmul_flops_per_example=cost["matmul_flops"] / examples,
+                  hlo_bytes_accessed_per_example=cost["bytes_accessed"] / examples,
+                  # Pallas kernels are custom calls: their FLOPs are not in the figure above.
+                  opaque_custom_calls=cost["opaque_custom_calls"])
+    if cost["loops_without_trip_count"]:
+        report["loops_without_trip_count"] = cost["loops_without_trip_count"]
+    return report
 
 
 def span_slices(config: ml_collections.ConfigDict, num_slices: int, topology: str,
@@ -102,7 +150,7 @@ def _timed_compile(lower) -> tuple[object, dict]:
     return compiled, {"lower_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2)}
 
 
-def compile_report(config, devices) -> dict:
+def compile_report(config, devices, gpu: str = "") -> dict:
     """Compile the train step for ``devices`` (the config's mesh over them) and describe it."""
     from mwmae.train.engine import Engine
     from mwmae.train.pretraining import Pretraining
@@ -110,6 +158,15 @@ def compile_report(config, devices) -> dict:
     t = Engine(Pretraining(config), "/tmp/unused", devices=devices)
     compiled, times = _timed_compile(t.lower)
     mc = t.model_config
+    extra = {}
+    if gpu:
+        # A program is one device's: the step's examples (every microbatch) over the devices,
+        # which holds for any mesh (a tensor axis splits each example's work instead).
+        from mwmae.train.perf import train_attention_flops_per_example
+
+        extra = {**gpu_report(compiled, gpu, config.batch_size / len(devices)),
+                 "analytic_flops_per_example": t.flops_per_example(),
+                 "analytic_attention_flops_per_example": train_attention_flops_per_example(mc)}
     return {
         "target": "train", "devices": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(t.mesh.shape), "batch_size": config.batch_size,
@@ -121,11 +178,11 @@ def compile_report(config, devices) -> dict:
         **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
         **aot.memory_report(compiled), **aot.cost_estimate(compiled),
         "num_slices": len({int(getattr(d, "slice_index", 0) or 0) for d in devices}),
-        **slice_report(t.mesh, compiled),
+        **slice_report(t.mesh, compiled), **extra,
     }
 
 
-def embed_report(config, devices, batch: int) -> dict:
+def embed_report(config, devices, batch: int, gpu: str = "") -> dict:
     """Compile the encoder forward the HEAR module runs (one device) and describe it."""
     from mwmae.api import Model
     from mwmae.model import param_shapes
@@ -144,20 +201,30 @@ def embed_report(config, devices, batch: int) -> dict:
             return fn.lower(params, x)
 
     compiled, times = _timed_compile(lower)
+    extra = {}
+    if gpu:
+        from mwmae.train import perf
+
+        extra = {**gpu_report(compiled, gpu, batch),
+                 "analytic_flops_per_example": perf.encoder_flops_per_example(mc),
+                 "analytic_attention_flops_per_example":
+                     perf.encoder_attention_flops_per_example(mc)}
     return {
         "target": "embed", "devices": 1, "device_kind": devices[0].device_kind,
         "batch_size": batch, "dtype": mc.dtype, "attention_impl": mc.attention_impl,
         "attention": resolve_implementation(mc.attention_impl, mc.num_patches,
                                             devices=devices[:1]),
         **times, "mosaic_kernels": aot.mosaic_kernels(compiled),
-        **aot.memory_report(compiled), **aot.cost_estimate(compiled),
+        **aot.memory_report(compiled), **aot.cost_estimate(compiled), **extra,
     }
 
 
 def main(argv: list[str]) -> None:
     del argv
+    if _GPU.value and _NUM_SLICES.value > 1:
+        raise SystemExit("--num_slices applies to --topology (TPU slices), not --gpu")
     span_slices(_CONFIG.value, _NUM_SLICES.value, _TOPOLOGY.value, _TARGET.value)
-    devices = target_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+    devices = target_devices(_TOPOLOGY.value, _NUM_SLICES.value, _GPU.value, _NUM_GPUS.value)
     if _NUM_SLICES.value > 1:
         data = sharding.mesh_shape(_CONFIG.value.mesh, len(devices))["data"]
         if data % _NUM_SLICES.value:
@@ -165,9 +232,9 @@ def main(argv: list[str]) -> None:
                              "slices: set config.mesh.data to a multiple of it, or use a preset "
                              "(a preset describes one slice)")
     if _TARGET.value == "embed":
-        report = embed_report(_CONFIG.value, devices, _EMBED_BATCH.value)
+        report = embed_report(_CONFIG.value, devices, _EMBED_BATCH.value, _GPU.value)
     else:
-        report = compile_report(_CONFIG.value, devices)
+        report = compile_report(_CONFIG.value, devices, _GPU.value)
     if _TOPOLOGY.value:
         report["topology"] = _TOPOLOGY.value
     print(json.dumps(report))

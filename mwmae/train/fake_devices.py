@@ -20,6 +20,21 @@ def apply_num_devices_flag(argv: list[str]) -> None:
                                        + f" --xla_force_host_platform_device_count={int(n)}")
 
 
+def apply_gpu_flag(argv: list[str]) -> None:
+    """With ``--gpu KIND`` (a compile for GPUs that are not here) keep JAX on its CPU backend:
+    the CUDA plugin, finding no driver, would otherwise fail to start and take the deviceless
+    GPU topology with it."""
+    argv = absl_spelling(argv)
+    wanted = any((a.startswith("--gpu=") and len(a) > len("--gpu=")) or
+                 (a == "--gpu" and i + 1 < len(argv) and argv[i + 1])
+                 for i, a in enumerate(argv))
+    if not wanted:
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: its config read the variable at import
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def run_config_tool(main: Callable[[list[str]], None]) -> None:
     """Console entry of a ``--config`` tool that takes ``--num_devices``: the flag acts before the
     backend starts (JAX is imported by then, but its devices are not created yet). Hyphenated
@@ -30,6 +45,7 @@ def run_config_tool(main: Callable[[list[str]], None]) -> None:
 
     sys.argv[1:] = absl_spelling(sys.argv[1:])
     apply_num_devices_flag(sys.argv)
+    apply_gpu_flag(sys.argv)
     flags.mark_flag_as_required("config")
     # --help exits 0 listing the tool's own flags, as the trainer's does.
     doc = getattr(sys.modules.get(main.__module__), "__doc__", None)

@@ -86,6 +86,18 @@ def train_flops_per_example(c) -> float:
     return 3.0 * fwd
 
 
+def train_attention_flops_per_example(c) -> float:
+    """The share of :func:`train_flops_per_example` inside attention (q @ k^T and p @ v, forward
+    and backward): what a fused attention kernel computes, and what a count of the program's
+    matmuls misses when the kernel is an opaque call."""
+    n_enc = c.len_keep + c.num_extra_tokens
+    n_dec = c.num_patches + c.num_extra_tokens
+    fwd = c.depth * _attention_flops(n_enc, c.embed_dim // c.num_heads, c.window_sizes)
+    fwd += c.decoder_depth * _attention_flops(
+        n_dec, c.decoder_embed_dim // c.decoder_num_heads, c.decoder_window_sizes)
+    return 3.0 * fwd
+
+
 def encoder_flops_per_example(c) -> float:
     """Analytic matmul FLOPs of the encoder's forward over every patch (no masking): what a
     tagger's step runs forward, and three times that with its backward."""
@@ -95,3 +107,9 @@ def encoder_flops_per_example(c) -> float:
     fwd += c.depth * (2.0 * n * d * d * (4 + 2 * c.mlp_ratio)
                       + _attention_flops(n, d // c.num_heads, c.window_sizes))
     return fwd
+
+
+def encoder_attention_flops_per_example(c) -> float:
+    """The share of :func:`encoder_flops_per_example` inside attention."""
+    n = c.num_patches + c.num_extra_tokens
+    return c.depth * _attention_flops(n, c.embed_dim // c.num_heads, c.window_sizes)

@@ -1,0 +1,97 @@
+"""Whole programs for NVIDIA H100s, compiled on this CPU host: XLA's GPU pipeline, Triton and
+ptxas run for the H100 description the package ships (``mwmae/train/targets/h100_sxm.txtpb``);
+nothing runs on a GPU. Checked: the config's mesh on 1 and 8 GPUs, the attention each target
+resolves to, the Pallas Triton kernels in the optimised program, memory against the GPU's, and
+the program's matmul FLOPs against the analytic count of ``mwmae.train.perf``.
+
+Run with the ``cuda`` extra's environment (the default one has no CUDA wheels):
+  scripts/test_gpu.sh           (installs .venv-gpu; -m slow for the base config)
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KERNELS = {"multi_window_attention_fwd", "multi_window_attention_bwd_dkdv",
+           "multi_window_attention_bwd_dq"}
+# Every matmul of the program is a dot, a cuBLAS call or a convolution that the count reads,
+# so it matches the analytic count closely (0.2% on the tiny model: the analytic count rounds
+# the patch embedding's padding); a missed or double-counted layer is off by far more.
+FLOPS_TOLERANCE = 0.02
+
+
+def compile_check(*args: str, timeout: int = 900) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "mwmae.train.compile_check", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def check_program(report: dict, kernel: bool) -> None:
+    """Kernels, memory and FLOPs of one compiled H100 program."""
+    assert report["device_kind"].startswith("NVIDIA H100")
+    assert report["fits"] and 0 < report["memory_fraction"] < 1
+    assert report["device_memory_mib"] > 75 * 1024  # the description's 80 GB
+    analytic = report["analytic_flops_per_example"]
+    counted = report["hlo_matmul_flops_per_example"]
+    assert report["hlo_bytes_accessed_per_example"] > 0
+    if kernel:
+        assert set(report["pallas_kernels"]) == KERNELS if report["target"] == "train" else {
+            "multi_window_attention_fwd"}
+        assert report["libraries"]["triton"] >= len(report["pallas_kernels"])
+        # The kernels are opaque calls: the count misses exactly their (analytic) attention.
+        counted += report["analytic_attention_flops_per_example"]
+        assert report["opaque_custom_calls"] >= report["libraries"]["triton"]
+    else:
+        assert report["pallas_kernels"] == {}
+        assert "__gpu$xla.gpu.triton" not in report["custom_calls"]
+    assert abs(counted / analytic - 1) < FLOPS_TOLERANCE, (counted, analytic)
+
+
+@pytest.mark.parametrize("num_gpus,impl,resolved", [
+    (1, "xla", "xla"),
+    (1, "pallas_gpu", "pallas_gpu"),
+    (8, "xla", "xla"),
+    # The default: the target devices' platform ("gpu") picks the Triton kernel, not this host.
+    (8, "auto", "pallas_gpu"),
+], ids=["1gpu-xla", "1gpu-pallas_gpu", "8gpu-xla", "8gpu-auto"])
+def test_tiny_train_step_compiles_for_h100(num_gpus, impl, resolved):
+    report = compile_check("--config", "configs/tiny.py", "--gpu", "h100",
+                           "--num_gpus", str(num_gpus), "--config.batch_size=16",
+                           f"--config.model.attention_impl={impl}")
+    assert report["devices"] == num_gpus and report["gpu"] == "h100"
+    assert report["mesh"] == {"data": num_gpus, "fsdp": 1, "tensor": 1}
+    assert report["attention_impl"] == impl and report["attention"] == resolved
+    assert report["attention_plan"] == {"encoder": resolved, "decoder": resolved}
+    check_program(report, kernel=resolved == "pallas_gpu")
+    if num_gpus > 1:
+        # Data parallel: the gradients are summed over the data axis.
+        ops = {c["op"] for c in report["collectives"]}
+        assert "all-reduce" in ops
+
+
+def test_hear_embedding_forward_compiles_for_h100_with_the_kernel():
+    report = compile_check("--config", "configs/tiny.py", "--gpu", "h100", "--target", "embed",
+                           "--embed_batch", "16")
+    assert report["attention"] == "pallas_gpu"
+    assert report["devices"] == 1 and report["batch_size"] == 16
+    check_program(report, kernel=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_base_config_train_step_compiles_for_one_h100(impl):
+    """The paper's model at batch 512 on one H100 (half its global batch of 1024)."""
+    report = compile_check("--config", "configs/mwmae_base_200_4x16.py", "--gpu", "h100",
+                           "--config.batch_size=512", f"--config.model.attention_impl={impl}",
+                           timeout=3000)
+    assert report["batch_size"] == 512 and report["dtype"] == "bfloat16"
+    assert report["attention"] == impl
+    check_program(report, kernel=impl == "pallas_gpu")
+    print(f"base step, 512 on 1 H100, {impl}: {report['peak_estimate_mib'] / 1024:.1f} GiB, "
+          f"{report['hlo_matmul_flops_per_example'] / 1e9:.1f} GFLOP and "
+          f"{report['hlo_bytes_accessed_per_example'] / 1e6:.1f} MB per example")
