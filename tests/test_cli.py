@@ -92,6 +92,7 @@ def test_argparse_tools_share_one_spelling():
         assert "cli.parse_args(" in text and ".parse_args(argv)" not in text, module
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_a_cli_training_run_shows_its_eta(tmp_path):
     out = subprocess.run(
         [str(BIN / "mwmae-train"), "--config", str(REPO / "configs" / "tiny.py"),

@@ -87,6 +87,7 @@ def test_mesh_splits_the_batch_on_one_host_of_4_or_8_devices(name):
         assert config.batch_size % n == 0
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_base_step_compiles_for_8_devices_with_the_state_replicated():
     config = load_config("fsd50k_mwmae_base")
     config.batch_size = 16  # 2 per device: the compile, not the memory of the real batch

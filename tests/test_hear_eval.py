@@ -154,6 +154,7 @@ def test_driver_cli_event_and_scene_tasks_through_the_wrapper(tmp_path):
         results["tasks"]
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_rerun_with_other_weights_or_a_changed_task_never_reuses_old_outputs(tmp_path):
     tasks.make_task(tmp_path / "tasks", "noise", per_class=5, duration_s=1.0, seed=0)
     out = tmp_path / "out"

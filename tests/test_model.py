@@ -101,7 +101,9 @@ def _as_period_2(params):
     return {**params, "encoder": split(params["encoder"]), "decoder": split(params["decoder"])}
 
 
-@pytest.mark.parametrize("windows,changes", [([5, 10, 0], True), ([0], False)])
+@pytest.mark.parametrize("windows,changes", [
+    pytest.param([5, 10, 0], True, marks=pytest.mark.slow),  # over 30 s: CI's slow group
+    ([0], False)])
 def test_shifted_windows(windows, changes):
     """Shifting alternates blocks; it changes windowed heads only (global heads ignore it)."""
     base = model_config("tiny", depth=2, window_sizes=windows, decoder_depth=2,

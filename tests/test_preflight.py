@@ -55,6 +55,7 @@ def preflight_cli(*args, cwd=REPO, env=None):
                           env={**os.environ, "XLA_FLAGS": "", **(env or {})})
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_cli_on_tiny_reports_every_check(tmp_path):
     out = tmp_path / "P.json"
     cache = tmp_path / "cache"

@@ -109,6 +109,7 @@ def test_only_damaged_checkpoints_refuse_a_restart_from_step_0(trained, tmp_path
 
 # ---- 4 and 5. retention keeps what an earlier config promised -----------------------------------
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_dropping_keep_every_steps_keeps_the_kept_checkpoints(tmp_path, caplog):
     wd = tmp_path / "wd"
     config = checkpointing_config(steps=8, every=2)
@@ -187,6 +188,7 @@ def test_checkpoints_record_their_json_checksums(trained):
 
 # ---- 7. the initial weights of a run started from pretrained ones -------------------------------
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_export_initial_of_an_init_from_run_is_what_it_started_from(trained, tmp_path):
     from mwmae import api, export
     from mwmae.model import encoder_keys
@@ -338,6 +340,7 @@ def test_odd_numeric_settings_are_refused_naming_the_key(key, value):
         check_config(config)
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_export_initial_of_a_tagger_is_the_encoder_it_started_from(tmp_path):
     from tag_helpers import FRAMES, tiny_tag_config, write_split
 

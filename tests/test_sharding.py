@@ -21,7 +21,9 @@ def single_device_losses():
     return run_steps(load_config("tiny"), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+# dp in the default suite; the other presets (each an 8-device run over 30 s) in CI's slow group.
+@pytest.mark.parametrize("preset", ["dp", pytest.param("fsdp", marks=pytest.mark.slow),
+                                    pytest.param("fsdp_tp", marks=pytest.mark.slow)])
 def test_preset_matches_single_device(preset, single_device_losses):
     config = load_config("tiny")
     config.mesh.preset = preset
@@ -31,7 +33,9 @@ def test_preset_matches_single_device(preset, single_device_losses):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("preset", ["dp", "fsdp", "fsdp_tp"])
+# dp in the default suite; the other presets (each an 8-device run over 30 s) in CI's slow group.
+@pytest.mark.parametrize("preset", ["dp", pytest.param("fsdp", marks=pytest.mark.slow),
+                                    pytest.param("fsdp_tp", marks=pytest.mark.slow)])
 def test_partition_specs_match_golden(preset):
     config = load_config("tiny")
     config.mesh.preset = preset

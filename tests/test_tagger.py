@@ -42,6 +42,7 @@ def fast(c):
     return c
 
 
+@pytest.mark.slow  # an integration run over 30 s: it runs in CI's slow group
 def test_a_tagger_learns_evaluates_and_keeps_the_best_beside_the_latest(splits, tmp_path):
     c = fast(tiny_tag_config(splits["train"], splits["eval"], steps=16))
     printed = []
