@@ -25,6 +25,15 @@ BAD = {1, 5, 10, 11, 19, 26, 31}  # 31: the last record of the last shard
 NUM_SHARDS, PER_SHARD, BATCH = 4, 8, 4
 
 
+def _write_array_record(path: str, payloads: list[bytes]) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    w = ArrayRecordWriter(path, "group_size:1")
+    for p in payloads:
+        w.write(p)
+    w.close()
+
+
 def write_shards(folder, fmt: str, *, twin: bool, short: int | None = None) -> str:
     """Shards of clips 0..31 whose records in BAD are damaged (or, in the twin, stand-ins).
     Shard ``short`` is listed with one record more than it has (the twin has it: a stand-in)."""
@@ -44,12 +53,7 @@ def write_shards(folder, fmt: str, *, twin: bool, short: int | None = None) -> s
         name = f"clips-{s:05d}-of-{NUM_SHARDS:05d}.{fmt}"
         path = os.path.join(folder, name)
         if fmt == "array_record":
-            from array_record.python.array_record_module import ArrayRecordWriter
-
-            w = ArrayRecordWriter(path, "group_size:1")
-            for p in payloads:
-                w.write(p)
-            w.close()
+            _write_array_record(path, payloads)
         else:
             with open(path, "wb") as f:
                 w = records.TFRecordWriter(f)
@@ -225,12 +229,7 @@ def _write_with_long_damaged_clip(folder, fmt: str, *, break_stream: bool) -> tu
         name = f"long-{s}.{fmt}"
         path = os.path.join(folder, name)
         if fmt == "array_record":
-            from array_record.python.array_record_module import ArrayRecordWriter
-
-            w = ArrayRecordWriter(path, "group_size:1")
-            for p in payloads:
-                w.write(p)
-            w.close()
+            _write_array_record(path, payloads)
         else:
             framed = b"".join(records.frame_record(p) for p in payloads)
             if break_stream and s == 0:

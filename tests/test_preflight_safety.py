@@ -12,7 +12,7 @@ import time
 
 import jax
 import pytest
-from train_helpers import load_config
+from train_helpers import load_config, set_key
 
 from mwmae.lease import Lease, LeaseHeld
 from mwmae.preflight import hardware, run, storage
@@ -162,11 +162,7 @@ def test_a_workdir_of_the_same_config_is_checked(tmp_path, first_check_raises):
     ("seed", 2**70), ("data.shuffle_buffer", -2**64)])
 def test_integers_out_of_range_are_refused_naming_the_key(key, value):
     config = tiny()
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    set_key(config, key, value)
     with pytest.raises(ConfigError, match=f"{key}={value}"):
         train_config.check_int_range(config)
 

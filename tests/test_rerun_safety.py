@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from train_helpers import REPO, checkpointing_config
+from train_helpers import REPO, checkpointing_config, set_key
 
 from mwmae.train import checkpoint as ckpt
 from mwmae.train.loop import train
@@ -331,11 +331,7 @@ def test_odd_numeric_settings_are_refused_naming_the_key(key, value):
     from mwmae.train.config import ConfigError, check_config
 
     config = checkpointing_config()
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-        node = node[part]
-    node[leaf] = value
+    set_key(config, key, value)
     with pytest.raises(ConfigError, match=rf"{key}="):
         check_config(config)
 

@@ -60,3 +60,11 @@ def checkpointing_config(steps: int = 6, every: int = 2):
     c.image_every_steps = 0
     c.checkpoint.asynchronous = False
     return c
+
+
+def set_key(config, key: str, value) -> None:
+    """Set the dotted ``key`` (``"checkpoint.every_steps"``) of a ConfigDict to ``value``."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        config = config[part]
+    config[leaf] = value
