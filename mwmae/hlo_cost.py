@@ -275,3 +275,105 @@ def program_cost(hlo_text: str, trip_counts: bool = True) -> dict[str, Any]:
             "opaque_custom_calls": totals.opaque_calls,
             "loops_without_trip_count": totals.unknown_trips}
 
+
+
+# ---------------------------------------------------------------- the train step, part by part
+
+_OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
+# Instructions whose only work is moving data into another layout or size.
+_LAYOUT_WORK = ("transpose", "copy", "pad", "slice", "concatenate")
+
+
+def step_part(ins: Instruction) -> tuple[str, str]:
+    """(part, pass) of one instruction of a compiled train step, from the op name JAX recorded
+    for it: part is e.g. "encoder attention" or "optimizer update", pass "forward", "backward" or
+    "update" (outside the model's differentiation: gradient norm, AdamW)."""
+    m = _OP_NAME.search(ins.attributes)
+    name = m["name"] if m else ""
+    if "transpose(jvp(" in name:
+        phase = "backward"
+    elif "jvp(" in name:
+        phase = "forward"
+    else:
+        return ("collectives" if ins.op.startswith(("all-", "reduce-scatter", "collective"))
+                else "optimizer update"), "update"
+    stack = "encoder" if "/encoder/" in name else "decoder" if "/decoder/" in name else ""
+    if stack:
+        if "/attn/qkv" in name or "/attn/proj" in name:
+            what = "qkv and output projections"
+        elif "/attn/" in name:
+            what = "attention"
+        elif "/mlp/" in name:
+            what = "MLP"
+        elif "/norm" in name:
+            what = "layer norms"
+        else:
+            what = "residuals"
+        return f"{stack} {what}", phase
+    for key, part in (("loss", "loss"), ("take_along_axis", "masking and gathers"),
+                      ("mask", "masking and gathers"), ("gather", "masking and gathers"),
+                      ("scatter", "masking and gathers"), ("sort", "masking and gathers"),
+                      ("embed", "patch and position embedding"), ("norm", "final norms"),
+                      ("decoder_pred", "prediction head")):
+        if key in name:
+            return part, phase
+    return "other model work", phase
+
+
+def traffic_by_part(hlo_text: str, examples: float) -> dict[str, Any]:
+    """Bytes (operands + results, MB per example) and matmul GFLOP per example of each part of a
+    compiled train step whose layers are unrolled (no loops: run the model with
+    ``scan_unroll`` = depth), split by pass, with what custom calls (library and Pallas kernels)
+    and pure layout work (transposes, copies, pads, slices, concatenations) account for.
+
+    XLA's own cost analysis counts a custom call as moving nothing: the ``xla_visible`` figures
+    leave custom calls out the same way, to be compared with it."""
+    computations, entry = parse(hlo_text)
+    if not entry:
+        raise ValueError("no ENTRY computation in this HLO text")
+    if any(ins.op == "while" for ins in computations[entry]):
+        raise ValueError("the program has loops: compile it with its layers unrolled")
+    mb = lambda n: round(n / examples / 1e6, 3)
+    parts: dict[str, dict[str, float]] = {}
+    totals = {"bytes": 0.0, "custom_call_bytes": 0.0, "layout_bytes": 0.0, "gflop": 0.0}
+    for ins in computations[entry]:
+        if ins.op in _NO_TRAFFIC or ins.op.endswith("-done"):
+            continue
+        nbytes = _bytes(ins.operands) + _bytes(ins.result)
+        if ins.op == "fusion":
+            flops = sum(_fusion_flops(computations, c) for c in _CALLED.findall(ins.attributes))
+        else:
+            flops = matmul_flops(ins)
+        part, phase = step_part(ins)
+        row = parts.setdefault(part, {"forward": 0.0, "backward": 0.0, "update": 0.0,
+                                      "custom_calls": 0.0, "layout": 0.0, "gflop": 0.0})
+        row[phase] += nbytes
+        row["gflop"] += flops
+        totals["bytes"] += nbytes
+        totals["gflop"] += flops
+        if ins.op == "custom-call":
+            row["custom_calls"] += nbytes
+            totals["custom_call_bytes"] += nbytes
+        elif ins.op in _LAYOUT_WORK or any(w in ins.name for w in _LAYOUT_WORK):
+            row["layout"] += nbytes
+            totals["layout_bytes"] += nbytes
+    table = {
+        part: {k: (round(v / examples / 1e9, 3) if k == "gflop" else mb(v)) for k, v in row.items()}
+        | {"total": mb(row["forward"] + row["backward"] + row["update"])}
+        for part, row in sorted(parts.items(), key=lambda kv: -sum(
+            kv[1][p] for p in ("forward", "backward", "update")))}
+    return {"mb_per_example": mb(totals["bytes"]),
+            "xla_visible_mb_per_example": mb(totals["bytes"] - totals["custom_call_bytes"]),
+            "custom_call_mb_per_example": mb(totals["custom_call_bytes"]),
+            "layout_mb_per_example": mb(totals["layout_bytes"]),
+            "matmul_gflop_per_example": round(totals["gflop"] / examples / 1e9, 3),
+            "parts": table}
+
+
+def _fusion_flops(computations: dict[str, list[Instruction]], name: str) -> float:
+    total = 0.0
+    for ins in computations.get(name, []):
+        total += matmul_flops(ins)
+        if ins.op == "fusion":
+            total += sum(_fusion_flops(computations, c) for c in _CALLED.findall(ins.attributes))
+    return total

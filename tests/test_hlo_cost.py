@@ -115,3 +115,49 @@ def test_gpu_target_description_ships_with_the_package():
     assert aot.gpu_memory_bytes(text) == 84942979072
     with pytest.raises(SystemExit, match="unknown GPU target"):
         aot.gpu_target_config("no-such-gpu")
+
+
+STEP = """HloModule jit_step, is_scheduled=true
+
+%fused_dot (p0: bf16[4,50,768], p1: bf16[768,2304]) -> bf16[4,50,2304] {
+  %p0 = bf16[4,50,768]{2,1,0} parameter(0)
+  %p1 = bf16[768,2304]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[4,50,2304]{2,1,0} dot(%p0, %p1), lhs_contracting_dims={2}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[4,50,768], w: bf16[768,2304], p: f32[768,2304]) -> f32[768,2304] {
+  %x = bf16[4,50,768]{2,1,0} parameter(0)
+  %w = bf16[768,2304]{1,0} parameter(1)
+  %p = f32[768,2304]{1,0} parameter(2)
+  %gemm_fusion = bf16[4,50,2304]{2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/jvp(MaskedAutoencoder)/backbone.encode/encoder/closed_call/layers/block_0/attn/qkv/dot_general"}
+  %loop_transpose_fusion = bf16[4,12,50,64]{3,2,1,0} fusion(%x), kind=kLoop, calls=%fused_dot, metadata={op_name="jit(step)/transpose(jvp(MaskedAutoencoder))/decoder/closed_call/layers/block_0/attn/add_any"}
+  %fmha = bf16[4,50,768]{2,1,0} custom-call(%x), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(MaskedAutoencoder)/backbone.encode/encoder/closed_call/layers/block_0/attn/dot_product_attention_fwd"}
+  ROOT %update = f32[768,2304]{1,0} add(%p, %p), metadata={op_name="jit(step)/add"}
+}
+"""  # noqa: E501 - HLO instructions are long lines
+
+
+def test_the_step_is_accounted_part_by_part():
+    r = hlo_cost.traffic_by_part(STEP, examples=4)
+    mb = lambda n: round(n / 4 / 1e6, 3)
+    act, weights, out = 4 * 50 * 768 * 2, 768 * 2304 * 2, 4 * 50 * 2304 * 2
+    parts = r["parts"]
+    qkv = parts["encoder qkv and output projections"]
+    assert qkv["forward"] == mb(act + weights + out) and qkv["backward"] == 0
+    assert qkv["gflop"] == round(2 * 4 * 50 * 2304 * 768 / 4 / 1e9, 3)
+    # The transpose in the decoder's backward is layout work; the cuDNN call a custom call.
+    dec = parts["decoder attention"]
+    assert dec["backward"] == dec["layout"] == mb(act + 4 * 12 * 50 * 64 * 2)
+    enc = parts["encoder attention"]
+    assert enc["forward"] == enc["custom_calls"] == mb(2 * act)
+    # Outside the model's differentiation: the update.
+    assert parts["optimizer update"]["update"] == mb(3 * 768 * 2304 * 4)
+    assert r["custom_call_mb_per_example"] == mb(2 * act)
+    assert r["mb_per_example"] == pytest.approx(sum(p["total"] for p in parts.values()), abs=1e-2)
+    assert r["xla_visible_mb_per_example"] == pytest.approx(
+        r["mb_per_example"] - r["custom_call_mb_per_example"], abs=1e-2)
+
+
+def test_the_account_refuses_a_program_with_loops():
+    with pytest.raises(ValueError, match="unrolled"):
+        hlo_cost.traffic_by_part(PROGRAM, examples=1)

@@ -74,6 +74,17 @@ def test_tiny_train_step_compiles_for_h100(num_gpus, impl, resolved):
         assert "all-reduce" in ops
 
 
+def test_bfloat16_auto_sends_all_global_layers_to_cudnn():
+    """The encoder's heads are all global: in bfloat16 "auto" calls cuDNN's fused attention (a
+    maintained library, no layout change around it); the windowed decoder keeps the kernel."""
+    report = compile_check("--config", "configs/tiny.py", "--gpu", "h100",
+                           "--config.batch_size=16", "--config.model.dtype=bfloat16")
+    assert report["attention_plan"] == {"encoder": "cudnn", "decoder": "pallas_gpu"}
+    calls = report["custom_calls"]
+    assert calls["__cudnn$fmhaSoftmax"] >= 1 and calls["__cudnn$fmhaSoftmaxBackward"] >= 1
+    assert set(report["pallas_kernels"]) == KERNELS and report["fits"]
+
+
 def test_hear_embedding_forward_compiles_for_h100_with_the_kernel():
     report = compile_check("--config", "configs/tiny.py", "--gpu", "h100", "--target", "embed",
                            "--embed_batch", "16")

@@ -10,7 +10,9 @@
     for tests and debugging, slow);
   * ``"pallas_tpu_interpret"``: the TPU kernel under the TPU interpreter, which also simulates
     VMEM and detects races (very slow);
-  * ``"pallas_gpu_interpret"``: the GPU kernel under the generic Pallas interpreter.
+  * ``"pallas_gpu_interpret"``: the GPU kernel under the generic Pallas interpreter;
+  * ``"cudnn"``: cuDNN's fused attention (``cudnn.py``), for layers whose heads are all global,
+    on NVIDIA GPUs in bfloat16/float16; ``"auto"`` takes it there for such layers.
 Every implementation has the same contract, supports jit and grad (bias tables included), and
 agrees with the reference to float32 rounding.
 
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 
 import jax
 
+from mwmae.kernels.cudnn import unsupported as cudnn_unsupported
 from mwmae.kernels.plan import planned
 from mwmae.kernels.reference import attention_xla, attention_xla_with_probs, check_call
 
@@ -41,6 +44,7 @@ IMPLEMENTATIONS = (
     "pallas_interpret",
     "pallas_tpu_interpret",
     "pallas_gpu_interpret",
+    "cudnn",
 )
 
 # Above this the TPU kernel's whole-sequence VMEM blocks stop fitting comfortably; "auto" then
@@ -72,13 +76,16 @@ def target_device():
 
 def resolve_implementation(implementation: str, length: int | None = None,
                            devices: Sequence | None = None, *,
-                           window_sizes: Sequence[int] | None = None, shift: bool = False) -> str:
+                           window_sizes: Sequence[int] | None = None, shift: bool = False,
+                           dtype: str | None = None) -> str:
     """The concrete implementation ``implementation`` stands for on ``devices``.
 
     ``devices`` are the devices the computation is compiled for (default: ``target_device()``);
     their platform, never ``jax.default_backend()``, decides, so an AOT compile for a TPU
     topology on a CPU host picks what a TPU host would. For ``"auto"``, a plan in scope that
-    names the layer (``length``, ``window_sizes``, ``shift``) decides first.
+    names the layer (``length``, ``window_sizes``, ``shift``) decides first. On an NVIDIA GPU,
+    ``"auto"`` takes cuDNN for a layer known (``window_sizes``, ``shift``, and ``dtype``
+    bfloat16 or float16) to have only global heads.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
@@ -102,6 +109,10 @@ def resolve_implementation(implementation: str, length: int | None = None,
             return "xla"
         kernel = "pallas_tpu"
     elif platform in ("gpu", "cuda", "rocm"):
+        if (implementation == "auto" and platform != "rocm" and window_sizes is not None
+                and dtype in ("bfloat16", "float16")
+                and cudnn_unsupported(window_sizes, shift) is None):
+            return "cudnn"  # a maintained library kernel, and no layout change around it
         kernel = "pallas_gpu"
     elif implementation == "pallas":
         raise ValueError(f"no compiled Pallas attention kernel for the {platform!r} platform; "
@@ -131,9 +142,14 @@ def multi_window_attention(
     """
     heads = check_call(q, k, v, window_sizes, bias_tables, shift, scale)
     impl = resolve_implementation(implementation, q.shape[2], window_sizes=heads.window_sizes,
-                                  shift=heads.shift)
+                                  shift=heads.shift, dtype=q.dtype.name)
     if impl == "xla":
         return attention_xla(q, k, v, bias_tables, heads)
+    if impl == "cudnn":
+        from mwmae.kernels.cudnn import attention_blhd
+
+        swap = lambda t: t.swapaxes(1, 2)  # the model calls attention_blhd in its own layout
+        return swap(attention_blhd(swap(q), swap(k), swap(v), heads))
     if impl in ("pallas_tpu", "pallas_interpret", "pallas_tpu_interpret"):
         from mwmae.kernels.pallas_tpu import attention_tpu
 

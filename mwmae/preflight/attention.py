@@ -1,11 +1,12 @@
 """The ``attention`` check: every implementation that can run here, on the config's real layer
 shapes, first for numerics (against the float32 reference), then for speed; the choice per layer.
 
-On TPU the candidates are XLA and the Mosaic kernel (none on v2/v3), on GPU XLA and the Triton
-kernel, each at the per-device batch. On CPU XLA runs for real and both kernels run in the
-Pallas interpreter for their numerics only, at batch 1 (interpreted speed says nothing about a
-kernel). The choice is the fastest implementation within tolerance; a kernel must beat XLA by
-:data:`MARGIN` to be chosen (XLA is the reference: a tie goes to it).
+On TPU the candidates are XLA and the Mosaic kernel (none on v2/v3), on GPU XLA, the Triton
+kernel and, for layers whose heads are all global, cuDNN; each at the per-device batch. On CPU
+XLA runs for real and both kernels run in the Pallas interpreter for their numerics only, at
+batch 1 (interpreted speed says nothing about a kernel). The choice is the fastest
+implementation within tolerance; a kernel must beat XLA by :data:`MARGIN` to be chosen (XLA is
+the reference: a tie goes to it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mwmae.kernels import multi_window_attention, numerics, resolve_implementation
+from mwmae.kernels.cudnn import unsupported as cudnn_unsupported
 from mwmae.kernels.plan import Layer
 from mwmae.preflight.report import FAIL, OK, WARN, Section
 from mwmae.train import attention_plan
@@ -39,7 +41,13 @@ def candidates(device: jax.Device, layer: Layer) -> list[tuple[str, str]]:
         why = ("the sequence is too long for the kernel" if layer.length > 1024
                else f"{device.device_kind} cannot compile the kernel")
         return [("xla", "timed"), (name, f"skipped: {why}")]
-    return [("xla", "timed"), (kernel, "timed")]
+    found = [("xla", "timed"), (kernel, "timed")]
+    if platform == "gpu" and cudnn_unsupported(layer.window_sizes, layer.shift,
+                                              layer.head_dim) is None:
+        # cuDNN computes in bfloat16/float16 only.
+        found.append(("cudnn", "timed") if layer.dtype in ("bfloat16", "float16") else
+                     ("cudnn", f"skipped: cuDNN has no {layer.dtype} attention"))
+    return found
 
 
 def time_forward_backward(implementation: str, layer: Layer, device: jax.Device,

@@ -255,6 +255,8 @@ def cannot_run(implementation: str, target: Any) -> str | None:
     gpu = platform in ("gpu", "cuda", "rocm")
     if implementation == "pallas_gpu" and not gpu:
         return f"the Triton GPU kernel does not run on {where}"
+    if implementation == "cudnn" and (not gpu or platform == "rocm"):
+        return f"cuDNN attention does not run on {where}"
     if implementation == "pallas_tpu" and platform != "tpu":
         return f"the Mosaic TPU kernel does not run on {where}"
     if implementation == "pallas" and not gpu and platform != "tpu":
@@ -314,7 +316,9 @@ def decide(layers: Sequence[Layer], requested: str, target: Any, run_on: jax.Dev
     chosen: list[tuple[str, str]] = []
     unrunnable: dict[str, list[str]] = {}  # by file: the records' layers and why
     for layer in layers:
-        rule = resolve_implementation(requested, layer.length, devices=[target])
+        rule = resolve_implementation(requested, layer.length, devices=[target],
+                                      window_sizes=layer.window_sizes, shift=layer.shift,
+                                      dtype=layer.dtype)
         record = find_record(records, kind, jax_version, layer) if requested == "auto" else None
         why = cannot_run(record["choice"], target) if record is not None else None
         if why:
