@@ -9,7 +9,7 @@
 # first. --cpu-smoke runs every stage at toy size on CPU (the tests do, so the kit cannot rot).
 # STAGES="sweep profile" runs a subset; KIT_BUDGET_S (default 540) is the whole run's time.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${1:?usage: benchmarks/accelerator_check.sh OUTDIR [PYTHON] [--cpu-smoke]}
 shift
 py=python3
