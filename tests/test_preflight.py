@@ -84,6 +84,10 @@ def test_cli_on_tiny_reports_every_check(tmp_path):
     step = report["step"]
     assert step["step_seconds"] > 0 and 0 < step["mfu"] < 1.5
     assert step["memory"]["peak_estimate_mib"] > 0
+    # The whole run at the measured rate (tiny: 40 steps on one device).
+    assert step["total_steps"] == 40
+    assert step["run_hours"] == pytest.approx(40 * step["step_seconds"] / 3600)
+    assert step["device_hours"] == pytest.approx(step["run_hours"] * report["devices"]["count"])
     assert report["input"]["clips_per_second"] > 0 and report["input"]["ratio"] > 0
     assert report["storage"]["write_mb_per_s"] > 0
     assert report["storage"]["checkpoint_total_seconds"] >= \

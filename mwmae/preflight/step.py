@@ -88,4 +88,11 @@ def check_step(trainer: Any, memory_bytes: int | None, *, steps: int = 10,
         s.line(FAIL, f"the step's loss is {s.figures['loss']} on random inputs")
     s.line(OK, f"{step_s * 1e3:.1f} ms/step over {done} steps, {c.batch_size / step_s:.1f} "
                f"examples/s, MFU {mfu:.1%} (of {peak_flops / 1e12:.1f} TFLOP/s per device)")
+    # The whole run at this rate: what a user sizes the job by (input and checkpoints not
+    # counted; the input check says whether the host keeps up).
+    total, devices = int(t.total_steps), jax.device_count()
+    hours = total * step_s / 3600
+    s.figures.update(total_steps=total, run_hours=hours, device_hours=hours * devices)
+    s.line(OK, f"the config's {total:,} steps at this rate: {hours:.1f} h on these {devices} "
+               f"device(s), {hours * devices:.1f} device-hours")
     return s, state
