@@ -354,7 +354,7 @@ def _random_shards(folder: pathlib.Path, clips: int, shards: int) -> str:
     """TFRecord shards of random 230-frame log-mel clips and their manifest."""
     import numpy as np
 
-    from mwmae.data import records
+    from mwmae.data import ShardSet, records
 
     rng = np.random.default_rng(0)
     rows = ["shard,num_records"]
@@ -367,8 +367,9 @@ def _random_shards(folder: pathlib.Path, clips: int, shards: int) -> str:
                     rng.normal(size=(230, 80)).astype(np.float32), [k % 10]))
             writer.close()
         rows.append(f"{name},{count}")
-    (folder / "clips-manifest.csv").write_text("\n".join(rows) + "\n")
-    return str(folder / "clips-manifest.csv")
+    manifest = ShardSet(str(folder), "clips").manifest
+    pathlib.Path(manifest).write_text("\n".join(rows) + "\n")
+    return manifest
 
 
 def _pipeline_rate(manifest: str, batch: int, workers: int, batches: int) -> float:
