@@ -246,3 +246,26 @@ def test_two_preflights_on_one_workdir_and_ctrl_c(tmp_path):
     assert not wd.preflight_path.exists()
     assert not pathlib.Path(wd.lease_path).exists()
 
+
+
+def test_a_first_ctrl_c_waits_for_a_safe_point_and_a_second_stops_at_once():
+    """A KeyboardInterrupt raised inside a garbage-collection callback is dropped by Python (the
+    preflight then ran on and wrote its report): the first Ctrl-C is only noted, and the next
+    safe point raises it; a second one raises at once."""
+    import os
+
+    from mwmae.preflight import run as preflight_run
+
+    before = signal.getsignal(signal.SIGINT)
+    with preflight_run._ctrl_c_at_safe_points():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # let the handler run: nothing is raised here
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            preflight_run._stop_if_asked()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+    assert signal.getsignal(signal.SIGINT) is before
+    preflight_run._stop_if_asked()  # outside, nothing is pending

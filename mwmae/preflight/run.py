@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -47,6 +50,38 @@ def _measured_plan(trainer: Any, choices: dict[str, str]) -> AttentionPlan:
         trainer.attention.platform)
 
 
+_CTRL_C = threading.Event()
+
+
+@contextlib.contextmanager
+def _ctrl_c_at_safe_points() -> Iterator[None]:
+    """The first Ctrl-C is noted and acted on at the next safe point (:func:`_stop_if_asked`:
+    after each check, before the report). Python drops a KeyboardInterrupt that lands in a
+    garbage-collection callback (JAX has one) with a traceback on stderr, and the preflight then
+    ran on and wrote its report. A second Ctrl-C stops at once. Main thread only."""
+    _CTRL_C.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if _CTRL_C.is_set():
+            raise KeyboardInterrupt
+        _CTRL_C.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _CTRL_C.clear()
+
+
+def _stop_if_asked() -> None:
+    if _CTRL_C.is_set():
+        raise KeyboardInterrupt
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | None = None,
         out: str | None = None, print_fn: Callable[[str], None] = print,
         remember: bool = True) -> dict:
@@ -78,7 +113,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None,
     # Without a workdir, a temporary folder stands in (the storage line says where it was).
     temporary = None if workdir else tempfile.mkdtemp(prefix="mwmae-preflight-")
     try:
-        return _checks(config, task, workdir, out, print_fn, remember, temporary)
+        with _ctrl_c_at_safe_points():
+            return _checks(config, task, workdir, out, print_fn, remember, temporary)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -97,6 +133,7 @@ def _checks(config: ml_collections.ConfigDict, task: Any, workdir: str | None,
     sections: dict[str, Section] = {}
 
     def finish(section: Section) -> Section:
+        _stop_if_asked()
         sections[section.name] = section
         printer.show(section)
         return section
@@ -137,6 +174,7 @@ def _checks(config: ml_collections.ConfigDict, task: Any, workdir: str | None,
     report.update({name: sections[name].to_dict() for name in SECTIONS})
     report["verdict"] = worst(s.verdict for s in sections.values())
     report["meta"]["finished"] = attention_plan.measured_now()
+    _stop_if_asked()
     if jax.process_index() == 0:
         _write(report, workdir, out, print_fn)
         if remember and report["attention"].get("layers"):
