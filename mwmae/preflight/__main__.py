@@ -15,7 +15,8 @@ started meanwhile waits for it to finish). Its scratch files are its own and rem
 ``--help`` lists the flags (exit 0). Exit status: 0 for a verdict of ok or warn, 1 for fail, 2
 for bad usage or a refusal before anything ran (a missing or unknown flag, a config or workdir
 the trainer would refuse, a workdir in use, an ``--out`` inside a workdir's own files), 130
-after Ctrl-C (one line, ``interrupted``; its scratch and lease are cleaned up first).
+after Ctrl-C (one line, ``interrupted``; its scratch and lease are cleaned up first). Ctrl-C takes
+effect when the current check ends (no report is written); a second Ctrl-C stops at once.
 """
 
 import os
