@@ -207,18 +207,6 @@ def program_cost(hlo_text: str, trip_counts: bool = True) -> dict[str, Any]:
         raise ValueError("no ENTRY computation in this HLO text")
     totals = _Totals()
 
-    def flops_inside(name: str, seen: tuple[str, ...]) -> float:
-        # A fusion's FLOPs: the dots of its computation and of the fusions nested in it.
-        if name in seen:
-            return 0.0
-        total = 0.0
-        for ins in computations.get(name, []):
-            total += matmul_flops(ins)
-            for called in _CALLED.findall(ins.attributes):
-                if ins.op == "fusion":
-                    total += flops_inside(called, (*seen, name))
-        return total
-
     def walk(name: str, times: float, seen: tuple[str, ...]) -> None:
         if name in seen:  # recursion cannot occur in HLO; guard against a misread anyway
             return
@@ -253,7 +241,7 @@ def program_cost(hlo_text: str, trip_counts: bool = True) -> dict[str, Any]:
                     walk(called, times, (*seen, name))
                 continue
             if ins.op == "fusion":
-                totals.flops += times * sum(flops_inside(c, (name,))
+                totals.flops += times * sum(_fusion_flops(computations, c)
                                             for c in _CALLED.findall(ins.attributes))
             else:
                 totals.flops += times * matmul_flops(ins)
@@ -370,10 +358,15 @@ def traffic_by_part(hlo_text: str, examples: float) -> dict[str, Any]:
             "parts": table}
 
 
-def _fusion_flops(computations: dict[str, list[Instruction]], name: str) -> float:
+def _fusion_flops(computations: dict[str, list[Instruction]], name: str,
+                  seen: tuple[str, ...] = ()) -> float:
+    """A fusion's FLOPs: the dots of its computation and of the fusions nested in it."""
+    if name in seen:  # recursion cannot occur in HLO; guard against a misread anyway
+        return 0.0
     total = 0.0
     for ins in computations.get(name, []):
         total += matmul_flops(ins)
         if ins.op == "fusion":
-            total += sum(_fusion_flops(computations, c) for c in _CALLED.findall(ins.attributes))
+            total += sum(_fusion_flops(computations, c, (*seen, name))
+                         for c in _CALLED.findall(ins.attributes))
     return total

@@ -80,3 +80,10 @@ def test_the_preflight_times_cudnn_beside_the_kernel_on_all_global_gpu_layers():
     assert candidates(GPU(), decoder) == [("xla", "timed"), ("pallas_gpu", "timed")]
     f32 = dict(candidates(GPU(), Layer("encoder", 8, 12, 50, 64, (0,) * 12, False, "float32")))
     assert f32["cudnn"].startswith("skipped: cuDNN has no float32")
+
+
+def test_auto_keeps_the_kernel_for_a_head_dim_cudnn_cannot_take():
+    assert resolve_implementation("auto", 50, devices=[GPU()], window_sizes=(0,) * 4,
+                                  dtype="bfloat16", head_dim=36) == "pallas_gpu"
+    assert resolve_implementation("auto", 50, devices=[GPU()], window_sizes=(0,) * 4,
+                                  dtype="bfloat16", head_dim=64) == "cudnn"

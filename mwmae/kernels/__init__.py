@@ -77,15 +77,15 @@ def target_device():
 def resolve_implementation(implementation: str, length: int | None = None,
                            devices: Sequence | None = None, *,
                            window_sizes: Sequence[int] | None = None, shift: bool = False,
-                           dtype: str | None = None) -> str:
+                           dtype: str | None = None, head_dim: int | None = None) -> str:
     """The concrete implementation ``implementation`` stands for on ``devices``.
 
     ``devices`` are the devices the computation is compiled for (default: ``target_device()``);
     their platform, never ``jax.default_backend()``, decides, so an AOT compile for a TPU
     topology on a CPU host picks what a TPU host would. For ``"auto"``, a plan in scope that
     names the layer (``length``, ``window_sizes``, ``shift``) decides first. On an NVIDIA GPU,
-    ``"auto"`` takes cuDNN for a layer known (``window_sizes``, ``shift``, and ``dtype``
-    bfloat16 or float16) to have only global heads.
+    ``"auto"`` takes cuDNN for a layer known (``window_sizes``, ``shift``, ``dtype`` bfloat16
+    or float16, ``head_dim`` when given) to be one cuDNN takes: only global heads.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
@@ -111,7 +111,7 @@ def resolve_implementation(implementation: str, length: int | None = None,
     elif platform in ("gpu", "cuda", "rocm"):
         if (implementation == "auto" and platform != "rocm" and window_sizes is not None
                 and dtype in ("bfloat16", "float16")
-                and cudnn_unsupported(window_sizes, shift) is None):
+                and cudnn_unsupported(window_sizes, shift, head_dim) is None):
             return "cudnn"  # a maintained library kernel, and no layout change around it
         kernel = "pallas_gpu"
     elif implementation == "pallas":
@@ -142,7 +142,7 @@ def multi_window_attention(
     """
     heads = check_call(q, k, v, window_sizes, bias_tables, shift, scale)
     impl = resolve_implementation(implementation, q.shape[2], window_sizes=heads.window_sizes,
-                                  shift=heads.shift, dtype=q.dtype.name)
+                                  shift=heads.shift, dtype=q.dtype.name, head_dim=q.shape[-1])
     if impl == "xla":
         return attention_xla(q, k, v, bias_tables, heads)
     if impl == "cudnn":

@@ -63,7 +63,7 @@ class MultiWindowAttention(nn.Module):
         # (in, q|k|v, head, head_dim): the original's (D, 3D) kernel with its channels labelled.
         cudnn = not self.capture and resolve_implementation(
             self.attention_impl, x.shape[1], window_sizes=self.window_sizes, shift=self.shift,
-            dtype=jnp.dtype(self.dtype).name) == "cudnn"
+            dtype=jnp.dtype(self.dtype).name, head_dim=head_dim) == "cudnn"
         qkv = HeadsDense((self.dim,), (3, self.num_heads, head_dim),
                          ("embed", None, "heads", "head_dim"), self.dtype, name="qkv")(x)
         if cudnn:

@@ -318,7 +318,7 @@ def decide(layers: Sequence[Layer], requested: str, target: Any, run_on: jax.Dev
     for layer in layers:
         rule = resolve_implementation(requested, layer.length, devices=[target],
                                       window_sizes=layer.window_sizes, shift=layer.shift,
-                                      dtype=layer.dtype)
+                                      dtype=layer.dtype, head_dim=layer.head_dim)
         record = find_record(records, kind, jax_version, layer) if requested == "auto" else None
         why = cannot_run(record["choice"], target) if record is not None else None
         if why:
