@@ -26,6 +26,16 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
+# An editable install needs redoing only when what pip reads changes: skip it when the stamp of
+# the last successful install matches (CI's test command then does not rebuild the package
+# while another environment installs beside it).
+stamp="$venv/.mwmae-installed"
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)" $extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "import mwmae" 2>/dev/null; then
+  echo "mwmae[${extras}] is installed in $venv (pyproject.toml and constraints.txt unchanged)"
+  exit 0
+fi
+rm -f "$stamp"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # pyproject.toml gives ranges; constraints.txt the exact versions CI and the images test.
 "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[${extras}]"
@@ -35,4 +45,5 @@ case ",$extras," in
     "$venv/bin/python" -m pip install --quiet --no-deps heareval==2021.1.3 hearvalidator==2021.0.2
     ;;
 esac
+echo "$want" >"$stamp"
 echo "installed mwmae[${extras}] into $venv"

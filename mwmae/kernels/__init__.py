@@ -2,8 +2,10 @@
 
 ``implementation`` selects how it is computed:
   * ``"xla"``: the vectorised jax.numpy reference (``reference.py``), the CPU default;
-  * ``"auto"``: the fused Pallas kernel for the target devices' platform (Mosaic on TPU v4 and
-    later, Triton on GPU), else ``"xla"`` (CPU, TPU v2/v3, sequences over 1024 tokens);
+  * ``"auto"``: on TPU v4 and later the fused Mosaic kernel; on an NVIDIA GPU cuDNN for every
+    layer it takes (bfloat16/float16, see ``cudnn.py``); else ``"xla"`` (CPU, TPU v2/v3,
+    float32 on a GPU, sequences over 1024 tokens). The Triton kernel is ``"auto"``'s GPU
+    fallback only on JAX before 0.11, whose Pallas still maintains Triton lowering;
   * ``"pallas"``: the fused kernel for the platform, an error where there is none (CPU, TPU v3);
   * ``"pallas_tpu"`` / ``"pallas_gpu"``: one kernel explicitly (compiled);
   * ``"pallas_interpret"``: the TPU kernel under the generic Pallas interpreter (any backend;
@@ -11,8 +13,8 @@
   * ``"pallas_tpu_interpret"``: the TPU kernel under the TPU interpreter, which also simulates
     VMEM and detects races (very slow);
   * ``"pallas_gpu_interpret"``: the GPU kernel under the generic Pallas interpreter;
-  * ``"cudnn"``: cuDNN's fused attention (``cudnn.py``), for layers whose heads are all global,
-    on NVIDIA GPUs in bfloat16/float16; ``"auto"`` takes it there for such layers.
+  * ``"cudnn"``: cuDNN's fused attention (``cudnn.py``), windows given to it as a dense bias
+    and mask, on NVIDIA GPUs in bfloat16/float16.
 Every implementation has the same contract, supports jit and grad (bias tables included), and
 agrees with the reference to float32 rounding.
 
@@ -57,6 +59,10 @@ _TPU_WITHOUT_KERNEL = ("TPU v2", "TPU v3")
 
 _warned: set[str] = set()
 
+# Pallas lowers through Triton on GPU; from JAX 0.11 that backend is deprecated for Mosaic GPU,
+# so "auto" takes the Triton kernel only on older JAX (where it was measured to pay).
+TRITON_MAINTAINED = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+
 
 def _warn_once(message: str) -> None:
     if message not in _warned:
@@ -85,7 +91,8 @@ def resolve_implementation(implementation: str, length: int | None = None,
     topology on a CPU host picks what a TPU host would. For ``"auto"``, a plan in scope that
     names the layer (``length``, ``window_sizes``, ``shift``) decides first. On an NVIDIA GPU,
     ``"auto"`` takes cuDNN for a layer known (``window_sizes``, ``shift``, ``dtype`` bfloat16
-    or float16, ``head_dim`` when given) to be one cuDNN takes: only global heads.
+    or float16, ``head_dim`` and ``length`` when given) to be one cuDNN takes; otherwise the
+    Triton kernel on JAX before 0.11, XLA after.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
@@ -111,8 +118,10 @@ def resolve_implementation(implementation: str, length: int | None = None,
     elif platform in ("gpu", "cuda", "rocm"):
         if (implementation == "auto" and platform != "rocm" and window_sizes is not None
                 and dtype in ("bfloat16", "float16")
-                and cudnn_unsupported(window_sizes, shift, head_dim) is None):
+                and cudnn_unsupported(window_sizes, shift, head_dim, length) is None):
             return "cudnn"  # a maintained library kernel, and no layout change around it
+        if implementation == "auto" and not TRITON_MAINTAINED:
+            return "xla"
         kernel = "pallas_gpu"
     elif implementation == "pallas":
         raise ValueError(f"no compiled Pallas attention kernel for the {platform!r} platform; "
@@ -149,7 +158,7 @@ def multi_window_attention(
         from mwmae.kernels.cudnn import attention_blhd
 
         swap = lambda t: t.swapaxes(1, 2)  # the model calls attention_blhd in its own layout
-        return swap(attention_blhd(swap(q), swap(k), swap(v), heads))
+        return swap(attention_blhd(swap(q), swap(k), swap(v), heads, bias_tables))
     if impl in ("pallas_tpu", "pallas_interpret", "pallas_tpu_interpret"):
         from mwmae.kernels.pallas_tpu import attention_tpu
 

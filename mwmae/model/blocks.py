@@ -66,21 +66,21 @@ class MultiWindowAttention(nn.Module):
             dtype=jnp.dtype(self.dtype).name, head_dim=head_dim) == "cudnn"
         qkv = HeadsDense((self.dim,), (3, self.num_heads, head_dim),
                          ("embed", None, "heads", "head_dim"), self.dtype, name="qkv")(x)
-        if cudnn:
-            # cuDNN reads the projection's (B, L, H, hd) layout: no per-head transposes or
-            # padding around it. (Three separate q, k, v matmuls instead of slicing one joint
-            # output were measured: 5 MB per example more traffic, not less.)
-            heads = Heads(self.window_sizes, self.shift, head_dim ** -0.5)
-            out = attention_blhd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], heads)
-            return HeadsDense((self.num_heads, head_dim), (self.dim,),
-                              ("heads", "head_dim", "embed"), self.dtype, name="proj")(out)
-        q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, H, L, hd)
         tables = [
             self.param(f"rel_pos_bias_{h}", _part(_squeeze_last(bias_table_init), (None,)),
                        (2 * w - 1,))
             for h, w in enumerate(self.window_sizes) if w > 0
         ]
         tables = stack_bias_tables(tables, self.window_sizes)
+        if cudnn:
+            # cuDNN reads the projection's (B, L, H, hd) layout: no per-head transposes or
+            # padding around it. (Three separate q, k, v matmuls instead of slicing one joint
+            # output were measured: 5 MB per example more traffic, not less.)
+            heads = Heads(self.window_sizes, self.shift, head_dim ** -0.5)
+            out = attention_blhd(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], heads, tables)
+            return HeadsDense((self.num_heads, head_dim), (self.dim,),
+                              ("heads", "head_dim", "embed"), self.dtype, name="proj")(out)
+        q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, H, L, hd)
         if self.capture:
             out, probs = multi_window_attention_with_probs(q, k, v, self.window_sizes, tables,
                                                            self.shift)

@@ -1,8 +1,8 @@
 """The ``attention`` check: every implementation that can run here, on the config's real layer
 shapes, first for numerics (against the float32 reference), then for speed; the choice per layer.
 
-On TPU the candidates are XLA and the Mosaic kernel (none on v2/v3), on GPU XLA, the Triton
-kernel and, for layers whose heads are all global, cuDNN; each at the per-device batch. On CPU
+On TPU the candidates are XLA and the Mosaic kernel (none on v2/v3), on GPU XLA, cuDNN
+(bfloat16/float16) and, on JAX before 0.11, the Triton kernel; each at the per-device batch. On CPU
 XLA runs for real and both kernels run in the Pallas interpreter for their numerics only, at
 batch 1 (interpreted speed says nothing about a kernel). The choice is the fastest
 implementation within tolerance; a kernel must beat XLA by :data:`MARGIN` to be chosen (XLA is
@@ -18,7 +18,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mwmae.kernels import multi_window_attention, numerics, resolve_implementation
+from mwmae.kernels import (
+    TRITON_MAINTAINED,
+    multi_window_attention,
+    numerics,
+    resolve_implementation,
+)
 from mwmae.kernels.cudnn import unsupported as cudnn_unsupported
 from mwmae.kernels.plan import Layer
 from mwmae.preflight.report import FAIL, OK, WARN, Section
@@ -35,18 +40,27 @@ def candidates(device: jax.Device, layer: Layer) -> list[tuple[str, str]]:
     if platform == "cpu":
         return [("xla", "timed"), ("pallas_interpret", "numerics"),
                 ("pallas_gpu_interpret", "numerics")]
-    kernel = resolve_implementation("auto", layer.length, devices=[device])
-    name = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
-    if kernel == "xla":
-        why = ("the sequence is too long for the kernel" if layer.length > 1024
-               else f"{device.device_kind} cannot compile the kernel")
-        return [("xla", "timed"), (name, f"skipped: {why}")]
-    found = [("xla", "timed"), (kernel, "timed")]
-    if platform == "gpu" and cudnn_unsupported(layer.window_sizes, layer.shift,
-                                              layer.head_dim) is None:
-        # cuDNN computes in bfloat16/float16 only.
-        found.append(("cudnn", "timed") if layer.dtype in ("bfloat16", "float16") else
-                     ("cudnn", f"skipped: cuDNN has no {layer.dtype} attention"))
+    found = [("xla", "timed")]
+    if platform == "tpu":
+        if resolve_implementation("auto", layer.length, devices=[device]) == "xla":
+            why = ("the sequence is too long for the kernel" if layer.length > 1024
+                   else f"{device.device_kind} cannot compile the kernel")
+            return [*found, ("pallas_tpu", f"skipped: {why}")]
+        return [*found, ("pallas_tpu", "timed")]
+    if not TRITON_MAINTAINED:
+        found.append(("pallas_gpu", f"skipped: Pallas' Triton lowering is deprecated in JAX "
+                                    f"{jax.__version__}"))
+    elif layer.length > 1024:
+        found.append(("pallas_gpu", "skipped: the sequence is too long for the kernel"))
+    else:
+        found.append(("pallas_gpu", "timed"))
+    why = cudnn_unsupported(layer.window_sizes, layer.shift, layer.head_dim, layer.length)
+    if why:
+        found.append(("cudnn", f"skipped: {why}"))
+    elif layer.dtype not in ("bfloat16", "float16"):
+        found.append(("cudnn", f"skipped: cuDNN has no {layer.dtype} attention"))
+    else:
+        found.append(("cudnn", "timed"))
     return found
 
 

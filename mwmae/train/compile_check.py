@@ -102,6 +102,15 @@ def gpu_report(compiled: Any, gpu: str, examples: float) -> dict:
                   opaque_custom_calls=cost["opaque_custom_calls"])
     if cost["loops_without_trip_count"]:
         report["loops_without_trip_count"] = cost["loops_without_trip_count"]
+    try:
+        traffic = hlo_cost.traffic_by_part(text, examples)
+    except ValueError as e:  # scanned layers: the per-part account needs them unrolled
+        report["traffic_by_part"] = (f"not counted: {e} (--config.model.scan_unroll=<depth>; "
+                                     "benchmarks/step_account.py)")
+    else:
+        keep = ("mb_per_example", "custom_call_mb_per_example", "layout_mb_per_example")
+        report["traffic_by_part"] = {**{k: traffic[k] for k in keep}, "parts": {
+            part: row["total"] for part, row in traffic["parts"].items()}}
     return report
 
 
