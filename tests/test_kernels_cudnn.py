@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mwmae.kernels import TRITON_MAINTAINED, multi_window_attention, resolve_implementation
+from mwmae.kernels import TRITON_MAINTAINED, resolve_implementation
 from mwmae.kernels.cudnn import attention_blhd, dense_bias, unsupported
 from mwmae.kernels.reference import Heads, attention_xla
 from mwmae.train.attention_plan import cannot_run

@@ -162,6 +162,13 @@ def _squeeze_last(init):
     return lambda key, shape, dtype=jnp.float32: init(key, (*shape, 1), dtype)[..., 0]
 
 
+# GELU of fc1's output plus its bias, recomputed in the backward pass from the matmul's output
+# (which the program holds anyway) instead of kept: the forward then writes one tensor of the
+# MLP's width, not three (the matmul's output, the biased input and the activation), and the
+# step holds less. Same arithmetic as before, so the same numbers.
+_bias_gelu = jax.checkpoint(lambda h, b: nn.gelu(h + b, approximate=True))
+
+
 class Mlp(nn.Module):
     dim: int
     hidden: int
@@ -169,13 +176,29 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1",
-                     kernel_init=_part(dense_init, ("embed", "mlp")),
-                     bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
-        x = nn.gelu(x, approximate=True)
+        x = DenseGelu(self.hidden, dtype=self.dtype, name="fc1")(x)
         return nn.Dense(self.dim, dtype=self.dtype, name="fc2",
                         kernel_init=_part(dense_init, ("mlp", "embed")),
                         bias_init=_part(nn.initializers.zeros, ("embed",)))(x)
+
+
+class DenseGelu(nn.Module):
+    """``nn.Dense`` followed by the tanh GELU, with the dense layer's own parameters (``kernel``
+    (in, features), ``bias``), so checkpoints and released weights load unchanged; the bias is
+    added inside the recomputed activation (see ``_bias_gelu``)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _part(dense_init, ("embed", "mlp")),
+                            (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", _part(nn.initializers.zeros, ("mlp",)), (self.features,),
+                          jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        h = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return _bias_gelu(h, bias)
 
 
 class Block(nn.Module):
