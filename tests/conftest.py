@@ -59,3 +59,18 @@ def reference_model(original_checkpoint):
     import mwmae
 
     return mwmae.load(original_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> pathlib.Path:
+    """A finished 6-step tiny run (``checkpointing_config()``: checkpoints 2, 4 and 6), trained
+    once per test process for every module that reads one. Read it in place; copy it first to
+    change it."""
+    from train_helpers import checkpointing_config
+
+    from mwmae.train.loop import train
+    from mwmae.train.pretraining import Pretraining
+
+    path = tmp_path_factory.mktemp("trained") / "wd"
+    train(Pretraining, checkpointing_config(), path, print_fn=lambda _: None)
+    return path

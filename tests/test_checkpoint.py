@@ -1,6 +1,7 @@
 """Checkpoint contents, damaged checkpoints, other meshes, gs://, policies, divergence guard."""
 
 import json
+import pathlib
 import shutil
 
 import jax
@@ -23,31 +24,30 @@ def _params_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_checkpoint_holds_state_input_position_and_counters(tmp_path):
-    train(Pretraining, _config(), tmp_path, print_fn=lambda _: None)
-    meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
+def test_checkpoint_holds_state_input_position_and_counters(trained):
+    meta = json.loads((trained / "checkpoints" / "6" / "meta" / "metadata").read_text())
     assert meta["step"] == 6 and meta["examples_seen"] == 48 and meta["skipped_steps"] == 0
     assert meta["config"]["model"]["decoder_window_sizes"] == [5, 25, 0, 0]
-    data = json.loads((tmp_path / "checkpoints" / "6" / "data" / "metadata").read_text())
+    data = json.loads((trained / "checkpoints" / "6" / "data" / "metadata").read_text())
     assert data == {"hosts": [{"position": 6}]}
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+    assert sorted(int(p.name) for p in (trained / "checkpoints").iterdir()
                   if p.name.isdigit()) == [2, 4, 6]
 
 
-def test_damaged_checkpoint_is_set_aside_with_a_warning(tmp_path, caplog):
-    train(Pretraining, _config(), tmp_path, print_fn=lambda _: None)
+def test_damaged_checkpoint_is_set_aside_with_a_warning(trained, tmp_path, caplog):
+    run = pathlib.Path(shutil.copytree(trained, tmp_path / "wd"))
     # truncate the newest checkpoint's array data, as a crash during a copy would
-    for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+    for f in (run / "checkpoints" / "6" / "state").rglob("*"):
         if f.is_file() and "d" == f.parent.name:
             f.write_bytes(f.read_bytes()[:10])
-    t = Engine(Pretraining(_config()), tmp_path)
-    wd = Workdir(tmp_path)
+    t = Engine(Pretraining(_config()), run)
+    wd = Workdir(run)
     with caplog.at_level("WARNING"):
         state, data, meta = ckpt.restore_latest(wd, ckpt.make_manager(wd, t.config),
                                                 t.abstract_state())
     assert int(state.step) == 4 and meta["step"] == 4 and data == {"position": 4}
     assert any("checkpoints/6: unreadable" in r.getMessage() for r in caplog.records)
-    assert (tmp_path / "checkpoints" / "6.damaged").is_dir() and wd.steps() == [2, 4]
+    assert (run / "checkpoints" / "6.damaged").is_dir() and wd.steps() == [2, 4]
 
 
 def test_restore_onto_another_mesh_gives_identical_parameters(tmp_path):

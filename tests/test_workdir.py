@@ -32,14 +32,6 @@ def _snapshot(root: pathlib.Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 6-step run with checkpoints 2, 4, 6 (copied by tests that change it)."""
-    path = tmp_path_factory.mktemp("run") / "wd"
-    train(Pretraining, _config(), path, print_fn=_quiet)
-    return path
-
-
 def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
     import shutil
 

@@ -167,6 +167,9 @@ def multi_window_attention(
         return attention_tpu(q, k, v, bias_tables, heads, interpret)
     from mwmae.kernels.pallas_gpu import attention_gpu
 
+    if impl == "pallas_gpu" and not TRITON_MAINTAINED:
+        _warn_once(f"attention: the Triton kernel ('pallas_gpu') lowers through Pallas' Triton "
+                   f"backend, deprecated in JAX {jax.__version__}; 'auto' takes cuDNN or XLA")
     return attention_gpu(q, k, v, bias_tables, heads, impl == "pallas_gpu_interpret")
 
 
