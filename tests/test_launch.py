@@ -5,6 +5,7 @@ intercepted. Regenerate the golden files with UPDATE_GOLDEN=1."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -643,18 +644,48 @@ def test_dockerfile_says_what_each_image_carries():
     assert (REPO / "Dockerfile").read_text().count("extras=") == 3
 
 
+def test_install_skips_an_unchanged_install_and_redoes_a_changed_one(tmp_path):
+    """The stamp of the last install (pyproject.toml, constraints.txt and the extras) lets
+    scripts/install.sh return at once when nothing pip reads has changed."""
+    import hashlib
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("scripts/install.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, repo / name)
+    calls = tmp_path / "python.log"
+    write_exe(repo / "venv" / "bin" / "python", f"""
+        #!/usr/bin/env bash
+        echo "$*" >> {calls}
+        """)
+    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes()
+                            + (REPO / "constraints.txt").read_bytes()).hexdigest()
+    stamp = repo / "venv" / ".mwmae-installed"
+    stamp.write_text(f"{digest} train,test\n")
+    run = lambda: subprocess.run(["bash", "scripts/install.sh", "venv", "test"], cwd=repo,
+                                 capture_output=True, text=True, timeout=60)
+    r = run()
+    assert r.returncode == 0 and "is installed in venv" in r.stdout, r.stderr
+    assert calls.read_text() == "-c import mwmae\n"  # no pip
+    stamp.write_text(f"{digest} train,test,hear\n")  # installed with other extras
+    r = run()
+    assert r.returncode == 0, r.stderr
+    assert "-m pip install --quiet -c constraints.txt -e .[train,test]" in calls.read_text()
+    assert stamp.read_text() == f"{digest} train,test\n"
+
+
 def ci_repo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """A copy of .ci/run and the scripts it calls, with the installer and the venvs stubbed."""
     repo = tmp_path / "repo"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(REPO / ".ci" / "run", repo / ".ci" / "run")
     (repo / "scripts").mkdir()
-    for script in ("test.sh", "docs.sh", "test_tpu.sh"):
+    for script in ("test.sh", "docs.sh", "test_tpu.sh", "test_gpu.sh"):
         shutil.copy(REPO / "scripts" / script, repo / "scripts" / script)
     log = tmp_path / "install.log"
     stub_install(repo, log)
     for venv, name in ((".venv", "ruff"), (".venv", "python"), (".venv", "mkdocs"),
-                       (".venv-tpu", "python")):
+                       (".venv-tpu", "python"), (".venv-gpu", "python")):
         write_exe(repo / venv / "bin" / name, f"""
             #!/usr/bin/env bash
             echo "{venv} {name} CI=$CI $*" >> {tmp_path / 'venv.log'}
@@ -669,9 +700,16 @@ def test_ci_runs_the_same_install_script(tmp_path):
     result = subprocess.run(["bash", ".ci/run"], cwd=repo, capture_output=True, text=True,
                             env=env, timeout=30)
     assert result.returncode == 0, result.stderr
-    # The default suite, then the TPU compile checks in their own environment (libtpu).
-    assert log.read_text() == ("PYTHON= .venv test,hear,demo,docs\n"
-                               "PYTHON= .venv-tpu test,tpu\n")
+    # The default environment first; the compile groups' environments install in the background
+    # while the suites run (so their order among the default suite's own call is not fixed),
+    # and their test scripts call the installer again (a no-op once installed).
+    installs = log.read_text().splitlines()
+    assert installs[0] == "PYTHON= .venv test,hear,demo,docs"
+    assert collections.Counter(installs) == {"PYTHON= .venv test,hear,demo,docs": 2,
+                                             "PYTHON= .venv-tpu test,tpu": 2,
+                                             "PYTHON= .venv-gpu test,cuda": 2}
+    assert installs.index("PYTHON= .venv-tpu test,tpu") < installs.index(
+        "PYTHON= .venv-gpu test,cuda")
     ran = (tmp_path / "venv.log").read_text()
     # The manual as a site, strictly, after the default suite and before the slow group.
     assert re.search(r"^\.venv mkdocs CI= build --strict --site-dir \S+$", ran, re.M)
@@ -679,6 +717,10 @@ def test_ci_runs_the_same_install_script(tmp_path):
     # The slow group without the image build (buildah as root, 10-15 min: run on purpose).
     assert ".venv python CI= -m pytest -m slow and not images" in ran
     assert re.search(r"^\.venv-tpu python CI=\S* -m pytest tests_tpu", ran, re.M)
+    # Then the GPU compile checks, slow ones included (the base step for 1 and 8 H100s).
+    assert re.search(r"^\.venv-gpu python CI=\S* -m pytest tests_gpu --durations=10 -m $", ran,
+                     re.M)
+    assert ran.index("tests_tpu") < ran.index("tests_gpu")
     # ... and the cpu image calls the same script with the same extra
     assert "cpu) extras=\"test,hear,demo\"" in dockerfile_install_run()
 
