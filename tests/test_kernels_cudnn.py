@@ -105,11 +105,11 @@ def test_auto_takes_cudnn_on_a_gpu_for_every_low_precision_layer_it_can():
 
 
 def test_what_cudnn_cannot_take_is_refused_with_the_reason():
-    assert "even sequence length" in unsupported((0, 5), False, length=125)
-    assert unsupported((0, 5), True, length=250) is None
-    assert unsupported((0, 0), False, length=125) is None  # no bias, any length
-    assert "multiple of 8" in unsupported((0,), False, head_dim=36)
-    assert unsupported((0, 0), False, head_dim=64) is None
+    assert "even sequence length" in unsupported((0, 5), length=125)
+    assert unsupported((0, 5), length=250) is None
+    assert unsupported((0, 0), length=125) is None  # no bias, any length
+    assert "multiple of 8" in unsupported((0,), head_dim=36)
+    assert unsupported((0, 0), head_dim=64) is None
     q, k, v = _inputs(jnp.float32)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         attention_blhd(q, k, v, Heads((0,) * 4, False, 0.125))

@@ -118,7 +118,7 @@ def resolve_implementation(implementation: str, length: int | None = None,
     elif platform in ("gpu", "cuda", "rocm"):
         if (implementation == "auto" and platform != "rocm" and window_sizes is not None
                 and dtype in ("bfloat16", "float16")
-                and cudnn_unsupported(window_sizes, shift, head_dim, length) is None):
+                and cudnn_unsupported(window_sizes, head_dim, length) is None):
             return "cudnn"  # a maintained library kernel, and no layout change around it
         if implementation == "auto" and not TRITON_MAINTAINED:
             return "xla"

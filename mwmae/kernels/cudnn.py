@@ -33,9 +33,10 @@ from mwmae.kernels.reference import SHIFT_MASK_VALUE, Heads, shift_region_labels
 _MAX_HEAD_DIM = 256
 
 
-def unsupported(window_sizes: Sequence[int], shift: bool, head_dim: int | None = None,
+def unsupported(window_sizes: Sequence[int], head_dim: int | None = None,
                 length: int | None = None) -> str | None:
-    """Why a layer cannot run through cuDNN here, or None when it can."""
+    """Why a layer cannot run through cuDNN here, or None when it can (shifted or not: the
+    shift is part of the bias)."""
     windowed = any(int(w) != 0 for w in window_sizes)
     if head_dim is not None and (head_dim % 8 or head_dim > _MAX_HEAD_DIM):
         return f"cuDNN attention needs a head dim that is a multiple of 8 up to 256, not {head_dim}"
@@ -102,16 +103,17 @@ def attention_blhd(q: jax.Array, k: jax.Array, v: jax.Array, heads: Heads,
     ``implementation="xla"`` runs the same function without cuDNN (numerics checks on CPU).
     """
     length = q.shape[1]
-    why = unsupported(heads.window_sizes, heads.shift, q.shape[-1], length)
+    why = unsupported(heads.window_sizes, q.shape[-1], length)
     if why:
         raise ValueError(why)
     if q.dtype not in (jnp.bfloat16, jnp.float16) and implementation == "cudnn":
         raise ValueError(f"cuDNN attention computes in bfloat16 or float16, not {q.dtype}; use "
                          "the 'xla' attention for float32")
-    if any(heads.window_sizes) and tables is None:
-        raise ValueError("windowed heads need their bias tables")
-    bias, mask = dense_bias(tables, heads, length) if tables is not None else (None, None)
-    if bias is not None:
+    bias = mask = None
+    if any(heads.window_sizes):
+        if tables is None:
+            raise ValueError("windowed heads need their bias tables")
+        bias, mask = dense_bias(tables, heads, length)
         bias, mask = bias.astype(q.dtype), jnp.asarray(mask)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=heads.scale,
                                         implementation=implementation)

@@ -54,7 +54,7 @@ def candidates(device: jax.Device, layer: Layer) -> list[tuple[str, str]]:
         found.append(("pallas_gpu", "skipped: the sequence is too long for the kernel"))
     else:
         found.append(("pallas_gpu", "timed"))
-    why = cudnn_unsupported(layer.window_sizes, layer.shift, layer.head_dim, layer.length)
+    why = cudnn_unsupported(layer.window_sizes, layer.head_dim, layer.length)
     if why:
         found.append(("cudnn", f"skipped: {why}"))
     elif layer.dtype not in ("bfloat16", "float16"):
